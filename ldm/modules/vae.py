@@ -1,0 +1,252 @@
+"""Building blocks of the SD KL-f8 autoencoder and the asymmetric decoder.
+
+Module names follow the official ldm checkpoints (`down.i.block.j`, `mid.attn_1`, `up.i.upsample`, ...)
+so that official weights load by key copy; renamings to the diffusers layout live in `ldm/convert.py`.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def Normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block (GroupNorm, SiLU, 3x3 conv) x2, 1x1 `nin_shortcut` when widths differ."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1x1-conv projections (the SD mid-block attention)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        # (B, C, H, W) -> (B, 1, HW, C): one head over all channels, as SD
+        q, k, v = (p(y).reshape(b, 1, c, h * w).transpose(-1, -2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(y)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Downsample(nn.Module):
+    """3x3 stride-2 conv after an asymmetric (right, bottom) zero pad, as SD."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, attention, ResnetBlock at the lowest resolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """The SD KL-f8 encoder: image (B,3,H,W) -> moments (B, 2*z_channels, H/8, W/8)."""
+
+    def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
+                 in_channels: int = 3, z_channels: int = 4, double_z: bool = True):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+            level.attn = nn.ModuleList()  # empty: SD has no attention in the down path
+            if i != len(ch_mult) - 1:
+                level.downsample = Downsample(block_in)
+            self.down.append(level)
+        self.mid = MidBlock(block_in)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class ConditionEncoder(nn.Module):
+    """The masked-image branch: five plain convs, ReLU between, features kept pre-ReLU.
+
+    Outputs for an (B,3,H,W) input, with ch the decoder width:
+    (B,ch,H,W), (B,2ch,H,W), (B,4ch,H/2,W/2), (B,4ch,H/4,W/4), (B,4ch,H/8,W/8).
+    """
+
+    def __init__(self, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 4), in_channels: int = 3):
+        super().__init__()
+        # one feature per decoder injection point: up.i's input width at H/2^i, then up.0's output width
+        # ((1,2,4,4): ch, 2ch, 4ch, 4ch, 4ch as the official branch)
+        widths = [ch * m for m in ch_mult] + [ch * ch_mult[-1]]
+        layers, c_in = [], in_channels
+        for n, c_out in enumerate(widths):
+            if n < 2:
+                layers.append(nn.Conv2d(c_in, c_out, 3, stride=1, padding=1))
+            else:
+                layers.append(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
+            c_in = c_out
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, masked_image: torch.Tensor) -> list[torch.Tensor]:
+        feats, x = [], masked_image
+        for n, layer in enumerate(self.layers):
+            x = layer(x)
+            feats.append(x)  # pre-ReLU, as the official checkpoints were trained
+            if n < len(self.layers) - 1:
+                x = F.relu(x)
+        return feats
+
+
+def _blend(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-gated replacement h*m + f*(1-m): holes (m=1) keep the latent path, known pixels the branch."""
+    m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)
+    return h * m + feat.to(h.dtype) * (1 - m)
+
+
+class AsymmetricDecoder(nn.Module):
+    """SD decoder of any width, with an optional masked-image conditional branch (`encoder`).
+
+    z (B, z_channels, h, w) -> image (B, 3, 8h, 8w). With `use_condition`, `masked_image` (B,3,8h,8w) and
+    `mask` (B,1,8h,8w; 1 = hole) replace the decoder features in the known region at five points:
+    the inputs of up.3, up.2, up.1, up.0 and the output of up.0. Without them it is a plain decoder.
+    """
+
+    def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
+                 out_channels: int = 3, z_channels: int = 4, use_condition: bool = True,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = MidBlock(block_in)
+        up = []
+        for i in reversed(range(len(ch_mult))):  # built lowest resolution first, stored up[0] = full res
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * ch_mult[i]))
+                block_in = ch * ch_mult[i]
+            level.attn = nn.ModuleList()  # empty: no attention in the up path
+            if i != 0:
+                level.upsample = Upsample(block_in)
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        # named `encoder` like the official checkpoints (diffusers: `condition_encoder`)
+        self.encoder = ConditionEncoder(ch, ch_mult, out_channels) if use_condition else None
+
+    @property
+    def use_condition(self) -> bool:
+        return self.encoder is not None
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    @staticmethod
+    def _up_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        for block in level.block:
+            h = block(h)
+        if hasattr(level, "upsample"):
+            h = level.upsample(h)
+        return h
+
+    def forward(self, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (masked_image is None) != (mask is None):
+            raise ValueError("AsymmetricDecoder: pass both masked_image and mask, or neither")
+        conditioned = masked_image is not None
+        if conditioned and not self.use_condition:
+            raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
+        feats = self._run(self.encoder, masked_image) if conditioned else None
+        h = self._run(self.mid, self.conv_in(z))
+        for i in reversed(range(len(self.up))):
+            if conditioned:
+                h = _blend(h, feats[i + 1], mask)  # up.i input: (B, C_i, H/2^i, W/2^i)
+            h = self._run(self._up_level, self.up[i], h)
+        if conditioned:
+            h = _blend(h, feats[0], mask)  # (B, ch, H, W): the branch's first layer
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussianDistribution:
+    """Posterior q(z|x) from the encoder's moments (B, 2C, h, w): mean and log-variance halves."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = torch.chunk(moments, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL to N(0, I) per sample, (B,)."""
+        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])

@@ -1,0 +1,267 @@
+"""Decoder training losses: PatchGAN discriminator, GAN losses, adaptive weight, LPIPS, L1/L2.
+
+Plain functions of tensors and small modules; nothing here knows the trainer, the global step or the
+batch. The official recipe (ldm LPIPSWithDiscriminator, DESIGN.md "Training recipe") composes as:
+
+    terms = reconstruction_losses(recon, x, mask, perceptual)         # L1 + 1.0 * LPIPS
+    g = generator_loss(disc(recon))
+    w = adaptive_weight(terms["nll"], g, decoder.conv_out.weight) * 0.8 * (step >= 50001)
+    total = terms["nll"] + w * g
+    d_loss = hinge_d_loss(disc(x.detach()), disc(recon.detach()))   # own optimiser step
+"""
+
+import os
+import warnings
+
+import lpips
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+# ImageNet weights of the LPIPS trunks, as torchvision names them; lpips loads them via torch.hub
+_TRUNK_WEIGHTS = {
+    "vgg": torchvision.models.VGG16_Weights.IMAGENET1K_V1,
+    "alex": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+    "squeeze": torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1,
+}
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine norm with data-dependent init (taming's ActNorm, forward only)."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        # names as taming's ActNorm so `loss.discriminator.*` keys copy straight in
+        self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    @torch.no_grad()
+    def _initialize(self, x):
+        """Set loc/scale so the first training batch comes out zero-mean, unit-std per channel."""
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, B*H*W)
+        self.loc.copy_(-flat.mean(1).view_as(self.loc))
+        self.scale.copy_(1.0 / (flat.std(1).view_as(self.scale) + 1e-6))
+        self.initialized.fill_(1)
+
+    def forward(self, x):
+        if self.training and self.initialized.item() == 0:
+            self._initialize(x)
+        return self.scale * (x + self.loc)
+
+
+def _init_discriminator_weights(module):
+    """taming's weights_init: conv weights N(0, 0.02), norm weights N(1, 0.02) and bias 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)  # conv biases keep PyTorch's default, as taming
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN discriminator of pix2pix/taming: (B, C, H, W) -> (B, 1, h, w) patch logits."""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3, use_actnorm=False):
+        super().__init__()
+        norm = ActNorm if use_actnorm else nn.BatchNorm2d
+        use_bias = use_actnorm  # BatchNorm has its own shift, so its convs drop the bias
+        layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=use_bias),
+                norm(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))  # 1-channel patch logits
+        # `main.<i>` indices match taming / official checkpoints: main.0, main.2, main.3, ...
+        self.main = nn.Sequential(*layers)
+        self.apply(_init_discriminator_weights)
+
+    def forward(self, x):
+        # 256 px, 3 layers: 128, 64, 32, 31, 30 -> (B, 1, 30, 30); each logit sees a 70 px patch
+        return self.main(x)
+
+
+# ----------------------------------------------------------------------------- GAN losses
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Hinge discriminator loss: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))."""
+    loss_real = F.relu(1.0 - logits_real.float()).mean()
+    loss_fake = F.relu(1.0 + logits_fake.float()).mean()
+    return 0.5 * (loss_real + loss_fake)
+
+
+def vanilla_d_loss(logits_real, logits_fake):
+    """Non-saturating BCE discriminator loss: 0.5 * (mean(softplus(-real)) + mean(softplus(fake)))."""
+    loss_real = F.softplus(-logits_real.float()).mean()
+    loss_fake = F.softplus(logits_fake.float()).mean()
+    return 0.5 * (loss_real + loss_fake)
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def discriminator_loss(logits_real, logits_fake, kind="hinge"):
+    """Discriminator loss by name: 'hinge' (official recipe) or 'vanilla'."""
+    if kind not in D_LOSSES:
+        raise ValueError(f"unknown discriminator loss {kind!r}; choose one of {sorted(D_LOSSES)}")
+    return D_LOSSES[kind](logits_real, logits_fake)
+
+
+def generator_loss(logits_fake):
+    """Generator adversarial loss -mean(logits_fake), used by taming/ldm with either D loss."""
+    return -logits_fake.float().mean()
+
+
+def adaptive_weight(nll_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
+    """Balance GAN vs reconstruction: ||grad nll|| / (||grad g|| + eps) at last_layer, detached.
+
+    last_layer is the decoder's `conv_out.weight`. The result lies in [0, max_weight]; it is 0 when
+    either gradient norm is non-finite (e.g. fp16 overflow), so a bad step never injects NaN.
+    The caller multiplies by disc_weight (0.8) and by 0 before disc_start (50001), as DESIGN.md.
+    """
+    # retain_graph: the caller still backpropagates nll + w * g through the same graph
+    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    # norms in fp32: a bf16/fp16 grad's sum of squares can overflow or lose the ratio's precision
+    nll_norm = torch.linalg.vector_norm(nll_grad.detach().float())
+    g_norm = torch.linalg.vector_norm(g_grad.detach().float())
+    weight = (nll_norm / (g_norm + eps)).clamp(0.0, max_weight)
+    finite = torch.isfinite(nll_norm) & torch.isfinite(g_norm)
+    return torch.where(finite, weight, torch.zeros_like(weight))  # no host sync
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+
+def trunk_weights_path(net="vgg"):
+    """Where torch.hub (hence lpips) looks for the ImageNet trunk: $TORCH_HOME/hub/checkpoints/<file>."""
+    url = _TRUNK_WEIGHTS[net].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def lpips_heads_path(net="vgg"):
+    """The calibrated v0.1 linear heads that ship inside the lpips package."""
+    return os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth")
+
+
+def _require_trunk_weights(net):
+    """Raise before lpips would try a download, saying which file goes where."""
+    path = trunk_weights_path(net)
+    if os.path.isfile(path):
+        return
+    weights = _TRUNK_WEIGHTS[net]
+    raise FileNotFoundError(
+        f"LPIPS({net}) needs the ImageNet weights file {os.path.basename(path)} in "
+        f"{os.path.dirname(path)} (set by $TORCH_HOME, default ~/.cache/torch). It is torchvision's "
+        f"{type(weights).__name__}.{weights.name}, from {weights.url}; copy it there on a machine "
+        f"without internet. For offline smoke tests only, `pretrained: false` builds an untrained trunk."
+    )
+
+
+class PerceptualLoss(lpips.LPIPS):
+    """Frozen LPIPS (v0.1) on [-1, 1] images, always in fp32: (B, 3, H, W) x2 -> (B,) or mean.
+
+    Subclasses lpips.LPIPS, so its keys (`net.slice1.0.weight`, `lin0.model.1.weight`, ...) include
+    taming's, i.e. official `loss.perceptual_loss.*` keys copy in; lpips adds `lins.N.*` aliases.
+    """
+
+    def __init__(self, net="vgg", pretrained=True):
+        if net not in _TRUNK_WEIGHTS:
+            raise ValueError(f"unknown LPIPS trunk {net!r}; choose one of {sorted(_TRUNK_WEIGHTS)}")
+        if pretrained:
+            _require_trunk_weights(net)
+        else:
+            warnings.warn(
+                f"PerceptualLoss(pretrained=False): the {net} trunk is RANDOMLY initialised, so this "
+                "loss is NOT perceptual; use it only for offline smoke tests.",
+                stacklevel=2,
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
+            # lpips flags: `pretrained` = the calibrated linear heads (shipped inside the package,
+            # always loaded: random heads could even make the distance negative); `pnet_rand` = a
+            # random trunk, which never touches the network. use_dropout stays True: the shipped
+            # keys are `lin*.model.1.weight` and lpips loads them with strict=False, so without the
+            # dropout slot the heads would silently stay random. model_path is explicit because
+            # lpips finds its default via inspect.getfile(self.__init__), i.e. this file.
+            super().__init__(
+                pretrained=True,
+                net=net,
+                version="0.1",
+                pnet_rand=not pretrained,
+                model_path=lpips_heads_path(net),
+                verbose=False,
+            )
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        """Stay in eval whatever the parent does: the linear heads sit behind Dropout layers."""
+        return super().train(False)
+
+    def forward(self, x, y, reduction="none"):
+        """LPIPS distance per sample (B,) for reduction 'none', or its batch mean for 'mean'."""
+        # autocast off and fp32 inputs: mixed precision must not change the loss value
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dist = super().forward(x.float(), y.float()).flatten()  # (B, 1, 1, 1) -> (B,)
+        if reduction == "mean":
+            return dist.mean()
+        if reduction != "none":
+            raise ValueError(f"unknown reduction {reduction!r}; use 'none' or 'mean'")
+        return dist
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+def reconstruction_losses(
+    recon,
+    target,
+    mask=None,
+    perceptual=None,
+    l1_weight=1.0,
+    l2_weight=0.0,
+    perceptual_weight=1.0,
+    hole_weight=1.0,
+    known_weight=1.0,
+    reduction="mean",
+):
+    """Decoder reconstruction terms in fp32: weighted scalars l1, l2, lpips and their sum 'nll'.
+
+    recon, target: (B, C, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = hole, 0 = known (None = no
+    mask). The pixel losses are weighted hole_weight in the hole and known_weight outside (1/1, the
+    paper: a plain whole-image loss); LPIPS is on the whole image and is not computed at weight 0.
+    reduction 'mean' averages over pixels; 'sum' is ldm's LPIPSWithDiscriminator scale (sum over
+    C, H, W, mean over batch, LPIPS broadcast over every pixel), i.e. every term times C*H*W. Only
+    the clamp and eps of adaptive_weight see the difference; Adam and the GAN balance do not.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
+    recon, target = recon.float(), target.float()
+    scale = recon[0].numel() if reduction == "sum" else 1  # C*H*W
+    diff = recon - target  # (B, C, H, W)
+    pixel_weight = torch.ones_like(diff[:, :1])  # (B, 1, H, W), broadcast over channels
+    if mask is not None:
+        mask = mask.float()
+        pixel_weight = hole_weight * mask + known_weight * (1.0 - mask)
+    terms = {}
+    if l1_weight:
+        terms["l1"] = l1_weight * scale * (pixel_weight * diff.abs()).mean()
+    if l2_weight:
+        terms["l2"] = l2_weight * scale * (pixel_weight * diff.square()).mean()
+    if perceptual_weight:
+        if perceptual is None:
+            raise ValueError("perceptual_weight > 0 needs a perceptual module (e.g. PerceptualLoss)")
+        terms["lpips"] = perceptual_weight * scale * perceptual(recon, target).mean()
+    terms["nll"] = sum(terms.values(), torch.zeros((), device=diff.device))
+    return terms

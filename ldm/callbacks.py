@@ -1,0 +1,53 @@
+"""Lightning callbacks of the training run: sample grids, images/s on the progress bar."""
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from .metrics import sample_grid, save_grid
+
+
+class SampleGrids(pl.Callback):
+    """After each validation, write image | masked | mask | reconstruction | pasted | error as a PNG (rank 0)."""
+
+    def __init__(self, out_dir: Path, max_images: int = 8):
+        self.out_dir, self.max_images = Path(out_dir), max_images
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        example = getattr(pl_module, "val_example", None)
+        if example is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        image, recon, mask = (t.float().cpu() for t in example)
+        grid = sample_grid(image, recon, mask, max_images=self.max_images)
+        path = self.out_dir / f"step{trainer.global_step:08d}.png"
+        save_grid(grid, path)
+        for logger in trainer.loggers:
+            if hasattr(logger.experiment, "add_image"):  # tensorboard
+                logger.experiment.add_image("val/samples", _as_uint8_chw(grid), trainer.global_step)
+            elif hasattr(logger, "log_image"):  # wandb
+                logger.log_image("val/samples", [str(path)], step=trainer.global_step)
+
+
+def _as_uint8_chw(grid):
+    if isinstance(grid, torch.Tensor):
+        return grid
+    return torch.from_numpy(__import__("numpy").asarray(grid)).permute(2, 0, 1)
+
+
+class ImagesPerSecond(pl.Callback):
+    """Training throughput (images/s across all ranks) on the progress bar and in the logs."""
+
+    def __init__(self, every_n_steps: int = 10):
+        self.every, self._t0, self._step0 = every_n_steps, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self._t0 is None or step < self._step0:
+            self._t0, self._step0 = time.perf_counter(), step
+            return
+        if step - self._step0 >= self.every:
+            per_step = batch["image"].shape[0] * trainer.world_size * pl_module.optim_cfg.accumulate_grad_batches
+            rate = (step - self._step0) * per_step / (time.perf_counter() - self._t0)
+            pl_module.log("train/images_per_sec", rate, prog_bar=True, rank_zero_only=True)
+            self._t0, self._step0 = time.perf_counter(), step

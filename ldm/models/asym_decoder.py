@@ -1,0 +1,220 @@
+"""The training recipe: frozen SD encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN."""
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from ..metrics import region_metrics
+from ..modules.autoencoder import AsymmetricAutoencoderKL
+from ..modules.losses import discriminator_loss, generator_loss, reconstruction_losses
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; the GAN terms are off before `disc_start` optimiser steps (DESIGN.md: 50001)."""
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0
+    hole_weight: float = 1.0
+    known_weight: float = 1.0
+    disc_weight: float = 0.8
+    disc_start: int = 50001
+    disc_loss: str = "hinge"
+
+
+@dataclass
+class OptimConfig:
+    """Adam for both networks; lr = base_lr x global batch, warm-up then cosine to `min_lr_ratio`."""
+    base_lr: float = 4.5e-6
+    betas: tuple = (0.5, 0.9)
+    warmup_steps: int = 5000
+    min_lr_ratio: float = 0.0
+    warm_start_lr_scale: float = 0.1  # decoder weights loaded from SD (x1) train at lr x this
+    grad_clip: float = 0.0  # max global grad norm per network; 0 = off
+    accumulate_grad_batches: int = 1
+    fused: Optional[bool] = None  # None = fused Adam on CUDA
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, start: int = 0):
+    """Multiplier of the peak lr at optimiser step s: 0 before `start`, linear warm-up, cosine decay."""
+    def fn(step: int) -> float:
+        s = step - start
+        if s < 0:
+            return 0.0
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - start - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tensor, grad_nll: torch.Tensor,
+                                      grad_g: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """||d nll/dW|| / (||d g/dW|| + 1e-4) at W = conv_out.weight, from the loss gradients w.r.t. the output.
+
+    conv_out is linear in W, so dL/dW follows from dL/d(output) and its input `features` alone: no second
+    pass through LPIPS or the discriminator (the official code backpropagates each loss to W separately).
+    """
+    features = features.detach().float()
+    kw = dict(stride=conv_out.stride, padding=conv_out.padding)
+    norm_nll = torch.nn.grad.conv2d_weight(features, conv_out.weight.shape, grad_nll.float(), **kw).norm()
+    norm_g = torch.nn.grad.conv2d_weight(features, conv_out.weight.shape, grad_g.float(), **kw).norm()
+    weight = (norm_nll / (norm_g + 1e-4)).clamp(0.0, max_weight)
+    finite = torch.isfinite(norm_nll) & torch.isfinite(norm_g)
+    return torch.where(finite, weight, torch.zeros_like(weight))  # no NaN from an overflowing step
+
+
+class AsymmetricDecoderTraining(pl.LightningModule):
+    """Trains `vae.decoder` (and post_quant_conv) with one decoder forward per batch; the encoder stays frozen."""
+
+    def __init__(self, vae: AsymmetricAutoencoderKL, discriminator: nn.Module, perceptual: Optional[nn.Module],
+                 loss: LossConfig = LossConfig(), optim: OptimConfig = OptimConfig(), batch_size: int = 1,
+                 sample_posterior: bool = True, warm_start_keys: Iterable[str] = (), channels_last: bool = False,
+                 run_config: Optional[dict] = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.vae, self.discriminator, self.perceptual = vae, discriminator, perceptual
+        self.loss_cfg, self.optim_cfg = loss, optim
+        self.batch_size, self.sample_posterior = batch_size, sample_posterior
+        self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
+        for frozen in (vae.encoder, vae.quant_conv):
+            frozen.requires_grad_(False)
+        self.channels_last, self.run_config = channels_last, run_config
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.val_means = nn.ModuleDict()  # metric name -> MeanMetric (NaN-ignoring, synced across ranks)
+        self.nonfinite_steps = 0
+
+    # ------------------------------------------------------------------ train
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.encoder.eval()  # frozen: no dropout, whatever the trainer asks
+        return self
+
+    def trainable_parameters(self):
+        return [p for n, p in self.vae.named_parameters() if not n.startswith(("encoder.", "quant_conv."))]
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Latent of the full, unmasked image from the frozen encoder: (B,4,H/8,W/8)."""
+        posterior = self.vae.encode(image)
+        return posterior.sample() if self.sample_posterior else posterior.mode()
+
+    def inputs(self, batch):
+        image, mask = batch["image"], batch["mask"]
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return image, mask
+
+    def training_step(self, batch, batch_idx):
+        image, mask = self.inputs(batch)
+        step = self.global_step
+        gan_on = self.loss_cfg.disc_weight > 0 and step >= self.loss_cfg.disc_start
+        recon, features = self.decode_with_features(self.encode(image), image, mask)
+        recon32 = recon.float().detach().requires_grad_(True)  # losses in fp32; grads flow back via `recon`
+        terms = self.recon_terms(recon32, image, mask)
+        scale = recon[0].numel()  # official reduction: sum over pixels, mean over batch (matters for Adam's eps)
+        grad = torch.autograd.grad(terms["nll"] * scale, recon32)[0]
+        if gan_on:
+            g_loss = generator_loss(self.discriminator(recon32))
+            grad_g = torch.autograd.grad(g_loss, recon32)[0]
+            d_weight = adaptive_weight_from_output_grads(self.vae.decoder.conv_out, features, grad, grad_g)
+            grad = grad + self.loss_cfg.disc_weight * d_weight * grad_g
+            d_loss = discriminator_loss(self.discriminator(image), self.discriminator(recon32.detach()),
+                                        self.loss_cfg.disc_loss)
+            terms.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
+        # one backward: the decoder receives grad (L1 + LPIPS + weighted GAN), the discriminator d_loss only
+        surrogate = (recon.float() * grad).sum() + (d_loss if gan_on else 0.0)
+        self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, batch_idx, gan_on)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log("train/loss", terms["nll"].detach(), prog_bar=True)
+
+    def decode_with_features(self, z, image, mask):
+        """Decoder forward that also returns conv_out's input (for the adaptive GAN weight)."""
+        captured = []
+        handle = self.vae.decoder.conv_out.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+        try:
+            recon = self.vae.decode(z, image, mask, check=False)
+        finally:
+            handle.remove()
+        return recon, captured[-1]
+
+    def recon_terms(self, recon, image, mask):
+        c = self.loss_cfg
+        return reconstruction_losses(recon, image, mask, self.perceptual, l1_weight=c.l1_weight,
+                                     l2_weight=c.l2_weight, perceptual_weight=c.perceptual_weight,
+                                     hole_weight=c.hole_weight, known_weight=c.known_weight)
+
+    def optimizer_update(self, loss, batch_idx, gan_on):
+        """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator."""
+        opt_g, opt_d = self.optimizers()
+        self.manual_backward(loss)
+        if (batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
+            return
+        if self.optim_cfg.grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+            if gan_on:
+                self.clip_gradients(opt_d, gradient_clip_val=self.optim_cfg.grad_clip,
+                                    gradient_clip_algorithm="norm")
+        if gan_on:  # stepped through the strategy, not LightningOptimizer: global_step counts decoder steps only
+            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch, batch_idx):
+        image, mask = self.inputs(batch)
+        posterior = self.vae.encode(image)
+        recon = self.vae.decode(posterior.mode(), image, mask, check=False).float().clamp(-1, 1)
+        values = region_metrics(recon, image.float(), mask.float(), self.perceptual)
+        values["l1"] = (recon - image).abs().mean(dim=(1, 2, 3))
+        for name, v in values.items():
+            if name not in self.val_means:
+                self.val_means[name] = MeanMetric(nan_strategy="ignore").to(self.device)
+            self.val_means[name].update(v)
+            self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True)
+        if batch_idx == 0:
+            self.val_example = (image[:8].detach(), recon[:8].detach(), mask[:8].detach())
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        world = self.trainer.world_size if self._trainer is not None else 1
+        lr = o.base_lr * world * self.batch_size * o.accumulate_grad_batches  # never typed in by hand
+        warm, new = [], []
+        for name, p in self.vae.named_parameters():
+            if p.requires_grad:
+                (warm if name in self.warm_start_keys else new).append(p)
+        groups = [{"params": new, "lr": lr}]
+        if warm:
+            groups.append({"params": warm, "lr": lr * o.warm_start_lr_scale})
+        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(o.betas), fused=fused)
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=tuple(o.betas), fused=fused)
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 10**9
+        sched = lambda opt, start: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+            opt, lr_lambda(o.warmup_steps, total, o.min_lr_ratio, start))
+        return [opt_g, opt_d], [sched(opt_g, 0), sched(opt_d, self.loss_cfg.disc_start)]
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
+
+    def state_dict(self, *args, **kwargs):
+        """Checkpoints hold the autoencoder and discriminator, not the frozen LPIPS network."""
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items() if not k.startswith(("perceptual.", "val_means."))}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = super().state_dict()
+        missing = [k for k in own if k not in state_dict and not k.startswith(("perceptual.", "val_means."))]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -5,6 +5,9 @@ from typing import Iterable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
+PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
+
+
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it."""
 
@@ -24,8 +27,8 @@ def _check_types(base, override, prefix: str = "") -> None:
             elif not (b._is_none() or o._is_none()):
                 raise ConfigError(f"config key '{name}' expects {_kind(b)}, got {_kind(o)}")
             continue
-        if b._is_none() or o._is_none() or isinstance(b, ListConfig):
-            continue  # null base values and lists accept any value (lists: lengths vary)
+        if b._is_none() or o._is_none() or isinstance(b, ListConfig) or name.startswith(PASSTHROUGH):
+            continue  # null base values and lists accept any value; Lightning checks its own arguments
         bv, ov = b._value(), o._value()
         if isinstance(bv, bool) != isinstance(ov, bool) or (
                 not isinstance(ov, type(bv)) and not (isinstance(bv, float) and isinstance(ov, int))):

@@ -34,9 +34,7 @@ def test_adaptive_weight_is_zero_not_nan_on_overflow():
     assert w.item() == 0.0
 
 
-def test_lr_schedule_warmup_then_cosine_and_delayed_start():
+def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(warmup_steps=10, total_steps=110, min_ratio=0.1)
     assert f(0) == 0.1 and f(9) == 1.0
-    assert abs(f(60) - (0.1 + 0.9 * 0.5)) < 1e-9 and abs(f(110) - 0.1) < 1e-9
-    d = lr_lambda(warmup_steps=10, total_steps=110, min_ratio=0.0, start=50)
-    assert d(49) == 0.0 and d(50) == 0.1
+    assert abs(f(60) - (0.1 + 0.9 * 0.5)) < 1e-9 and abs(f(110) - 0.1) < 1e-9 and abs(f(500) - 0.1) < 1e-9

@@ -6,7 +6,6 @@ from typing import Iterable, Optional
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics.aggregation import MeanMetric
 
 from ..metrics import region_metrics
 from ..modules.autoencoder import AsymmetricAutoencoderKL
@@ -39,15 +38,12 @@ class OptimConfig:
     fused: Optional[bool] = None  # None = fused Adam on CUDA
 
 
-def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float, start: int = 0):
-    """Multiplier of the peak lr at optimiser step s: 0 before `start`, linear warm-up, cosine decay."""
-    def fn(step: int) -> float:
-        s = step - start
-        if s < 0:
-            return 0.0
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
+    """Multiplier of the peak lr at optimiser step s: linear warm-up, then cosine decay to min_ratio."""
+    def fn(s: int) -> float:
         if s < warmup_steps:
             return (s + 1) / warmup_steps
-        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - start - warmup_steps))
+        progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return fn
 
@@ -86,7 +82,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.channels_last, self.run_config = channels_last, run_config
         if channels_last:
             self.to(memory_format=torch.channels_last)
-        self.val_means = nn.ModuleDict()  # metric name -> MeanMetric (NaN-ignoring, synced across ranks)
+        self.val_sums = {}
         self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------ train
@@ -94,9 +90,6 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         super().train(mode)
         self.vae.encoder.eval()  # frozen: no dropout, whatever the trainer asks
         return self
-
-    def trainable_parameters(self):
-        return [p for n, p in self.vae.named_parameters() if not n.startswith(("encoder.", "quant_conv."))]
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -165,8 +158,10 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)
-        for scheduler in self.lr_schedulers():
-            scheduler.step()
+        sched_g, sched_d = self.lr_schedulers()
+        sched_g.step()
+        if gan_on:
+            sched_d.step()  # counts discriminator steps: its warm-up starts at disc_start
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
@@ -175,13 +170,22 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         recon = self.vae.decode(posterior.mode(), image, mask, check=False).float().clamp(-1, 1)
         values = region_metrics(recon, image.float(), mask.float(), self.perceptual)
         values["l1"] = (recon - image).abs().mean(dim=(1, 2, 3))
-        for name, v in values.items():
-            if name not in self.val_means:
-                self.val_means[name] = MeanMetric(nan_strategy="ignore").to(self.device)
-            self.val_means[name].update(v)
-            self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True)
+        for name, v in values.items():  # NaN (an empty region) is left out of the mean
+            total, count = self.val_sums.get(name, (0.0, 0))
+            self.val_sums[name] = (total + torch.nansum(v.float()), count + (~v.isnan()).sum())
         if batch_idx == 0:
             self.val_example = (image[:8].detach(), recon[:8].detach(), mask[:8].detach())
+
+    def on_validation_epoch_start(self):
+        self.val_sums = {}  # metric name -> (sum, count) of per-sample values on this rank
+
+    def on_validation_epoch_end(self):
+        reduce = self.trainer.strategy.reduce
+        for name in sorted(self.val_sums):  # same order on every rank: the reductions pair up
+            total, count = (reduce(torch.as_tensor(t, device=self.device, dtype=torch.float64), reduce_op="sum")
+                            for t in self.val_sums[name])
+            self.log(f"val/{name}", (total / count).float() if count > 0 else torch.tensor(float("nan")),
+                     rank_zero_only=True)
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self):
@@ -199,9 +203,10 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(o.betas), fused=fused)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=tuple(o.betas), fused=fused)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 10**9
-        sched = lambda opt, start: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
-            opt, lr_lambda(o.warmup_steps, total, o.min_lr_ratio, start))
-        return [opt_g, opt_d], [sched(opt_g, 0), sched(opt_d, self.loss_cfg.disc_start)]
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda(o.warmup_steps, total, o.min_lr_ratio))
+        d_total = max(1, total - self.loss_cfg.disc_start)  # the discriminator trains from disc_start to the end
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(o.warmup_steps, d_total, o.min_lr_ratio))
+        return [opt_g, opt_d], [sched_g, sched_d]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
@@ -209,11 +214,11 @@ class AsymmetricDecoderTraining(pl.LightningModule):
     def state_dict(self, *args, **kwargs):
         """Checkpoints hold the autoencoder and discriminator, not the frozen LPIPS network."""
         state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith(("perceptual.", "val_means."))}
+        return {k: v for k, v in state.items() if not k.startswith("perceptual.")}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         own = super().state_dict()
-        missing = [k for k in own if k not in state_dict and not k.startswith(("perceptual.", "val_means."))]
+        missing = [k for k in own if k not in state_dict and not k.startswith("perceptual.")]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

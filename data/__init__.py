@@ -1,0 +1,29 @@
+"""Data: random inpainting masks, image sources (sample photos, folders, webdataset shards), the datamodule.
+
+Batches are dicts: "image" float32 (B,3,R,R) in [-1,1], "mask" float32 (B,1,R,R) with 1 = hole, "key" ids.
+"""
+from .datamodule import EpochLoader, ImageMaskDataModule, LogSkippedFiles
+from .datasets import ImageMaskTrain, ImageMaskVal, collect
+from .images import IMAGE_SUFFIXES, SkipCounter, load_crop, to_rgb
+from .masks import (
+    MEAN_AREA,
+    PRESETS,
+    MaskGenerator,
+    box_mask,
+    load_mask_files,
+    make_eval_masks,
+    outpaint_mask,
+    sample_rng,
+    save_masks,
+    stroke_mask,
+)
+from .sources import SAMPLE_IMAGES, Source, list_image_files, resolve_source, sample_image_files
+
+__all__ = [
+    "ImageMaskDataModule", "EpochLoader", "LogSkippedFiles",
+    "ImageMaskTrain", "ImageMaskVal", "collect",
+    "IMAGE_SUFFIXES", "SkipCounter", "load_crop", "to_rgb",
+    "MEAN_AREA", "PRESETS", "MaskGenerator", "box_mask", "stroke_mask", "outpaint_mask",
+    "load_mask_files", "make_eval_masks", "sample_rng", "save_masks",
+    "SAMPLE_IMAGES", "Source", "list_image_files", "resolve_source", "sample_image_files",
+]

@@ -1,0 +1,143 @@
+"""The LightningDataModule that builds sources, masks and loaders from the config's `data:` section."""
+from collections.abc import Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .datasets import ImageMaskTrain, ImageMaskVal
+from .images import load_crop
+from .masks import MaskGenerator
+from .sources import file_samples, resolve_source, shard_samples
+
+
+class EpochLoader(DataLoader):
+    """DataLoader that sets its dataset's epoch before each pass (Lightning only tells samplers)."""
+
+    def __init__(self, dataset, epoch_fn=None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        # () -> (epoch, global step): a run resumed mid-epoch draws a fresh stream instead of replaying
+        self.epoch_fn = epoch_fn
+        self.passes = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(*(self.epoch_fn() if self.epoch_fn is not None else (self.passes, 0)))
+        self.passes += 1
+        return super().__iter__()
+
+
+def plain(value):
+    """OmegaConf containers (or any mapping/sequence) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [plain(v) for v in value]
+    return value
+
+
+def check_readable(source, resolution, limit=1000):
+    """Raise, naming the source, unless one of its first `limit` images decodes."""
+    if source.kind == "files":
+        pairs = file_samples(source.items[:limit])
+    else:
+        pairs = shard_samples(source.items, lambda name, error: None)
+    for n, (_key, raw) in enumerate(pairs):
+        if n >= limit:
+            break
+        try:
+            load_crop(raw, min(resolution, 64))
+            return
+        except Exception:
+            continue
+    raise RuntimeError(f"image source {source.name!r}: no usable image (corrupt, empty or not images)")
+
+
+class ImageMaskDataModule(pl.LightningDataModule):
+    """(image, mask) batches: image float32 (B,3,R,R) in [-1,1], mask float32 (B,1,R,R), 1 = hole.
+
+    source / val_source: "sample" (the bundled photographs), an image folder, or webdataset shards
+    (path, brace pattern, URL or pipe: command). epoch_length counts samples over all ranks.
+    masks: keyword arguments of MaskGenerator (p_full, mix, presets). Validation splits the first
+    val_size images over ranks and workers, each once, with crops and masks fixed by the seed.
+    `skipped` counts the unreadable files met so far on this rank (LogSkippedFiles logs it).
+    """
+
+    def __init__(self, source="sample", resolution=256, batch_size=4, num_workers=4, seed=0, val_source=None,
+                 val_size=64, epoch_length=1281167, flip=True, crop_min_scale=0.5, shuffle_buffer=1000, masks=None):
+        super().__init__()
+        if resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
+        self.source, self.val_source = str(source), str(val_source or source)
+        self.resolution, self.batch_size, self.num_workers = int(resolution), int(batch_size), int(num_workers)
+        self.seed, self.val_size, self.epoch_length = int(seed), val_size, int(epoch_length)
+        self.flip, self.crop_min_scale, self.shuffle_buffer = bool(flip), float(crop_min_scale), int(shuffle_buffer)
+        self.mask_kwargs = plain(masks or {})
+        self.train_set = self.val_set = None
+
+    def rank_and_world_size(self):
+        """From the trainer, else torch.distributed, else (0, 1)."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def mask_generator(self):
+        """The training/validation mask generator from the `masks` settings."""
+        return MaskGenerator(self.resolution, **self.mask_kwargs)
+
+    def setup(self, stage=None):
+        """Resolve and check the sources; build the datasets for this rank."""
+        rank, world = self.rank_and_world_size()
+        masks = self.mask_generator()
+        if stage in (None, "fit") and self.train_set is None:
+            source = resolve_source(self.source)
+            check_readable(source, self.resolution)
+            batches = max(1, self.epoch_length // (world * self.batch_size))  # per rank, all full
+            self.train_set = ImageMaskTrain(
+                source, self.resolution, masks, batches * self.batch_size, seed=self.seed, rank=rank,
+                world_size=world, batch_size=self.batch_size, crop_min_scale=self.crop_min_scale,
+                flip=self.flip, shuffle_buffer=self.shuffle_buffer)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            source = resolve_source(self.val_source)
+            check_readable(source, self.resolution)
+            self.val_set = ImageMaskVal(source, self.resolution, masks, seed=self.seed, rank=rank,
+                                        world_size=world, size=self.val_size)
+
+    def _loader_kwargs(self):
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                    pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        if self.train_set is None:
+            self.setup("fit")
+        trainer = self.trainer
+        epoch_fn = (lambda: (trainer.current_epoch, trainer.global_step)) if trainer is not None else None
+        return EpochLoader(self.train_set, epoch_fn=epoch_fn, **self._loader_kwargs())
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            self.setup("validate")
+        return DataLoader(self.val_set, **self._loader_kwargs())
+
+    @property
+    def skipped(self):
+        """Unreadable files skipped so far on this rank (train + validation, all workers)."""
+        return sum(ds.skipped.value for ds in (self.train_set, self.val_set) if ds is not None)
+
+
+class LogSkippedFiles(pl.Callback):
+    """Logs `data/skipped` (unreadable files, summed over ranks) after each validation and training epoch."""
+
+    def _log(self, trainer, pl_module):
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "skipped"):
+            count = torch.tensor(float(trainer.datamodule.skipped), device=pl_module.device)
+            pl_module.log("data/skipped", count, sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)

@@ -1,0 +1,157 @@
+"""(image, mask) datasets: an endless resampled training stream and a finite, fixed validation set.
+
+Every random draw comes from a generator seeded by (seed, stream, rank, worker, epoch, index) for
+training and (seed, stream, sample index) for validation, never from the global numpy/torch RNG.
+"""
+import itertools
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .images import SkipCounter, load_crop
+from .masks import sample_rng
+from .sources import file_samples, shard_samples
+
+TRAIN_STREAM, ORDER_STREAM, VAL_STREAM = 0, 1, 2  # seed-sequence tags: the streams never overlap
+
+
+def worker_slot():
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def to_sample(pixels, mask, key):
+    """(R, R, 3) uint8 and (R, R) {0,1} arrays -> the batch-element dict (image in [-1, 1], mask 1 = hole)."""
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R)
+    return {"image": image, "mask": torch.from_numpy(mask).float()[None], "key": key}  # mask (1, R, R)
+
+
+def shuffled(pairs, rng, size, initial=100):
+    """webdataset-style shuffle buffer: serves from `initial` items on, growing by one per item to `size`."""
+    buffer = []
+    for item in pairs:
+        buffer.append(item)
+        if len(buffer) < size:
+            buffer.extend(itertools.islice(pairs, 1))  # read two per item served: the buffer fills up
+        if len(buffer) >= min(initial, size):
+            j = rng.integers(len(buffer))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
+
+
+class ImageMaskTrain(IterableDataset):
+    """Endless random crops with random masks; each pass yields `length` samples (full batches per worker).
+
+    Files are visited in a fresh random order per (rank, worker, epoch); shards are drawn with
+    replacement and mixed through a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
+    """
+
+    def __init__(self, source, resolution, mask_generator, length, seed=0, rank=0, world_size=1,
+                 batch_size=1, crop_min_scale=0.5, flip=True, shuffle_buffer=1000):
+        if length < batch_size or length % batch_size:
+            raise ValueError(f"length {length} must be a positive multiple of batch_size {batch_size}")
+        self.source, self.resolution, self.masks = source, resolution, mask_generator
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.batch_size, self.crop_min_scale, self.flip = batch_size, crop_min_scale, flip
+        self.shuffle_buffer = shuffle_buffer
+        self.skipped = SkipCounter()
+        self.epoch = self.step = 0
+
+    def __len__(self):
+        return self.length
+
+    def set_epoch(self, epoch, step=0):
+        """Select the random stream of this pass: (epoch, global step at its start; differs on a resume)."""
+        self.epoch, self.step = int(epoch), int(step)
+
+    def _worker_length(self, worker, num_workers):
+        batches = self.length // self.batch_size  # dealt to workers whole, so every batch is full
+        return self.batch_size * (batches // num_workers + (worker < batches % num_workers))
+
+    def _raw_stream(self, rng):
+        """Endless (key, path-or-bytes) pairs in this worker's random order."""
+        items = self.source.items
+        if self.source.kind == "files":
+            while True:
+                yield from file_samples((items[i] for i in rng.permutation(len(items))), self.source.root)
+        yield from shuffled(self._shard_pairs(rng), rng, self.shuffle_buffer)
+
+    def _shard_pairs(self, rng):
+        """Endless (key, bytes) pairs from shards drawn with replacement (webdataset's resampling)."""
+        urls, empty = self.source.items, 0
+        while True:
+            count = 0
+            for pair in shard_samples([urls[rng.integers(len(urls))]], self.skipped.add):
+                count += 1
+                yield pair
+            empty = 0 if count else empty + 1
+            if empty > max(100, 2 * len(urls)):
+                raise RuntimeError(f"image source {self.source.name!r}: {empty} shard reads in a row gave no sample")
+
+    def __iter__(self):
+        worker, num_workers = worker_slot()
+        epoch = self.epoch
+        self.epoch += 1  # persistent workers keep this copy: the next pass gets the next epoch
+        ids = (self.rank, worker, epoch, self.step)
+        order_rng = sample_rng(self.seed, ORDER_STREAM, *ids)
+        give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
+        misses, index = 0, 0
+        todo = self._worker_length(worker, num_workers)
+        stream = self._raw_stream(order_rng)
+        while todo > 0:
+            misses += 1
+            if misses > give_up:
+                raise RuntimeError(f"image source {self.source.name!r}: no usable image in {give_up} attempts")
+            key, raw = next(stream)
+            rng = sample_rng(self.seed, TRAIN_STREAM, *ids, index)
+            index += 1
+            mask = self.masks(rng)  # drawn first: the mask stream does not depend on the images
+            try:
+                pixels = load_crop(raw, self.resolution, rng, self.crop_min_scale, self.flip)
+            except Exception as error:  # corrupt, truncated, zero-byte, not an image: skip and count
+                self.skipped.add(key, error)
+                continue
+            misses, todo = 0, todo - 1
+            yield to_sample(pixels, mask, key)
+
+
+class ImageMaskVal(IterableDataset):
+    """The first `size` images of a source, centre-cropped, each with a mask fixed by (seed, its index).
+
+    Sample i goes to reader i mod (world_size * workers): over all ranks and workers every image is
+    seen exactly once, and its crop and mask never depend on the number of ranks or workers. Every
+    reader reads (not decodes) the first `size` samples, so keep val_size moderate for remote shards.
+    """
+
+    def __init__(self, source, resolution, mask_generator, seed=0, rank=0, world_size=1, size=None):
+        self.source, self.resolution, self.masks = source, resolution, mask_generator
+        self.seed, self.rank, self.world_size, self.size = seed, rank, world_size, size
+        self.skipped = SkipCounter()
+
+    def _raw_stream(self):
+        if self.source.kind == "files":
+            return file_samples(self.source.items, self.source.root)
+        return shard_samples(self.source.items, self.skipped.add)
+
+    def __iter__(self):
+        worker, num_workers = worker_slot()
+        readers = self.world_size * num_workers
+        reader = self.rank * num_workers + worker
+        pairs = itertools.islice(self._raw_stream(), self.size)  # sample i of the source, in order
+        for i, (key, raw) in enumerate(pairs):
+            if i % readers != reader:
+                continue
+            mask = self.masks(sample_rng(self.seed, VAL_STREAM, i))
+            try:
+                pixels = load_crop(raw, self.resolution)
+            except Exception as error:
+                self.skipped.add(key, error)
+                continue
+            yield to_sample(pixels, mask, key)
+
+
+def collect(dataset, n=None):
+    """The first n samples of a dataset as a list (all of a finite one): for tests and scripts."""
+    return list(itertools.islice(iter(dataset), n))
+

@@ -1,0 +1,105 @@
+"""Decoding any image file to an RGB crop: mode conversion, fast JPEG draft decoding, skip counting."""
+import io
+import logging
+import math
+import multiprocessing
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp")  # lower case, no dot; also the shard member suffixes
+
+
+class SkipCounter:
+    """Count of unreadable files, shared by the DataLoader worker processes (shared memory)."""
+
+    def __init__(self, max_warnings=10):
+        self._count = multiprocessing.Value("q", 0)  # inherited by workers: fork, spawn and forkserver
+        self.max_warnings = max_warnings  # per process: a broken dataset must not flood the log
+        self._warned = 0
+
+    def add(self, name, error):
+        """Count one skipped file and warn about the first few."""
+        with self._count.get_lock():
+            self._count.value += 1
+        if self._warned < self.max_warnings:
+            self._warned += 1
+            last = self._warned == self.max_warnings
+            more = " (further skips in this process are counted, not logged)" if last else ""
+            log.warning("skipped unreadable image %s: %s: %s%s", name, type(error).__name__, error, more)
+
+    @property
+    def value(self):
+        """Files skipped so far, over all worker processes."""
+        return self._count.value
+
+
+def open_image(src):
+    """A lazily decoded PIL image from a path or the file's bytes."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ValueError("zero-byte file")
+        return Image.open(io.BytesIO(src))
+    return Image.open(src)
+
+
+def to_rgb(img):
+    """Any PIL mode as 8-bit RGB: 16/32-bit and float rescaled, alpha composited on white, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)  # (H, W) uint16 / int32; 16-bit PNGs span 0..65535
+        img = Image.fromarray(np.clip(arr / 257.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 255.0 if arr.max() > 1.0 else 1.0  # float images come either in [0, 1] or [0, 255]
+        img = Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)  # transparent pixels hold arbitrary colours: paint them white
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def random_crop_box(rng, width, height, min_scale=0.5):
+    """Square (left, top, right, bottom) of side min_side * U(min_scale, 1) at a uniform position."""
+    side = min(width, height) * rng.uniform(min_scale, 1.0)
+    left = rng.uniform(0.0, width - side)
+    top = rng.uniform(0.0, height - side)
+    return (left, top, left + side, top + side)
+
+
+def center_crop_box(width, height):
+    """The largest centred square."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False):
+    """Decode `src` (path or bytes), crop a square (random if rng else centred), resize: (R, R, 3) uint8.
+
+    Raises on unreadable data; callers count and skip. Crops smaller than R are upscaled, larger ones
+    downscaled by area averaging.
+    """
+    with open_image(src) as img:
+        width, height = img.size
+        box = random_crop_box(rng, width, height, min_scale) if rng is not None else center_crop_box(width, height)
+        side = box[2] - box[0]
+        if img.format == "JPEG" and side > 2 * resolution:
+            # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= R pixels: big photos
+            # decode several times faster; draft never goes below the requested size
+            img.draft(img.mode, (math.ceil(width * resolution / side), math.ceil(height * resolution / side)))
+            sx, sy = img.size[0] / width, img.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            side = box[2] - box[0]
+        img.load()  # the actual decode: raises on truncated or corrupt data
+        rgb = to_rgb(img)
+    # area averaging to shrink (PIL BOX); bilinear to enlarge, which is what cv2.INTER_AREA does there
+    resample = Image.BOX if side >= resolution else Image.BILINEAR
+    out = rgb.resize((resolution, resolution), resample, box=box)
+    if flip and rng is not None and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.array(out)  # (R, R, 3) uint8, writable

@@ -1,0 +1,244 @@
+"""Sources, bad files, shards, datasets, the datamodule and its configs."""
+import contextlib
+import importlib.util
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import data.datasets
+from data import (ImageMaskDataModule, ImageMaskTrain, ImageMaskVal, LogSkippedFiles, MaskGenerator, collect,
+                  load_crop, resolve_source)
+from data.sources import shard_samples
+from ldm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 32
+
+
+def photo(w, h, seed=0):
+    """A smooth random RGB image (compresses like a photo)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+def jpeg_bytes(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """6 valid images (one CMYK JPEG, one 16-bit PNG, palette, RGBA, grey, tiny) and 4 bad files + 1 ignored."""
+    root = tmp_path / "messy"
+    (root / "sub").mkdir(parents=True)
+    photo(120, 90, 1).save(root / "a.jpg", quality=90)
+    photo(64, 80, 2).convert("CMYK").save(root / "cmyk.jpg", quality=90)
+    Image.fromarray(np.full((50, 70), 128 * 257, np.uint16)).save(root / "sub" / "deep16.png")  # 16-bit grey
+    photo(60, 60, 3).convert("P").save(root / "sub" / "palette.png")
+    rgba = np.zeros((40, 40, 4), np.uint8)  # fully transparent black: must come out white
+    Image.fromarray(rgba, "RGBA").save(root / "clear.PNG")
+    photo(12, 9, 4).convert("L").save(root / "tiny_grey.bmp")
+    good = jpeg_bytes(photo(200, 150, 5))
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "corrupt.jpg").write_bytes(good[:200] + bytes(range(256)) * 20)
+    (root / "empty.png").write_bytes(b"")
+    (root / "sub" / "notes.jpeg").write_text("not an image at all\n")
+    (root / "readme.txt").write_text("ignored: not an image suffix\n")
+    return root
+
+
+VALID = {"a.jpg", "cmyk.jpg", "sub/deep16.png", "sub/palette.png", "clear.PNG", "tiny_grey.bmp"}
+
+
+def by_key(samples):
+    return {s["key"]: s for s in samples}
+
+
+def test_bad_files_are_skipped_and_counted_and_modes_converted(messy_folder):
+    source = resolve_source(str(messy_folder))
+    assert len(source) == 10  # readme.txt is not an image name
+    val = ImageMaskVal(source, RES, MaskGenerator(RES))
+    samples = by_key(collect(val))
+    assert set(samples) == VALID and val.skipped.value == 4
+    for s in samples.values():
+        assert s["image"].shape == (3, RES, RES) and s["image"].dtype == torch.float32
+        assert s["mask"].shape == (1, RES, RES) and -1 <= s["image"].min() and s["image"].max() <= 1
+    assert torch.allclose(samples["sub/deep16.png"]["image"], torch.tensor(1 / 255), atol=1e-6)  # 128*257 -> 128
+    assert torch.equal(samples["clear.PNG"]["image"], torch.ones(3, RES, RES))  # transparent -> white
+    got = (samples["cmyk.jpg"]["image"].permute(1, 2, 0).numpy() + 1) * 127.5
+    want = np.asarray(photo(64, 80, 2).crop((0, 8, 64, 72)).resize((RES, RES), Image.BOX), float)
+    assert np.abs(got - want).mean() < 12  # the CMYK JPEG comes back in its colours, not inverted
+
+def test_small_images_are_upscaled_to_the_crop():
+    img = photo(12, 9)
+    out = load_crop(jpeg_bytes(img), 64, np.random.default_rng(0), min_scale=0.5, flip=True)
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+
+
+def test_large_jpegs_decode_reduced_but_match_a_full_decode():
+    raw = jpeg_bytes(photo(1600, 1200, 9))
+    fast = load_crop(raw, 64).astype(float)  # draft decoding at 1/8 scale
+    full = Image.open(io.BytesIO(raw)).convert("RGB").crop((200, 0, 1400, 1200))
+    full = np.asarray(full.resize((64, 64), Image.BOX))
+    assert np.abs(fast - full).mean() < 3.0
+
+
+def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_folder):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="bad"):
+        ImageMaskDataModule(source=str(bad), resolution=RES, num_workers=0).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resolve_source(str(tmp_path / "nowhere-{000..003}.tar"))
+    train = ImageMaskTrain(resolve_source(str(bad)), RES, MaskGenerator(RES), length=4, batch_size=2)
+    with pytest.raises(RuntimeError, match="no usable image"):
+        collect(train)
+
+
+def make_shards(src, out, *extra):
+    """Run scripts/make_shards.py's main in this process (a subprocess would re-import torch: ~10 s)."""
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "scripts" / "make_shards.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out_text = io.StringIO()
+    with contextlib.redirect_stdout(out_text):
+        assert script.main([str(src), str(out), *extra]) == 0
+    return out_text.getvalue()
+
+
+def test_make_shards_keeps_the_original_bytes(messy_folder, tmp_path):
+    out = make_shards(messy_folder, tmp_path / "shards", "--shard-size", "4")
+    assert "wrote 6 images to 2 shards" in out and "skipped 4 unreadable files" in out
+    pattern = out.strip().splitlines()[-1].split("source: ")[1]
+    assert pattern.endswith("train-{000000..000001}.tar")
+    pairs = dict(shard_samples(resolve_source(pattern).items, lambda *a: pytest.fail(f"shard error {a}")))
+    originals = {k.rsplit(".", 1)[0].replace(".", "_"): (messy_folder / k).read_bytes() for k in VALID}
+    assert {k.split("/", 1)[1]: v for k, v in pairs.items()} == originals
+
+
+@pytest.fixture
+def shard_set(tmp_path):
+    """10 JPEGs in 3 shards (4 + 4 + 2); returns the brace pattern."""
+    src = tmp_path / "jpegs"
+    src.mkdir()
+    for i in range(10):
+        photo(48 + 4 * i, 40, i).save(src / f"img{i:02d}.jpg", quality=90)
+    out = make_shards(src, tmp_path / "shards", "--shard-size", "4")
+    return out.strip().splitlines()[-1].split("source: ")[1]
+
+
+def test_validation_sees_every_sample_once_over_2_ranks_x_2_workers(shard_set):
+    source = resolve_source(shard_set)
+    reference = by_key(collect(ImageMaskVal(source, RES, MaskGenerator(RES), seed=5)))
+    assert len(reference) == 10
+    seen = []
+    for rank in range(2):
+        val = ImageMaskVal(source, RES, MaskGenerator(RES), seed=5, rank=rank, world_size=2)
+        for batch in DataLoader(val, batch_size=2, num_workers=2):
+            for key, image, mask in zip(batch["key"], batch["image"], batch["mask"]):
+                seen.append(key)
+                assert torch.equal(mask, reference[key]["mask"]) and torch.equal(image, reference[key]["image"])
+    assert sorted(seen) == sorted(reference)  # each exactly once, same crop and mask as on one process
+
+
+def test_training_stream_differs_per_rank_worker_and_epoch_and_repeats_per_seed(shard_set, monkeypatch):
+    source = resolve_source(shard_set)
+
+    def first(rank=0, worker=0, epoch=0, seed=0):
+        monkeypatch.setattr(data.datasets, "get_worker_info", lambda: type("W", (), {"id": worker, "num_workers": 2}))
+        ds = ImageMaskTrain(source, RES, MaskGenerator(RES, p_full=0.0), length=4, seed=seed, rank=rank,
+                            world_size=2, batch_size=2, shuffle_buffer=8)
+        ds.set_epoch(epoch)
+        return torch.stack([s["mask"] for s in collect(ds)])
+
+    base = first()
+    assert base.shape == (2, 1, RES, RES)  # this worker's share: one of the rank's two batches
+    assert torch.equal(base, first())
+    for other in (first(rank=1), first(worker=1), first(rank=1, worker=1), first(epoch=1), first(seed=1)):
+        assert not torch.equal(base, other)
+
+
+def test_datamodule_batches_follow_the_contract(messy_folder):
+    dm = ImageMaskDataModule(source=str(messy_folder), resolution=RES, batch_size=3, num_workers=2,
+                             epoch_length=12, masks={"p_full": 0.5})
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4
+    for b in batches:
+        assert b["image"].shape == (3, 3, RES, RES) and b["image"].dtype == torch.float32
+        assert b["mask"].shape == (3, 1, RES, RES) and b["mask"].dtype == torch.float32
+        assert set(b["mask"].unique().tolist()) <= {0.0, 1.0} and b["image"].abs().max() <= 1
+        assert set(b["key"]) <= VALID
+    assert dm.skipped > 0  # counted in the worker processes, read in this one
+    again = list(loader)  # the next epoch: a different stream
+    assert not torch.equal(batches[0]["image"], again[0]["image"])
+    val_keys = [k for b in dm.val_dataloader() for k in b["key"]]
+    assert sorted(val_keys) == sorted(VALID)
+
+
+def test_default_source_is_the_sample_photographs():
+    source = resolve_source("sample")
+    assert source.kind == "files" and len(source) >= 8 and "astronaut.png" in {Path(f).name for f in source.items}
+    for path in source.items:
+        assert load_crop(path, 16).shape == (16, 16, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ImageMaskDataModule(resolution=100)
+
+
+def test_base_config_and_mask_ablations_build():
+    cfg = load_config(ROOT / "configs" / "base.yaml")
+    assert cfg.data.source == "sample" and cfg.data.resolution == 256 and cfg.data.masks.p_full == 0.5
+    from data.masks import PRESETS
+    assert {k: dict(v) for k, v in cfg.data.masks.presets.items()} == {k: dict(v) for k, v in PRESETS.items()}
+    expected = {"masks_thick": ["thick"], "masks_medium": ["medium"], "masks_thin": ["thin"]}
+    for name, presets in expected.items():
+        cfg = load_config(ROOT / "configs" / "base.yaml", [ROOT / f"configs/ablations/{name}.yaml"])
+        gen = ImageMaskDataModule(**cfg.data).mask_generator()
+        widths = {p["max_width"] for _, kind, p in gen.components if kind == "strokes"}
+        assert widths == {PRESETS[presets[0]]["strokes"]["max_width"]} and gen.p_full == 0.5
+    for name, p_full in (("p_full_0", 0.0), ("p_full_0_5", 0.5)):
+        cfg = load_config(ROOT / "configs" / "base.yaml", [ROOT / f"configs/ablations/{name}.yaml"])
+        assert ImageMaskDataModule(**cfg.data).mask_generator().p_full == p_full
+
+
+class _Probe(pl.LightningModule):
+    """Records the first mask of each epoch; a tiny parameter so the loop runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.first_masks = {}
+
+    def training_step(self, batch, batch_idx):
+        assert batch["image"].shape[1:] == (3, RES, RES)
+        self.first_masks.setdefault(self.current_epoch, batch["mask"].clone())
+        return (self.w * batch["image"].mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_with_a_lightning_trainer(messy_folder, tmp_path):
+    dm = ImageMaskDataModule(source=str(messy_folder), resolution=RES, batch_size=2, num_workers=0,
+                             epoch_length=4, masks={"p_full": 0.0})
+    model = _Probe()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[LogSkippedFiles()], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4 and set(model.first_masks) == {0, 1}
+    assert not torch.equal(model.first_masks[0], model.first_masks[1])
+    assert trainer.callback_metrics["data/skipped"] == dm.skipped > 0

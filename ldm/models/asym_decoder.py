@@ -1,5 +1,6 @@
 """The training recipe: frozen SD encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN."""
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -64,6 +65,22 @@ def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tenso
     return torch.where(finite, weight, torch.zeros_like(weight))  # no NaN from an overflowing step
 
 
+def _drop_saved_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _forgive_missing_keys(module, incompatible_keys):
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not re.search(r"(^|\.)perceptual\.", k)]
+
+
+def keep_out_of_checkpoints(perceptual: nn.Module) -> None:
+    """The frozen LPIPS network is rebuilt from its own files: no copy in state_dicts (or EMA copies)."""
+    perceptual.register_state_dict_post_hook(_drop_saved_keys)
+    perceptual.register_load_state_dict_post_hook(_forgive_missing_keys)
+
+
 class AsymmetricDecoderTraining(pl.LightningModule):
     """Trains `vae.decoder` (and post_quant_conv) with one decoder forward per batch; the encoder stays frozen."""
 
@@ -77,6 +94,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.loss_cfg, self.optim_cfg = loss, optim
         self.batch_size, self.sample_posterior = batch_size, sample_posterior
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
+        if perceptual is not None:
+            keep_out_of_checkpoints(perceptual)
         for frozen in (vae.encoder, vae.quant_conv):
             frozen.requires_grad_(False)
         self.channels_last, self.run_config = channels_last, run_config
@@ -210,16 +229,3 @@ class AsymmetricDecoderTraining(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
-
-    def state_dict(self, *args, **kwargs):
-        """Checkpoints hold the autoencoder and discriminator, not the frozen LPIPS network."""
-        state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items() if not k.startswith("perceptual.")}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = super().state_dict()
-        missing = [k for k in own if k not in state_dict and not k.startswith("perceptual.")]
-        unexpected = [k for k in state_dict if k not in own]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)

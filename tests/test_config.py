@@ -1,0 +1,76 @@
+"""Tier 2: every YAML under configs/ merges over the base strictly and builds its model."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm import AsymmetricAutoencoderKL
+from ldm.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "configs" / "base.yaml"
+ALL = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p != BASE)
+
+
+@pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(ROOT / "configs")) for p in ALL])
+def test_every_config_loads_and_builds_its_autoencoder(path):
+    cfg = load_config(BASE, [path])
+    with torch.device("meta"):
+        model = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
+    assert model.decoder.conv_in.out_channels == cfg.model.autoencoder.ch * cfg.model.autoencoder.ch_mult[-1]
+    assert len(model.decoder.up[0].block) == cfg.model.autoencoder.num_res_blocks + 1
+
+
+@pytest.mark.parametrize("name,ch,blocks,params", [
+    ("x1", 128, 2, 60_276_227), ("x1_5", 192, 3, 160_136_835), ("x2", 256, 5, 371_966_467)])
+def test_width_presets_select_the_paper_widths(name, ch, blocks, params):
+    cfg = load_config(BASE, [ROOT / "configs" / f"{name}.yaml"])
+    assert (cfg.model.autoencoder.ch, cfg.model.autoencoder.num_res_blocks) == (ch, blocks)
+    with torch.device("meta"):
+        model = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
+    assert sum(p.numel() for p in model.decoder.parameters()) == params
+
+
+def test_later_files_and_overrides_win(tmp_path):
+    delta = tmp_path / "delta.yaml"
+    delta.write_text("model:\n  autoencoder:\n    ch: 64\n")
+    cfg = load_config(BASE, [ROOT / "configs" / "x2.yaml", delta], ["model.autoencoder.num_res_blocks=1",
+                                                                     "optim.base_lr=1e-4"])
+    assert cfg.model.autoencoder.ch == 64 and cfg.model.autoencoder.num_res_blocks == 1
+    assert cfg.optim.base_lr == 1e-4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.autoencoder.chh=64"], "unknown config key 'model.autoencoder.chh'"),
+    (["optimm.base_lr=1"], "unknown config key 'optimm'"),
+    (["model.autoencoder.ch=wide"], "config key 'model.autoencoder.ch' expects int"),
+    (["model.autoencoder.use_condition=1"], "config key 'model.autoencoder.use_condition' expects bool"),
+    (["model.autoencoder=3"], "config key 'model.autoencoder' expects a section"),
+    (["model.autoencoder.ch"], "not of the form key=value"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE, [], overrides)
+
+
+def test_unknown_key_in_a_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("loss:\n  l1_wieght: 2.0\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'loss.l1_wieght'"):
+        load_config(BASE, [bad])
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(BASE, [tmp_path / "nope.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse config file .*broken.yaml"):
+        load_config(BASE, [broken])
+
+
+def test_float_keys_accept_ints_and_merged_config_is_strict():
+    cfg = load_config(BASE, [], ["optim.base_lr=1"])
+    assert cfg.optim.base_lr == 1
+    with pytest.raises(Exception):
+        _ = cfg.optim.nonexistent

@@ -1,0 +1,457 @@
+"""Checkpoints in: the one ldm <-> diffusers rename table, format detection, loading (writers: scripts/export.py).
+
+Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL or
+AsymmetricAutoencoderKL folder, pipeline folder with vae/, or weights file), official (asymmetric-VQGAN Lightning
+checkpoint), run (this codebase's `vae.*` checkpoints), decoder (this codebase's decoder export).
+SD-only weights initialise the frozen encoder, the quant convs and, where the layout is SD's, the decoder core.
+"""
+import json
+import logging
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .modules.autoencoder import AsymmetricAutoencoderKL
+
+log = logging.getLogger(__name__)
+
+DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
+PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
+EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
+            "run checkpoint), a diffusers AutoencoderKL/AsymmetricAutoencoderKL folder (or pipeline folder "
+            "with vae/), or a decoder export")
+
+# ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
+# {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},
+# k = levels - 1 - i (ldm up.0 is full resolution, diffusers up_blocks.0 the lowest).
+# Rows with exported=False are read only (diffusers < 0.15 attention names).
+RENAMES = [
+    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}.", True),
+    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0.", True),
+    ("decoder.up.{i}.block.{j}.", "decoder.up_blocks.{k}.resnets.{j}.", True),
+    ("decoder.up.{i}.upsample.", "decoder.up_blocks.{k}.upsamplers.0.", True),
+    ("{part}.mid.block_1.", "{part}.mid_block.resnets.0.", True),
+    ("{part}.mid.block_2.", "{part}.mid_block.resnets.1.", True),
+    ("{part}.mid.attn_1.norm.", "{part}.mid_block.attentions.0.group_norm.", True),
+    ("{part}.mid.attn_1.q.", "{part}.mid_block.attentions.0.to_q.", True),
+    ("{part}.mid.attn_1.k.", "{part}.mid_block.attentions.0.to_k.", True),
+    ("{part}.mid.attn_1.v.", "{part}.mid_block.attentions.0.to_v.", True),
+    ("{part}.mid.attn_1.proj_out.", "{part}.mid_block.attentions.0.to_out.0.", True),
+    ("{part}.mid.attn_1.q.", "{part}.mid_block.attentions.0.query.", False),
+    ("{part}.mid.attn_1.k.", "{part}.mid_block.attentions.0.key.", False),
+    ("{part}.mid.attn_1.v.", "{part}.mid_block.attentions.0.value.", False),
+    ("{part}.mid.attn_1.proj_out.", "{part}.mid_block.attentions.0.proj_attn.", False),
+    ("{part}.norm_out.", "{part}.conv_norm_out.", True),
+    ("decoder.encoder.layers.", "decoder.condition_encoder.layers.", True),
+]
+LEAF_RENAMES = [("nin_shortcut.", "conv_shortcut.")]  # inside residual blocks, both encoder and decoder
+# ldm attention projections are 1x1 convs (C,C,1,1); diffusers' are Linear (C,C)
+ATTN_WEIGHT = re.compile(r"^(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+DROPPED = ("decoder.up_layers.",)  # official ConvTranspose2d weights, never used in forward: dropped by name
+SKIPPED = ("loss.",)  # official LPIPS/discriminator weights: not part of the autoencoder
+
+_GROUPS = {"part": r"(?P<part>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "k": r"(?P<k>\d+)"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    out = re.escape(template)
+    for name, group in _GROUPS.items():
+        out = out.replace(re.escape("{" + name + "}"), group)
+    return re.compile(out)
+
+
+_TABLE = [(_pattern(ldm), _pattern(dif), ldm, dif, exported) for ldm, dif, exported in RENAMES]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, foreign or does not fit the model; the message names the file."""
+
+
+def _rename(key: str, to_diffusers: bool, levels: int) -> str:
+    """One key through the table (keys no row matches are the same in both layouts)."""
+    for ldm_re, dif_re, ldm, dif, exported in _TABLE:
+        if to_diffusers and not exported:
+            continue
+        m = (ldm_re if to_diffusers else dif_re).match(key)
+        if m is None:
+            continue
+        g = {k: v for k, v in m.groupdict().items() if v is not None}
+        if "i" in g and "k" not in g:
+            g["k"] = str(levels - 1 - int(g["i"]))
+        elif "k" in g:
+            g["i"] = str(levels - 1 - int(g["k"]))
+        rest = key[m.end():]
+        for old, new in LEAF_RENAMES:
+            src, dst = (old, new) if to_diffusers else (new, old)
+            if rest.startswith(src):
+                rest = dst + rest[len(src):]
+        return (dif if to_diffusers else ldm).format(**g) + rest
+    return key
+
+
+def _levels(state: dict, prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def ldm_to_diffusers(state: dict) -> dict:
+    """ldm autoencoder keys -> diffusers keys (attention 1x1 conv weights squeezed to Linear)."""
+    levels = _levels(state, "decoder.up.")
+    out = {}
+    for key, value in state.items():
+        if ATTN_WEIGHT.match(key) and value.ndim == 4:
+            value = value[:, :, 0, 0]  # (C,C,1,1) -> (C,C)
+        out[_rename(key, True, levels)] = value
+    return out
+
+
+def diffusers_to_ldm(state: dict) -> dict:
+    """diffusers keys (current or legacy attention names) -> ldm keys (attention weights as 1x1 convs)."""
+    levels = _levels(state, "decoder.up_blocks.")
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, False, levels)
+        out[new] = value[:, :, None, None] if ATTN_WEIGHT.match(new) and value.ndim == 2 else value
+    return out
+
+
+# ---- widths: from ldm weights or from diffusers config.json ---------------------------------------------
+def _level_widths(state: dict, prefix: str) -> list[int]:
+    """Output width of each level's first resnet, e.g. encoder.down.{i}.block.0.conv1 -> [128, 256, ...]."""
+    return [state[f"{prefix}{i}.block.0.conv1.weight"].shape[0] for i in range(_levels(state, prefix))]
+
+
+def _mult(widths: list[int], where: str) -> list[int]:
+    if not widths or any(w % widths[0] for w in widths):
+        raise CheckpointError(f"{where}: level widths {widths} are not multiples of the first")
+    return [w // widths[0] for w in widths]
+
+
+def infer_config(state: dict, where: str) -> dict:
+    """AsymmetricAutoencoderKL kwargs read off ldm-key weights (encoder kwargs only when it is present)."""
+    try:
+        kw = {}
+        if "encoder.conv_in.weight" in state:
+            enc = _level_widths(state, "encoder.down.")
+            kw.update(encoder_ch=enc[0], encoder_ch_mult=_mult(enc, where),
+                      encoder_num_res_blocks=_levels(state, "encoder.down.0.block."),
+                      z_channels=state["encoder.conv_out.weight"].shape[0] // 2)
+        if "decoder.conv_in.weight" in state:
+            dec = _level_widths(state, "decoder.up.")
+            kw.update(ch=dec[0], ch_mult=_mult(dec, where),
+                      num_res_blocks=_levels(state, "decoder.up.0.block.") - 1,
+                      z_channels=state["decoder.conv_in.weight"].shape[1])
+        if "post_quant_conv.weight" in state:
+            kw["embed_dim"] = state["post_quant_conv.weight"].shape[1]
+        return kw
+    except (KeyError, IndexError) as err:
+        raise CheckpointError(f"{where}: incomplete autoencoder weights, missing {err}") from None
+
+
+def config_from_diffusers(cfg: dict, where: str) -> dict:
+    """diffusers AutoencoderKL / AsymmetricAutoencoderKL config.json -> AsymmetricAutoencoderKL kwargs."""
+    asym = cfg.get("_class_name") == "AsymmetricAutoencoderKL"
+    down = cfg["down_block_out_channels"] if asym else cfg["block_out_channels"]
+    up = cfg["up_block_out_channels"] if asym else cfg["block_out_channels"]
+    checks = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
+              "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+    for key, want in checks.items():
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"{where}: config.json has {key}={cfg[key]!r}; this model needs {want!r}")
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != want for t in cfg.get(key, [want])):
+            raise CheckpointError(f"{where}: config.json {key}={cfg[key]}; this model needs {want} blocks")
+    layers_down = cfg["layers_per_down_block"] if asym else cfg["layers_per_block"]
+    layers_up = cfg["layers_per_up_block"] if asym else cfg["layers_per_block"]
+    z = cfg.get("latent_channels", 4)
+    return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
+                encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z)
+
+
+# ---- reading: file or folder -> Source (ldm keys, autoencoder only) -------------------------------------
+@dataclass
+class Source:
+    """Autoencoder weights read from one checkpoint, in ldm keys, with the kwargs that fit them."""
+
+    path: Path
+    format: str  # sd | ldm | diffusers | official | run | decoder
+    state: dict
+    config: dict
+    dropped: list = field(default_factory=list)  # removed by name (decoder.up_layers.*)
+    skipped: list = field(default_factory=list)  # not autoencoder weights (loss.*, UNet, discriminator)
+    ema_state: Optional[dict] = None  # `ema_state_dict`: EMA decoder weights to overlay
+    live: Optional["Source"] = None  # Lightning WeightAveraging: state_dict is the EMA, this the live weights
+    ema: bool = False
+
+    @property
+    def sd_only(self) -> bool:
+        """Plain SD autoencoder weights (formats 1-3 without a masked-image branch in them)."""
+        return self.format in ("sd", "ldm", "diffusers") and not any(k.startswith("decoder.encoder.")
+                                                                      for k in self.state)
+
+
+_UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_PICKLE_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\n")
+
+
+def _reason(err: Exception) -> str:
+    """torch's load errors are paragraphs; keep the line that says what is wrong."""
+    text = str(err)
+    m = _PICKLE_REASON.search(text)
+    return f"{type(err).__name__}: {(m.group(1) if m else text.split('. ')[0]).strip()[:160]}"
+
+
+def _stub(name: str) -> type:
+    """An inert class standing for a pickled global we do not need (e.g. a Lightning callback's class)."""
+    return type(name.rsplit(".", 1)[-1], (), {"__init__": lambda self, *a, **k: None,
+                                               "__setstate__": lambda self, state: None})
+
+
+def _torch_load(path: Path):
+    """torch.load(weights_only=True); foreign classes in the pickle (callbacks, loggers) load as inert stubs."""
+    stubs = []
+    for _ in range(64):
+        try:
+            with torch.serialization.safe_globals(stubs):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            m = _UNSUPPORTED.search(str(err))
+            if m is None:
+                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)}); "
+                                      f"{EXPECTED}") from None
+            stubs.append((_stub(m.group(1)), m.group(1)))
+        except Exception as err:  # truncated zip, garbage bytes, empty file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)}); {EXPECTED}") from None
+    raise CheckpointError(f"{path}: too many foreign classes pickled in it; {EXPECTED}")
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); {EXPECTED}") from None
+
+
+def _drop_by_name(path: Path, state: dict) -> tuple[dict, list, list]:
+    """Remove `decoder.up_layers.*` (with a message) and `loss.*`; everything else must be the model's."""
+    dropped = [k for k in state if k.startswith(DROPPED)]
+    skipped = [k for k in state if k.startswith(SKIPPED)]
+    if dropped:
+        log.warning("%s: dropping %d decoder.up_layers.* tensors (official ConvTranspose2d weights that the "
+                    "decoder never uses in forward)", path, len(dropped))
+    keep = {k: v for k, v in state.items() if k not in dropped and k not in skipped}
+    for k, v in keep.items():
+        if ATTN_WEIGHT.match(k) and v.ndim < 4:
+            keep[k] = v.reshape(v.shape[0], -1, 1, 1)  # Linear or conv1d attention weights -> 1x1 conv
+    return keep, dropped, skipped
+
+
+def _from_state(path: Path, state: dict, top: dict) -> Source:
+    """Classify a flat state dict (SD, ldm, official, run, diffusers keys) into a Source."""
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    fmt, sub, skipped = "ldm", tensors, []
+    for prefix, name in (("first_stage_model.", "sd"), ("vae.", "run")):
+        if any(k.startswith((prefix + "encoder.", prefix + "decoder.")) for k in tensors):
+            fmt, sub = name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            skipped = [k for k in tensors if not k.startswith(prefix)]  # UNet, text encoder, discriminator
+            break
+    if any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
+        fmt, sub = "diffusers", diffusers_to_ldm(sub)
+    if not any(k.startswith(("encoder.", "decoder.")) for k in sub):
+        found = ", ".join(list(state)[:3]) or "nothing"
+        raise CheckpointError(f"{path}: no autoencoder weights in it (found {found}); {EXPECTED}")
+    if fmt == "ldm" and any(k.startswith("decoder.encoder.") for k in sub):
+        fmt = "official"
+    sub, dropped, more = _drop_by_name(path, sub)
+    config = infer_config(sub, str(path))
+    declared = top.get("config")  # run checkpoints and official exports: config["model"]["autoencoder"]
+    if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
+        config.update(declared["model"].get("autoencoder") or {})
+    ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
+    return Source(path, fmt, sub, config, dropped, skipped + more, ema_state)
+
+
+def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
+    stray = next((k for k in tensors if not k.startswith(("decoder.", "post_quant_conv."))), None)
+    if stray:
+        raise CheckpointError(f"{path}: decoder export holding {stray}; expected decoder.* and post_quant_conv.*")
+    return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **declared})
+
+
+def _read_file(path: Path) -> Source:
+    if path.suffix == ".safetensors":
+        tensors, meta = _read_safetensors(path)
+        if meta.get("format") == DECODER_FORMAT:
+            return _decoder_source(path, tensors, json.loads(meta.get("autoencoder", "{}")))
+        return _from_state(path, tensors, {})
+    obj = _torch_load(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict; {EXPECTED}")
+    src = _from_state(path, state, obj)
+    if isinstance(obj.get("current_model_state"), dict):
+        src.live = _from_state(path, obj["current_model_state"], obj)
+    return src
+
+
+def _read_folder(path: Path) -> Source:
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path  # pipeline folder
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: folder without config.json (or vae/config.json); {EXPECTED}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({err})") from None
+    if isinstance(cfg, dict) and cfg.get("format") == DECODER_FORMAT:
+        weights = folder / "decoder.safetensors"
+        return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if cls not in ("AutoencoderKL", "AsymmetricAutoencoderKL"):
+        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL or "
+                              "AsymmetricAutoencoderKL (or a decoder export)")
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    weights = next((folder / n for n in names if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no {' or '.join(names)} beside config.json")
+    src = _read_file(weights)
+    try:
+        src.config.update(config_from_diffusers(cfg, str(cfg_path)))
+    except KeyError as err:
+        raise CheckpointError(f"{cfg_path}: lacks {err}") from None
+    return src
+
+
+def _with_ema(src: Source, ema: Optional[bool]) -> Source:
+    """Use the run's EMA weights (ema=None: when present; True: required; False: never)."""
+    if src.live is not None:  # the EMA is the checkpoint's state_dict itself
+        if ema is False:
+            return src.live
+        src.ema = True
+        return src
+    if ema is False or src.ema_state is None:
+        if ema is True:
+            raise CheckpointError(f"{src.path}: ema=True but it holds no EMA weights (neither ema_state_dict "
+                                  "nor Lightning's current_model_state)")
+        return src
+    for key, value in src.ema_state.items():
+        key = key.removeprefix("vae.")
+        if key not in src.state or src.state[key].shape != value.shape:
+            raise CheckpointError(f"{src.path}: EMA weight {key} {tuple(value.shape)} matches no model weight")
+        src.state[key] = value
+    src.ema = True
+    return src
+
+
+def read_checkpoint(path, ema: Optional[bool] = None) -> Source:
+    """Detect the format of a file or folder and read its autoencoder weights in ldm keys."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; {EXPECTED}")
+    return _with_ema(_read_folder(path) if path.is_dir() else _read_file(path), ema)
+
+
+# ---- loading into a model ------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What one load did: tensors loaded, left fresh (random init), dropped by name, skipped as foreign."""
+
+    path: str
+    format: str
+    loaded: list
+    fresh: list
+    dropped: list
+    skipped: list
+    ema: bool = False
+
+    def __str__(self) -> str:
+        def groups(keys):  # e.g. ['decoder.encoder.layers']
+            return sorted({".".join(k.split(".")[:3]) for k in keys})
+        return (f"{self.path} [{self.format}{', EMA decoder' if self.ema else ''}]: loaded {len(self.loaded)} "
+                f"tensors; fresh {len(self.fresh)} {groups(self.fresh)}; dropped {len(self.dropped)} "
+                f"{groups(self.dropped)}; skipped {len(self.skipped)}")
+
+
+def _mismatch(target: dict, state: dict) -> Optional[str]:
+    """The first key of `state` (in model order) missing from the model or of another shape, described."""
+    for key in [k for k in target if k in state] + [k for k in state if k not in target]:
+        if key not in target:
+            return f"{key} is not in the model"
+        if tuple(state[key].shape) != tuple(target[key].shape):
+            return (f"{key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                    f"{tuple(target[key].shape)} in the model")
+    return None
+
+
+def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
+    """Copy src's weights (restricted to `parts`) into model; refuse anything that does not fit exactly."""
+    target = model.state_dict()
+    want = {k: v for k, v in src.state.items() if k.split(".")[0] in parts}
+    core = {k: v for k, v in want.items() if src.sd_only and k.startswith("decoder.")}
+    strict = {k: v for k, v in want.items() if k not in core}
+    problem = _mismatch(target, strict)
+    if problem:
+        raise CheckpointError(f"{src.path}: does not fit the model ({model.config}): {problem}")
+    if core:  # SD decoder: loads only onto a decoder core of exactly its layout (x1 warm start)
+        model_core = {k: v for k, v in target.items() if k.startswith("decoder.")
+                      and not k.startswith("decoder.encoder.")}
+        problem = _mismatch(model_core, core) or next(
+            (f"{k} is not in the checkpoint" for k in model_core if k not in core), None)
+        if problem:
+            log.warning("%s: SD decoder not loaded, widths differ (%s); the decoder starts fresh", src.path, problem)
+        else:
+            strict.update(core)
+    fresh = [k for k in target if k.split(".")[0] in parts and k not in strict]
+    allowed = "decoder." if src.sd_only else ("encoder.", "quant_conv.") if src.format == "decoder" else None
+    bad = [k for k in fresh if allowed is None or not k.startswith(allowed)]
+    if bad:
+        raise CheckpointError(f"{src.path}: {src.format} checkpoint lacks {bad[0]} (and {len(bad) - 1} more) "
+                              f"that the model ({model.config}) needs")
+    model.load_state_dict({**target, **strict}, strict=True)
+    return LoadReport(str(src.path), src.format, sorted(strict), fresh, src.dropped, src.skipped, src.ema)
+
+
+def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
+    """Load the weights of any readable checkpoint into an already-built model, restricted to `parts`.
+
+    Tensors must fit exactly (else CheckpointError naming the first key and both shapes). SD-only weights
+    load the encoder and quant convs, and the decoder core only where its layout is exactly SD's.
+    Use parts=("encoder", "quant_conv") to add the frozen SD encoder to a decoder export.
+    """
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"load_into: unknown parts {sorted(unknown)}; choose from {PARTS}")
+    report = _apply(model, read_checkpoint(path, ema), tuple(parts))
+    log.info("%s", report)
+    return report
+
+
+def load_autoencoder(path, device="cpu", ema: Optional[bool] = None,
+                     autoencoder_kwargs: Optional[dict] = None) -> AsymmetricAutoencoderKL:
+    """Any readable checkpoint -> AsymmetricAutoencoderKL (eval, fp32, on `device`), widths read from it.
+
+    `autoencoder_kwargs` override the widths read from the checkpoint (a checkpoint that then does not fit
+    is refused). SD-only weights give the x1 layout with a fresh masked-image branch; a decoder export gives
+    a RANDOM encoder (warned; add one with load_into(vae, sd_vae, parts=("encoder", "quant_conv"))).
+    The LoadReport is kept as `vae.load_report`.
+    """
+    src = read_checkpoint(path, ema)
+    kwargs = {**src.config, **(autoencoder_kwargs or {})}
+    try:
+        model = AsymmetricAutoencoderKL(**kwargs)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: its config {kwargs} does not build an AsymmetricAutoencoderKL ({err})")
+    report = _apply(model, src, PARTS)
+    log.info("%s", report)
+    if src.format == "decoder":
+        warnings.warn(f"{path}: decoder export, so the ENCODER AND quant_conv ARE RANDOM: encode() is "
+                      "meaningless until you load_into(vae, <SD VAE>, parts=('encoder', 'quant_conv'))")
+    model.load_report = report
+    return model.to(device=device, dtype=torch.float32).eval()

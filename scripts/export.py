@@ -1,0 +1,125 @@
+"""Export any checkpoint `load_autoencoder` reads (run, SD, official, diffusers, decoder) to another format.
+
+    python scripts/export.py CHECKPOINT --out DIR --format diffusers|official|decoder [--ema | --no-ema]
+
+diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (diffusers.AsymmetricAutoencoderKL);
+official:  DIR/model.ckpt, {"state_dict": official ldm keys, "config": {"model": {"autoencoder": kwargs}}};
+decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json.
+Only weights and config are written; each file atomically (temp file, then os.replace).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
+
+FORMATS = ("diffusers", "official", "decoder")
+
+
+def diffusers_config(kw: dict) -> dict:
+    """AsymmetricAutoencoderKL kwargs -> diffusers AsymmetricAutoencoderKL config.json (DESIGN.md keys)."""
+    if kw["z_channels"] != kw["embed_dim"] or not kw["use_condition"]:
+        raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
+                              f"masked-image branch (use_condition=True); got {kw}")
+    try:
+        from importlib.metadata import version
+        dversion = version("diffusers")
+    except Exception:  # diffusers absent: the folder is still valid for it
+        dversion = "0.21.0"
+    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": dversion,
+            "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * len(kw["encoder_ch_mult"]),
+            "down_block_out_channels": [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]],
+            "layers_per_down_block": kw["encoder_num_res_blocks"],
+            "up_block_types": ["UpDecoderBlock2D"] * len(kw["ch_mult"]),
+            "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
+            "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
+            "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
+            "scaling_factor": 0.18215}
+
+
+def _atomic(path: Path, write) -> Path:
+    """write(tmp) then os.replace(tmp, path): readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _tensors(state: dict) -> dict:
+    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+
+
+def _json(path: Path, obj: dict) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_diffusers(model, out) -> list[Path]:
+    """A folder diffusers.AsymmetricAutoencoderKL.from_pretrained reads with no missing/unexpected keys."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = diffusers_config(model.config)
+    weights = _tensors(ldm_to_diffusers(model.state_dict()))
+    return [_atomic(out / "diffusion_pytorch_model.safetensors",
+                    lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})),
+            _json(out / "config.json", config)]
+
+
+def save_official(model, out) -> list[Path]:
+    """A Lightning-style checkpoint in the official key layout (what the official code loads)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = {"state_dict": _tensors(model.state_dict()), "config": {"model": {"autoencoder": model.config}}}
+    return [_atomic(out / "model.ckpt", lambda tmp: torch.save(ckpt, tmp))]
+
+
+def save_decoder(model, out) -> list[Path]:
+    """decoder.* + post_quant_conv.* as safetensors (config in its metadata) and config.json beside it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    meta = {"format": DECODER_FORMAT, "autoencoder": json.dumps(model.config)}
+    return [_atomic(out / "decoder.safetensors", lambda tmp: save_file(_tensors(state), str(tmp), metadata=meta)),
+            _json(out / "config.json", {"format": DECODER_FORMAT, "autoencoder": model.config})]
+
+
+def export(checkpoint, out, fmt: str, ema=None) -> list[Path]:
+    """Load `checkpoint` (any readable format; ema: None = EMA when present) and write it as `fmt`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    model = load_autoencoder(checkpoint, ema=ema)
+    save = {"diffusers": save_diffusers, "official": save_official, "decoder": save_decoder}[fmt]
+    return save(model, out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="run checkpoint, SD/ldm/official .ckpt/.safetensors, or folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="use the run's EMA decoder weights (default: when present)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = export(args.checkpoint, args.out, args.format, args.ema)
+    except CheckpointError as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,9 @@
 
 Configs merge over configs/base.yaml in order, then the key=value overrides; with no config the demo
 (configs/demo.yaml) runs. The run folder is <run.log_dir>/<name>/ with config.yaml, metrics.csv,
-checkpoints/ and samples/.
+checkpoints/ and samples/. SIGTERM or SIGUSR1 save last.ckpt at the current step and stop (exit 0);
+`--resume auto` continues from the newest readable checkpoint (put it in SLURM scripts: a no-op at first).
+Exit codes: 2 = a config, file or checkpoint error (one line naming it), 1 = the loss stayed non-finite.
 """
 import argparse
 import os
@@ -14,12 +16,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EMAWeightAveraging, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 
 from data import ImageMaskDataModule, LogSkippedFiles
-from ldm import AsymmetricAutoencoderKL
-from ldm.callbacks import ImagesPerSecond, SampleGrids
+from data.sources import resolve_source
+from ldm import AsymmetricAutoencoderKL, CheckpointError
+from ldm.callbacks import ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
+from ldm.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_readable_checkpoint, remove_partial_saves
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss
@@ -44,16 +48,42 @@ def is_rank_zero() -> bool:
     return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
-def resolve_resume(resume, ckpt_dir: Path):
-    """The checkpoint to resume from, or None to start fresh."""
+def resolve_resume(resume, run_dir: Path):
+    """The checkpoint to resume from, or None to start fresh; 'auto' skips unreadable ones, naming them."""
     if resume is None:
         return None
-    if resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(resume).is_file():
-        raise ConfigError(f"--resume: checkpoint not found: {resume}")
-    return resume
+    if resume != "auto":
+        if not Path(resume).is_file():
+            raise ConfigError(f"--resume: checkpoint not found: {resume}")
+        return resume
+    ckpt_dir = run_dir / "checkpoints"
+    best, skipped = newest_readable_checkpoint(ckpt_dir, hpc_dir=run_dir)
+    if is_rank_zero():
+        for path, reason in skipped:
+            print(f"warning: --resume auto: skipping unreadable checkpoint {path} ({reason})", file=sys.stderr)
+        for path in remove_partial_saves(ckpt_dir):
+            print(f"warning: removed {path}, left by a save that was killed", file=sys.stderr)
+        if best is not None:
+            print(f"resuming from {best}", file=sys.stderr)
+    if best is None and skipped:
+        raise ConfigError(f"--resume auto: no readable checkpoint in {ckpt_dir} ({len(skipped)} unreadable)")
+    return None if best is None else str(best)
+
+
+def check_inputs(cfg) -> None:
+    """Fail before anything is built if a file the config names is missing (the error names key and file)."""
+    ckpt = cfg.model.vae_ckpt
+    if ckpt and not Path(ckpt).exists():
+        raise ConfigError(f"model.vae_ckpt: file not found: {ckpt} (checkpoints/README.md lists the weights "
+                          f"and where to download them)")
+    for key in ("source", "val_source"):
+        source = cfg.data[key]
+        if source is None or source == "sample" or Path(str(source)).is_dir():
+            continue  # a folder is listed once, by the datamodule (ImageNet: a million files)
+        try:
+            resolve_source(source)  # shards: expands the pattern and checks the local files exist
+        except FileNotFoundError as err:
+            raise ConfigError(f"data.{key}: {err}") from None
 
 
 def build_system(cfg) -> AsymmetricDecoderTraining:
@@ -62,9 +92,15 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
     warm_keys = []
     if cfg.model.vae_ckpt:
         from ldm import load_into
-        report = load_into(vae, cfg.model.vae_ckpt)
+        try:
+            report = load_into(vae, cfg.model.vae_ckpt)
+        except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder
+            raise ConfigError(f"model.vae_ckpt: {err}") from None
         warm_keys = [k for k in report.loaded if k.startswith(("decoder.", "post_quant_conv."))]
-    perceptual = PerceptualLoss(**cfg.perceptual) if cfg.loss.perceptual_weight > 0 else None
+    try:  # built after the VAE: random-init order (hence the demo's numbers) stays as it was
+        perceptual = PerceptualLoss(**cfg.perceptual) if cfg.loss.perceptual_weight > 0 else None
+    except FileNotFoundError as err:  # its weights file: the message names it and where it goes
+        raise ConfigError(f"perceptual: {err}") from None
     return AsymmetricDecoderTraining(
         vae, NLayerDiscriminator(**cfg.discriminator), perceptual,
         loss=LossConfig(**cfg.loss), optim=OptimConfig(**cfg.optim), batch_size=cfg.data.batch_size,
@@ -90,9 +126,10 @@ def build_loggers(cfg, run_dir: Path, name: str):
 
 def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Trainer:
     callbacks = [*extra_callbacks,
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.run.checkpoint_every_n_steps, save_last=True,
-                        save_top_k=cfg.run.keep_last_k, monitor="step", mode="max"),
+        RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
+                      every_n_train_steps=cfg.run.checkpoint_every_n_steps, save_last=True,
+                      save_top_k=cfg.run.keep_last_k, monitor="step", mode="max"),
+        StopOnNonFinite(cfg.run.max_nonfinite_steps),
         SampleGrids(run_dir / "samples", cfg.run.sample_images),
         ImagesPerSecond(),
         LogSkippedFiles(),
@@ -105,7 +142,7 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
         # the discriminator sits idle before disc_start: DDP must tolerate parameters without gradients
         kwargs["strategy"] = "ddp_find_unused_parameters_true" if _several_processes(kwargs) else "auto"
     return pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, name),
-                      callbacks=callbacks, check_val_every_n_epoch=None, **kwargs)
+                      callbacks=callbacks, check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()], **kwargs)
 
 
 def _several_processes(kwargs) -> bool:
@@ -117,16 +154,18 @@ def _several_processes(kwargs) -> bool:
     return many or int(kwargs.get("num_nodes", 1)) > 1
 
 
-def main(argv=None, extra_callbacks=()) -> int:
+def fit(argv=None, extra_callbacks=()) -> None:
+    """Parse, check, build and train; errors are raised (main turns them into exit codes)."""
     args = parse_args(argv)
     files = args.config or [str(ROOT / "configs" / "demo.yaml")]
     cfg = load_config(ROOT / "configs" / "base.yaml", files, args.overrides)
     name = args.name or Path(files[-1]).stem
     run_dir = Path(cfg.run.log_dir) / name
-    resume = resolve_resume(args.resume, run_dir / "checkpoints")
+    resume = resolve_resume(args.resume, run_dir)
     if is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists() and not cfg.run.overwrite:
         raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
                           f"--name NAME for a new run, or run.overwrite=true to start over")
+    check_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = ImageMaskDataModule(**cfg.data)
     system = build_system(cfg)
@@ -135,12 +174,20 @@ def main(argv=None, extra_callbacks=()) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
+
+
+def main(argv=None, extra_callbacks=()) -> int:
+    """Exit code of a run: 0 done (or stopped by a signal, checkpoint saved), 2 config error, 1 non-finite loss."""
+    try:
+        fit(argv, extra_callbacks)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

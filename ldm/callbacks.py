@@ -1,4 +1,4 @@
-"""Lightning callbacks of the training run: sample grids, images/s on the progress bar."""
+"""Lightning callbacks of the training run: sample grids, images/s on the progress bar, a non-finite guard."""
 import time
 from pathlib import Path
 
@@ -51,3 +51,26 @@ class ImagesPerSecond(pl.Callback):
             rate = (step - self._step0) * per_step / (time.perf_counter() - self._t0)
             pl_module.log("train/images_per_sec", rate, prog_bar=True, rank_zero_only=True)
             self._t0, self._step0 = time.perf_counter(), step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss (or its gradients) stayed non-finite."""
+
+
+class StopOnNonFinite(pl.Callback):
+    """Stop the run once `max_consecutive` optimiser steps in a row were skipped as non-finite.
+
+    The skipped steps changed no weights, so the checkpoints already on disk hold the last good step;
+    raising (rather than `should_stop`) makes sure nothing of the broken run is saved on the way out.
+    """
+
+    def __init__(self, max_consecutive: int = 20):
+        self.max_consecutive = max_consecutive
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        streak = pl_module.nonfinite_streak
+        if self.max_consecutive > 0 and streak >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"loss term '{pl_module.nonfinite_term}' was non-finite for {streak} consecutive steps "
+                f"({pl_module.skipped_nonfinite} skipped in all); stopping at step {trainer.global_step}, "
+                f"the last good one, with the checkpoints left as they were")

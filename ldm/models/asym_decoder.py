@@ -102,7 +102,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.val_sums = {}
-        self.nonfinite_steps = 0
+        self.skipped_nonfinite = 0  # optimiser steps skipped for a non-finite loss or gradient, in all
+        self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
 
     # ------------------------------------------------------------------ train
     def train(self, mode: bool = True):
@@ -141,8 +142,9 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             terms.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
         # one backward: the decoder receives grad (L1 + LPIPS + weighted GAN), the discriminator d_loss only
         surrogate = (recon.float() * grad).sum() + (d_loss if gan_on else 0.0)
-        self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, batch_idx, gan_on)
+        self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, batch_idx, gan_on, terms)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
         self.log("train/loss", terms["nll"].detach(), prog_bar=True)
 
     def decode_with_features(self, z, image, mask):
@@ -161,12 +163,23 @@ class AsymmetricDecoderTraining(pl.LightningModule):
                                      l2_weight=c.l2_weight, perceptual_weight=c.perceptual_weight,
                                      hole_weight=c.hole_weight, known_weight=c.known_weight)
 
-    def optimizer_update(self, loss, batch_idx, gan_on):
-        """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator."""
+    def optimizer_update(self, loss, batch_idx, gan_on, terms):
+        """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator.
+
+        A step whose loss terms or gradients are not finite is skipped (gradients dropped) and counted.
+        """
         opt_g, opt_d = self.optimizers()
         self.manual_backward(loss)
         if (batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
             return
+        self.nonfinite_term = self.first_nonfinite(terms)
+        if self.nonfinite_term is not None:
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            self.skipped_nonfinite += 1
+            self.nonfinite_streak += 1
+            return
+        self.nonfinite_streak = 0
         if self.optim_cfg.grad_clip > 0:
             self.clip_gradients(opt_g, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
             if gan_on:
@@ -181,6 +194,25 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         sched_g.step()
         if gan_on:
             sched_d.step()  # counts discriminator steps: its warm-up starts at disc_start
+
+    def first_nonfinite(self, terms) -> Optional[str]:
+        """Name of a non-finite loss term ('gradients' if only those are), or None; one host sync per step."""
+        values = [v.detach().float().reshape(()) for v in terms.values()]
+        names = list(terms)
+        # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                values.append(torch.nn.utils.get_total_norm(grads).float())
+                names.append("gradients")
+        finite = torch.isfinite(torch.stack(values))
+        all_finite = bool(finite.all())  # the only host sync of a healthy step
+        if self.trainer.world_size > 1:  # every rank must skip the same steps
+            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
+        if all_finite:
+            return None
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        return next((n for n in bad if n != "nll"), bad[0] if bad else "(on another rank)")  # nll is the sum
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
@@ -229,3 +261,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+
+    def on_load_checkpoint(self, checkpoint):
+        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)

@@ -1,0 +1,266 @@
+"""Evaluation of decoders side by side: batched decoding, region metrics (raw and pasted back), FID, reports.
+
+Plain functions and small classes of tensors; scripts/eval.py turns the command line into these calls.
+Conventions as ldm/metrics.py: images (B,3,H,W) in [-1,1], masks (B,1,H,W) with 1 = hole.
+"""
+import csv
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torchvision.utils import make_grid
+
+from .metrics import AREA_EDGES, area_buckets, nanmean_by_bucket, nanmean_dict, paste_back, region_metrics, save_grid
+
+OUTPUTS = ("raw", "pasted")  # the decoder output itself, and it pasted into the original through the mask
+ALL = "all"  # the bucket name of the overall means
+BUCKETS = area_buckets(torch.tensor([(lo + hi) / 2 for lo, hi in zip(AREA_EDGES[:-1], AREA_EDGES[1:])]))
+# (key, column title, format); the order of the markdown columns
+COLUMNS = [("fid", "FID", "{:.2f}"), ("lpips_whole", "LPIPS", "{:.4f}"), ("lpips_known", "LPIPS known", "{:.4f}"),
+           ("lpips_hole", "LPIPS hole", "{:.4f}"), ("psnr_whole", "PSNR", "{:.2f}"),
+           ("psnr_known", "PSNR known", "{:.2f}"), ("psnr_hole", "PSNR hole", "{:.2f}"),
+           ("ssim_whole", "SSIM", "{:.4f}"), ("ssim_known", "SSIM known", "{:.4f}"),
+           ("ssim_hole", "SSIM hole", "{:.4f}"), ("pre_error", "pre_error", "{:.2e}"),
+           ("mask_area", "hole %", "{:.1%}"), ("n", "n", "{:.0f}")]
+# torch-fidelity's Inception weights (its URL_INCEPTION_V3); torch.hub keeps downloads under <hub>/checkpoints
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+# ---- FID ----------------------------------------------------------------------------------------------
+def inception_weights(path=None) -> tuple[Optional[Path], Optional[str]]:
+    """(weights file, None) when FID can run without any download, else (None, the note saying why not)."""
+    problems, name = [], INCEPTION_FILE
+    if importlib.util.find_spec("torch_fidelity") is None:  # find_spec imports nothing
+        problems.append("torch-fidelity is not installed (torchmetrics' FrechetInceptionDistance raises "
+                        "ModuleNotFoundError without it; pip install torch-fidelity)")
+    else:  # the file name its installed version would download (importing it downloads nothing)
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+            name = URL_INCEPTION_V3.rsplit("/", 1)[-1]
+        except ImportError:
+            pass
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / name  # where torch.hub.load_state_dict_from_url looks
+    path = Path(path)
+    if not path.is_file():
+        problems.append(f"{path.name} not found in {path.parent} (copy it there or pass --inception-weights)")
+    return (None, "FID skipped: " + "; ".join(problems)) if problems else (path, None)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1,1] float -> uint8 [0,255], as an image file would hold it."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class FidTracker:
+    """One FID per (decoder, output) key against the same real images; one feature network, real pass once."""
+
+    def __init__(self, keys, feature: torch.nn.Module):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        # `feature` is the Inception network (or a small stand-in in tests); uint8 images go in unchanged
+        self.real = FrechetInceptionDistance(feature=feature)
+        self.fake = {k: FrechetInceptionDistance(feature=feature) for k in keys}
+
+    @classmethod
+    def inception(cls, keys, weights: Path, device="cpu") -> "FidTracker":
+        """The standard 2048-d pool features of torch-fidelity's Inception, read from `weights` (no download)."""
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        net = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights)).inception
+        return cls(keys, net).to(device)
+
+    def to(self, device) -> "FidTracker":
+        for metric in (self.real, *self.fake.values()):
+            metric.to(device)
+        return self
+
+    def update_real(self, image: torch.Tensor) -> None:
+        self.real.update(to_uint8(image), real=True)
+
+    def update(self, key, image: torch.Tensor) -> None:
+        self.fake[key].update(to_uint8(image), real=False)
+
+    def compute(self) -> dict:
+        """{key: FID}; NaN where fewer than 2 images were seen."""
+        out = {}
+        for key, metric in self.fake.items():
+            for name in ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"):
+                setattr(metric, name, getattr(self.real, name))  # the real statistics, computed once
+            enough = min(int(metric.real_features_num_samples), int(metric.fake_features_num_samples)) >= 2
+            out[key] = float(metric.compute()) if enough else math.nan
+        return out
+
+
+# ---- decoding and the evaluation loop -----------------------------------------------------------------
+@dataclass
+class Decoder:
+    """A model to evaluate: `branch` False decodes without the masked image (the vanilla SD decoder)."""
+
+    name: str
+    model: torch.nn.Module  # an AsymmetricAutoencoderKL in eval mode
+    branch: bool = True
+    info: dict = field(default_factory=dict)  # what the reports say about it (spec, format, config)
+
+
+def latent(vae, image: torch.Tensor) -> torch.Tensor:
+    """Posterior mean (B,4,H/8,W/8): deterministic, as evaluation must be."""
+    return vae.encode(image).mode()
+
+
+def decode(dec: Decoder, z, image, mask) -> torch.Tensor:
+    """(B,3,H,W) output clamped to [-1,1] (what an image file would hold)."""
+    out = dec.model.decode(z, image, mask) if dec.branch else dec.model.decode(z)
+    return out.float().clamp(-1, 1)
+
+
+class Records:
+    """Per-sample metrics of every (decoder, output), kept with the samples' source indices."""
+
+    def __init__(self):
+        self.batches = {}  # (decoder, output) -> list of {metric: (B,)} with "index"
+
+    def add(self, key, metrics: dict, index: torch.Tensor) -> None:
+        self.batches.setdefault(key, []).append({**{k: v.cpu() for k, v in metrics.items()}, "index": index.cpu()})
+
+    def summary(self) -> dict:
+        """{decoder: {output: {bucket: {metric: value}}}}; bucket "all" and each non-empty area bucket, with n."""
+        out = {}
+        for (name, output), batches in self.batches.items():
+            merged = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+            order = torch.argsort(merged.pop("index"))  # source order: results do not depend on loader order
+            merged = {k: v[order] for k, v in merged.items()}
+            table = {ALL: {**nanmean_dict([merged]), "n": float(len(order))}}
+            counts = {}
+            for label in area_buckets(merged["mask_area"]):
+                counts[label] = counts.get(label, 0) + 1
+            for label, means in nanmean_by_bucket([merged]).items():
+                table[label] = {**means, "n": float(counts[label])}
+            out.setdefault(name, {})[output] = table
+        return out
+
+
+@torch.no_grad()
+def evaluate(decoders, batches, perceptual=None, encoder=None, fid: Optional[FidTracker] = None,
+             grid_images: int = 4):
+    """Run every decoder on every batch ({"image", "mask", "index"}); returns (summary, grid uint8 (3,H',W')).
+
+    encoder: a shared VAE whose posterior mean every decoder decodes (the frozen SD encoder), or None for
+    each decoder's own encoder. The grid holds the samples of lowest index.
+    """
+    records, shown = Records(), []
+    device = next(decoders[0].model.parameters()).device
+    for batch in batches:
+        image, mask, index = batch["image"].to(device), batch["mask"].to(device), batch["index"]
+        z = latent(encoder, image) if encoder is not None else None
+        recons = [decode(dec, z if z is not None else latent(dec.model, image), image, mask) for dec in decoders]
+        scored = {}  # (decoder, output) -> (B,3,H,W)
+        for dec, recon in zip(decoders, recons):
+            scored[dec.name, "raw"], scored[dec.name, "pasted"] = recon, paste_back(recon, image, mask)
+        _score(records, scored, image, mask, index, perceptual)
+        if fid is not None:
+            fid.update_real(image)
+            for key, x in scored.items():
+                fid.update(key, x)
+        shown = _keep_first(shown, image, mask, recons, index, grid_images)
+    summary = records.summary()
+    fids = fid.compute() if fid is not None else {}
+    for name, outputs in summary.items():
+        for output, table in outputs.items():
+            table[ALL]["fid"] = fids.get((name, output), math.nan)  # NaN: skipped (the reports say why)
+    return summary, grid(shown, len(decoders))
+
+
+def _score(records, scored, image, mask, index, perceptual):
+    """region_metrics of every output in one call: one LPIPS pass per region for all decoders together."""
+    k, b = len(scored), image.shape[0]
+    metrics = region_metrics(torch.cat(list(scored.values())), image.repeat(k, 1, 1, 1),
+                             mask.repeat(k, 1, 1, 1), perceptual)  # each (k*B,), output-major
+    for i, key in enumerate(scored):
+        records.add(key, {name: value[i * b:(i + 1) * b] for name, value in metrics.items()}, index)
+
+
+def _keep_first(shown, image, mask, outputs, index, n):
+    """The n samples of lowest source index seen so far: [(index, image, mask, [output per decoder])]."""
+    for b in range(image.shape[0]):
+        shown.append((int(index[b]), image[b].cpu(), mask[b].cpu(), [o[b].cpu() for o in outputs]))
+    return sorted(shown, key=lambda s: s[0])[:n]
+
+
+def grid(shown, n_decoders, error_gain=4.0) -> Optional[torch.Tensor]:
+    """uint8 (3,H',W'): a row per sample: image, masked image (holes grey), then per decoder its raw output
+    and |output - image| * error_gain (known-region drift shows there)."""
+    if not shown:
+        return None
+    tiles = []
+    for _, image, mask, outputs in shown:
+        image01 = (image + 1) / 2  # (3,H,W) in [0,1]
+        tiles += [image01, image01 * (1 - mask) + 0.5 * mask]
+        for out in outputs:
+            tiles += [(out + 1) / 2, ((out - image).abs() / 2 * error_gain).clamp(0, 1)]
+    grid01 = make_grid(torch.stack(tiles), nrow=2 + 2 * n_decoders, padding=2, pad_value=1.0)
+    return (grid01.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---- reports ------------------------------------------------------------------------------------------
+def fmt(value, pattern="{:.4f}") -> str:
+    """A table cell: n/a for a metric that is undefined (NaN) or absent."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return pattern.format(value)
+
+
+def _rows(summary, bucket, columns):
+    lines = ["| decoder | output | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    for name, outputs in summary.items():
+        for output in OUTPUTS:
+            values = outputs[output].get(bucket, {})
+            cells = [fmt(values.get(key), pattern) for key, _, pattern in columns]
+            lines.append(f"| {name} | {output} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(summary, notes=(), title="Decoder evaluation") -> str:
+    """The overall table (one row per decoder x output), then one table per mask-area bucket."""
+    lines = [f"# {title}", "", *[f"- {note}" for note in notes], "", "## Overall", ""]
+    lines += _rows(summary, ALL, COLUMNS)
+    per_bucket = [c for c in COLUMNS if c[0] != "fid"]  # FID needs many images: overall only
+    for bucket in BUCKETS:
+        lines += ["", f"## Hole area {bucket}", ""]
+        if not any(bucket in outputs[o] for outputs in summary.values() for o in OUTPUTS):
+            lines.append("_no images in this bucket_")
+            continue
+        lines += _rows(summary, bucket, per_bucket)
+    return "\n".join(lines) + "\n"
+
+
+def long_rows(summary):
+    """(decoder, output, bucket, metric, value) rows; NaN as None."""
+    for name, outputs in summary.items():
+        for output, buckets in outputs.items():
+            for bucket, values in buckets.items():
+                for metric, value in values.items():
+                    yield name, output, bucket, metric, (value if math.isfinite(value) else None)
+
+
+def write_reports(out_dir, summary, notes, meta, grid_image=None) -> list:
+    """results.md, results.csv (long), results.json (metrics + meta, NaN as null), grid.png; returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "results.md", out_dir / "results.csv", out_dir / "results.json"]
+    paths[0].write_text(markdown(summary, notes))
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["decoder", "output", "bucket", "metric", "value"])
+        writer.writerows((*row[:4], "" if row[4] is None else repr(row[4])) for row in long_rows(summary))
+    metrics = {}
+    for name, output, bucket, metric, value in long_rows(summary):
+        metrics.setdefault(name, {}).setdefault(output, {}).setdefault(bucket, {})[metric] = value
+    paths[2].write_text(json.dumps({**meta, "notes": list(notes), "metrics": metrics}, indent=2) + "\n")
+    if grid_image is not None:
+        paths.append(out_dir / "grid.png")
+        save_grid(grid_image, paths[-1])
+    return paths

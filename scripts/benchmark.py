@@ -1,0 +1,444 @@
+"""Training-step speed: our Lightning step against the official and a naive loop, on one fixed batch.
+
+    python scripts/benchmark.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--rounds R] [--batch-size B]
+        [--reference official|naive ...] [--reference-precision 32-true|bf16-mixed] [--compile]
+    python scripts/benchmark.py --max-batch [key=value ...] [--presets x1.5 x2] [--resolutions 256 512]
+        [--memory-budget-gb 80]
+
+Each variant runs in its own process on the same batch (random image in [-1, 1], a mask with holes),
+resolution and precision; the GAN is on from step 0 (loss.disc_start=0) so the full step is measured.
+"ours" is AsymmetricDecoderTraining.training_step in a real pl.Trainer (no logger, checkpoints, validation
+or EMA), timed by a callback from one batch end to the next (CUDA: synchronised there, not in the step).
+Figures: median seconds per step over --steps after --warmup, images/s, peak memory (CUDA:
+max_memory_allocated; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
+FLOPs per step (FlopCounterMode, one decoder forward + backward) and, on CUDA, MFU. The last lines read
+`speedup vs official: 1.52x` (reference seconds per step / ours). On a shared machine, --rounds R alternates
+the variants R times (load drifts evenly over them) and OMP_NUM_THREADS=1 avoids OpenMP stalls when other
+processes hold the cores.
+
+CPU target (x1, 64 px, batch 2, fp32):
+    python scripts/benchmark.py -c configs/x1.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+        data.resolution=64 data.batch_size=2 --reference official --reference naive
+GPU (ours bf16 + channels_last against the naive loop in fp32):
+    python scripts/benchmark.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+        data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true \\
+        --reference naive --reference-precision 32-true
+Largest batch per GPU for x1.5 and x2 at 256 and 512 px, with and without gradient checkpointing
+(CUDA: search with OOM catching; CPU: an estimate from per-image activation memory, fp32):
+    python scripts/benchmark.py --max-batch model.vae_ckpt=null perceptual.pretrained=false \\
+        trainer.precision=bf16-mixed model.channels_last=true
+"""
+import argparse
+import concurrent.futures as futures
+import multiprocessing
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # train.py and scripts/ from a checkout
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from ldm.config import load_config  # noqa: E402
+from reference_steps import run_reference, sync  # noqa: E402
+
+# dense peaks (TFLOP/s) by device name: (bf16 tensor core, fp32 non-tensor core)
+PEAKS = [("H100 PCIe", (756.0, 51.0)), ("H100 NVL", (835.0, 60.0)), ("H100", (989.0, 67.0)),
+         ("H200", (989.0, 67.0))]
+MAX_BATCH_PRESETS = [("x1.5", "configs/x1_5.yaml"), ("x2", "configs/x2.yaml")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", action="append", default=[], help="YAML merged over configs/base.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the variants in turn, pooling the timed steps (evens out a shared machine's load)")
+    p.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
+    p.add_argument("--reference", action="append", default=[], choices=["official", "naive"])
+    p.add_argument("--reference-precision", default=None, help="precision of the references (default: ours)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder's blocks")
+    p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above)")
+    p.add_argument("--presets", nargs="+", default=["x1.5", "x2"], choices=["x1.5", "x2"], help="--max-batch")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], help="--max-batch")
+    p.add_argument("--memory-budget-gb", type=float, default=80.0,
+                   help="GiB, the CPU estimate's budget (CUDA: the card)")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be at least 1")
+    if not args.config and not args.max_batch:
+        p.error("-c CONFIG is required (except with --max-batch)")
+    return args
+
+
+def load(files, overrides, batch_size=None):
+    """The run's config, with the GAN on from step 0."""
+    extra = ["loss.disc_start=0"] + ([f"data.batch_size={batch_size}"] if batch_size else [])
+    cfg = load_config(ROOT / "configs" / "base.yaml", files, [*overrides, *extra])
+    if cfg.loss.disc_weight <= 0:
+        raise SystemExit("error: loss.disc_weight must be > 0: the benchmark measures the full step with the GAN")
+    return cfg
+
+
+def pick_device(cfg) -> torch.device:
+    wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def make_batch(cfg, device, seed=0):
+    """One fixed batch: image (B,3,H,W) in [-1,1]; mask (B,1,H,W) with 1..3 rectangular holes (1 = hole)."""
+    g = torch.Generator().manual_seed(seed)
+    b, r = cfg.data.batch_size, cfg.data.resolution
+    image = torch.rand(b, 3, r, r, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, r, r)
+    for i in range(b):
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+            y, x = torch.randint(0, r // 2, (2,), generator=g).tolist()
+            h, w = torch.randint(r // 8, r // 2, (2,), generator=g).tolist()
+            mask[i, :, y:y + h, x:x + w] = 1.0
+    return image.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def build_ours(cfg, compile_blocks=False):
+    from train import build_system
+    system = build_system(cfg)
+    if compile_blocks:
+        from ldm.modules.vae import AttnBlock, ResnetBlock, Upsample
+        for m in system.vae.decoder.modules():  # in place: names, hooks and checkpoints stay as they are
+            if isinstance(m, (ResnetBlock, AttnBlock, Upsample)):
+                m.compile()
+    return system
+
+
+def fit_ours(system, cfg, image, mask, steps, callbacks=()):
+    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+    batch = {"image": image, "mask": mask}
+    trainer = pl.Trainer(accelerator=image.device.type if image.device.type == "cuda" else "cpu", devices=1,
+                         precision=cfg.trainer.precision, max_steps=steps, logger=False,
+                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    loader = DataLoader([batch] * steps, batch_size=None, shuffle=False)  # the same tensors every step
+    trainer.fit(system, train_dataloaders=loader)
+    return trainer
+
+
+def step_end_timer(device, stamps):
+    """A callback appending a synchronised timestamp at each batch end: step k lasts stamps[k] - stamps[k-1]."""
+    import pytorch_lightning as pl
+
+    class StepEndTimer(pl.Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            sync(device)
+            stamps.append(time.perf_counter())
+
+    return StepEndTimer()
+
+
+def run_ours(cfg, image, mask, n_steps, compile_blocks):
+    stamps = []
+    torch.manual_seed(cfg.seed)
+    system = build_ours(cfg, compile_blocks)
+    sync(image.device)
+    stamps.append(time.perf_counter())
+    fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps)])
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+# ----------------------------------------------------------------------------- one variant per process
+
+
+def quiet():
+    import logging
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks):
+    """Child process: build and time one variant; step times, peak memory and its kind."""
+    import resource
+    quiet()
+    cfg = load(files, overrides, batch_size)
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes; the same for every variant
+        torch.cuda.reset_peak_memory_stats(device)
+    image, mask = make_batch(cfg, device)
+    if variant == "ours":
+        times = run_ours(cfg, image, mask, n_steps, compile_blocks)
+    else:
+        times = run_reference(variant, cfg, image, mask, n_steps, precision)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of its process (getrusage)"
+    return dict(times=times, peak=peak, peak_kind=kind, device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh process: its own peak memory, no state shared between variants.
+
+    CUDA: spawned (CUDA does not survive a fork). CPU: forked from this process, which has imported the
+    heavy modules once and run no torch compute (no OpenMP pool to inherit).
+    """
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    if method == "fork":
+        import diffusers.models.autoencoders.autoencoder_asym_kl  # noqa: F401
+        import reference_steps  # noqa: F401
+        import train  # noqa: F401
+    with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+
+def decoder_flops(cfg) -> int:
+    """Model FLOPs of one decoder forward + backward at the run's shape (counted on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm import AsymmetricAutoencoderKL
+    with torch.device("meta"):
+        vae = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
+        b, r = cfg.data.batch_size, cfg.data.resolution
+        z = torch.empty(b, cfg.model.autoencoder.embed_dim, r // 8, r // 8)
+        image, mask = torch.empty(b, 3, r, r), torch.empty(b, 1, r, r)
+    vae.encoder.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        vae.decode(z, image, mask, check=False).sum().backward()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device_name: str, precision: str):
+    """The card's dense peak for the precision, or None when the card is not known."""
+    for key, (bf16, fp32) in PEAKS:
+        if key in device_name:
+            return bf16 if "bf16" in str(precision) else fp32
+    return None
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def report(cfg, args, results, flops):
+    our_precision = str(cfg.trainer.precision)
+    ref_precision = args.reference_precision or our_precision
+    ours = results["ours"]
+    print(f"device: {ours['device_name']} ({ours['device']}, {torch.get_num_threads()} threads)")
+    print(f"config: {' '.join(args.config)} {' '.join(args.overrides)}")
+    a = cfg.model.autoencoder
+    print(f"decoder ch={a.ch} ch_mult={list(a.ch_mult)} num_res_blocks={a.num_res_blocks}, "
+          f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, channels_last={cfg.model.channels_last}, "
+          f"gradient_checkpointing={a.gradient_checkpointing}, compile={args.compile}")
+    print("GAN on from step 0 (loss.disc_start=0) for every variant: the full step is measured")
+    print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, x {args.rounds} round(s) of the "
+          f"variants in turn, each in its own process; one fixed in-memory batch")
+    print(f"decoder model FLOPs per step (1 fwd+bwd, FlopCounterMode): {flops / 1e12:.4f} TFLOP")
+    medians = {}
+    for name, r in results.items():
+        med = statistics.median(r["times"])
+        medians[name] = med
+        precision = our_precision if name == "ours" else ref_precision
+        print(f"{name:<9} images/s={cfg.data.batch_size / med:.3f}  s/step={med:.4f}  (best {min(r['times']):.4f})  "
+              f"precision={precision}  peak_mem={gib(r['peak'])} ({r['peak_kind']})")
+        print(f"{'':<9} MFU (decoder FLOPs): {mfu_text(flops, med, r['device_name'], precision)}")
+    best = {name: min(r["times"]) for name, r in results.items()}
+    print("best-step ratios (less sensitive to other load on the machine): "
+          + ", ".join(f"{name} {best[name] / best['ours']:.2f}x" for name in dict.fromkeys(args.reference)))
+    for name in dict.fromkeys(args.reference):
+        print(f"speedup vs {name}: {medians[name] / medians['ours']:.2f}x")
+
+
+def mfu_text(flops, seconds, device_name, precision):
+    if device_name == "cpu":
+        return f"n/a on CPU ({flops / seconds / 1e9:.1f} GFLOP/s achieved)"
+    peak = peak_tflops(device_name, precision)
+    achieved = flops / seconds / 1e12
+    if peak is None:
+        return f"unknown peak for {device_name} ({achieved:.1f} TFLOP/s achieved)"
+    return f"{100 * achieved / peak:.1f} % of {peak:g} TFLOP/s ({achieved:.1f} TFLOP/s achieved)"
+
+
+def run_benchmark(args):
+    cfg = load(args.config, args.overrides, args.batch_size)
+    n = args.warmup + args.steps
+    ref_precision = args.reference_precision or str(cfg.trainer.precision)
+    results = {}
+    for _ in range(args.rounds):
+        for name in ["ours", *dict.fromkeys(args.reference)]:
+            precision = None if name == "ours" else ref_precision
+            r = in_child(measure, name, args.config, args.overrides, args.batch_size, n, precision,
+                         args.compile and name == "ours")
+            r["times"] = r["times"][args.warmup:]
+            if name in results:
+                r["times"] = results[name]["times"] + r["times"]
+                r["peak"] = max(r["peak"], results[name]["peak"])
+            results[name] = r
+    report(cfg, args, results, decoder_flops(cfg))
+
+
+# ----------------------------------------------------------------------------- largest batch
+
+
+def search_max_batch(files, overrides):
+    """Child process on CUDA: the largest batch whose 2 training steps of ours fit (lo) and the smallest
+    that ran out of memory (hi); a linear guess from batches 1 and 2, then galloping and bisection."""
+    import gc
+    quiet()
+    cfg = load(files, overrides, 1)
+    device = torch.device("cuda")
+    system = build_ours(cfg)
+
+    def fits(b):
+        cfg.data.batch_size = b
+        system.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            fit_ours(system, cfg, *make_batch(cfg, device), steps=2)  # step 2 holds the Adam states
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        system.trainer = None  # drop the last trainer's optimiser states before the next try
+        gc.collect()
+        torch.cuda.empty_cache()
+        return ok, torch.cuda.max_memory_allocated(device)
+
+    total = torch.cuda.mem_get_info(device)[1]
+    found = dict(device=f"{torch.cuda.get_device_name(device)} ({gib(total)})")
+    (ok1, p1), (ok2, p2) = fits(1), fits(2)
+    if not (ok1 and ok2):
+        return dict(found, lo=1, hi=2) if ok1 else dict(found, lo=0, hi=1)
+    lo, hi = 2, None
+    guess = max(3, int(2 + (total * 0.97 - p2) / max(1, p2 - p1)))
+    while hi is None:
+        if fits(guess)[0]:
+            lo, guess = guess, guess + max(1, guess // 8)
+        else:
+            hi = guess
+    while hi - lo > max(1, lo // 20):  # within 5 %
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid)[0] else (lo, mid)
+    return dict(found, lo=lo, hi=hi)
+
+
+def meta_system(cfg):
+    """Our system on the meta device: shapes only, no memory, no compute."""
+    from train import build_system
+    with torch.device("meta"):
+        return build_system(cfg).to("meta")  # .to: lpips makes its scaling buffers on the CPU
+
+
+def saved_activation_bytes(system, cfg, batch):
+    """Bytes the autograd graph of our step keeps, counted on the meta device, fp32:
+    (decoder, decoder with gradient checkpointing, losses: LPIPS + discriminator, largest tensor)."""
+    import lpips
+    with torch.device("meta"):
+        r = cfg.data.resolution
+        z, image = torch.empty(batch, cfg.model.autoencoder.embed_dim, r // 8, r // 8), torch.empty(batch, 3, r, r)
+        mask = torch.empty(batch, 1, r, r)
+    params = {p.untyped_storage()._cdata for p in system.parameters()}
+    seen, tag = {}, ["outside"]  # storage -> (bytes, segment)
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            seen.setdefault(key, (t.untyped_storage().nbytes(), tag[0], t))
+        return t
+
+    decoder, inputs, plain_run = system.vae.decoder, [], system.vae.decoder._run
+
+    def tagged_run(fn, *args):  # the units that gradient checkpointing recomputes; their inputs stay stored
+        inputs.append(sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor)))
+        tag[0] = len(inputs)
+        out = plain_run(fn, *args)
+        tag[0] = "outside"
+        return out
+
+    decoder._run, decoder.gradient_checkpointing = tagged_run, False
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        recon, _ = system.decode_with_features(z, image, mask)
+        dec = dict(seen)
+        recon = recon.detach().requires_grad_(True)
+        lpips.LPIPS.forward(system.perceptual, recon, image)  # PerceptualLoss.forward without its autocast
+        system.discriminator(recon)
+    per_unit = {}
+    for size, unit, _ in dec.values():
+        per_unit[unit] = per_unit.get(unit, 0) + size
+    outside = per_unit.pop("outside", 0)
+    full = outside + sum(per_unit.values())
+    checkpointed = outside + sum(inputs) + max(per_unit.values(), default=0)
+    losses = sum(size for k, (size, _, _) in seen.items() if k not in dec)
+    largest = max(size for size, _, _ in seen.values())
+    return full, checkpointed, losses, largest
+
+
+def estimate_peak(system, cfg, batch):
+    """Estimated peak bytes of our step: weights, grads and Adam states, saved activations, in-flight grads."""
+    total = sum(p.numel() for p in system.parameters()) * 4
+    trained = sum(p.numel() for p in system.parameters() if p.requires_grad) * 4
+    full, checkpointed, losses, largest = saved_activation_bytes(system, cfg, batch)
+    act = checkpointed if cfg.model.autoencoder.gradient_checkpointing else full
+    return total + 3 * trained + act + losses + 2 * largest
+
+
+def estimate_max_batch(files, overrides, budget):
+    """CPU: the largest batch under `budget` bytes, from the per-image activation memory at batch 1 and 2."""
+    cfg = load(files, overrides, 1)
+    system = meta_system(cfg)
+    p1, p2 = estimate_peak(system, cfg, 1), estimate_peak(system, cfg, 2)
+    per_image = p2 - p1
+    return int((budget - (p1 - per_image)) // per_image), p1 - per_image, per_image
+
+
+def run_max_batch(args):
+    quiet()
+    cuda = torch.cuda.is_available()  # no CUDA context here: the searching process gets the whole card
+    if cuda:
+        print("largest batch per GPU: 2 real training steps of ours per try (fresh process per setting), "
+              "OOM caught; 'max batch B' fits, 'B+k: out of memory' does not")
+    else:
+        print(f"CPU estimate of the largest batch per GPU in {args.memory_budget_gb:g} GiB: weights + grads + Adam "
+              f"(fp32) + saved activations counted on the meta device (fp32: bf16-mixed holds less)")
+    for preset, file in MAX_BATCH_PRESETS:
+        if preset not in args.presets:
+            continue
+        for res in args.resolutions:
+            for ckpt in (False, True):
+                overrides = [*args.overrides, f"data.resolution={res}",
+                             f"model.autoencoder.gradient_checkpointing={str(ckpt).lower()}"]
+                name = f"{preset:<5} {res} px  gradient_checkpointing={str(ckpt).lower():<5}"
+                if cuda:
+                    r = in_child(search_max_batch, [str(ROOT / file)], overrides)
+                    print(f"{name}  max batch {r['lo']} (batch {r['hi']}: out of memory) on {r['device']}")
+                else:
+                    n, fixed, per = estimate_max_batch([str(ROOT / file)], overrides, args.memory_budget_gb * 2**30)
+                    print(f"{name}  estimated max batch {n}  (fixed {gib(fixed)}, per image {gib(per)})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.max_batch:
+        run_max_batch(args)
+    else:
+        run_benchmark(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

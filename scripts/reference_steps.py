@@ -1,0 +1,200 @@
+"""Reference training steps in plain PyTorch, timed against ours by scripts/benchmark.py.
+
+- `OfficialStep`: what the paper's code (ldm AutoencoderKL + LPIPSWithDiscriminator under PL 1.4 with two
+  optimisers) does per batch: the whole forward for the decoder step, the adaptive weight from two extra
+  partial backward passes (autograd.grad of nll and g w.r.t. conv_out.weight), backward, Adam step; then
+  the WHOLE forward again (encoder + decoder) for the discriminator step. PL 1.4's `toggle_optimizer`
+  freezes the other optimiser's parameters in each half, as here.
+- `NaiveStep`: the single-forward loop a user would write around `diffusers.AsymmetricAutoencoderKL`,
+  `lpips.LPIPS` and a PatchGAN (taming's adaptive weight copied verbatim), fp32-style, no layout tricks.
+
+Both take the batch as tensors on the device and return their loss values (0-dim tensors, no sync).
+"""
+import contextlib
+import time
+
+import torch
+
+from ldm.config import to_container
+from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+
+PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context of a Lightning precision string (32-true: none)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"reference precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def adam(params, lr, fused=False):
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=fused or None)
+
+
+class OfficialStep:
+    """The official recipe per batch: two full forwards, adaptive weight by two extra partial backwards."""
+
+    def __init__(self, vae, discriminator, perceptual, lr=1e-4, disc_weight=0.8, sample_posterior=True,
+                 precision="32-true"):
+        self.vae, self.disc, self.perceptual = vae, discriminator, perceptual
+        self.disc_weight, self.sample_posterior, self.precision = disc_weight, sample_posterior, precision
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        self.gen_params = [p for p in vae.parameters() if p.requires_grad]  # decoder + post_quant_conv
+        self.opt_g = adam(self.gen_params, lr)
+        self.opt_d = adam(discriminator.parameters(), lr)
+        vae.train()
+        vae.encoder.eval()
+        discriminator.train()
+
+    def forward(self, image, mask):
+        """ldm AutoencoderKL.forward: encode, sample, decode (the encoder is frozen, so builds no graph)."""
+        posterior = self.vae.encode(image)
+        z = posterior.sample() if self.sample_posterior else posterior.mode()
+        return self.vae.decode(z, image, mask, check=False)
+
+    def step(self, image, mask):
+        device = image.device
+        # optimizer_idx 0: the discriminator is toggled off (PL's toggle_optimizer)
+        self.disc.requires_grad_(False)
+        with autocast_for(self.precision, device):
+            recon = self.forward(image, mask)
+            logits_fake = self.disc(recon.contiguous())
+        recon = recon.float()
+        # ldm: rec_loss = |x - x_rec| + w * LPIPS per pixel, nll = sum / batch (LPIPS in fp32 here)
+        rec = (image.float() - recon).abs() + self.perceptual(image.float(), recon).view(-1, 1, 1, 1)
+        nll = rec.sum() / rec.shape[0]
+        g_loss = generator_loss(logits_fake)
+        d_weight = adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight) * self.disc_weight
+        self.opt_g.zero_grad(set_to_none=True)
+        (nll + d_weight * g_loss).backward()
+        self.opt_g.step()
+        self.disc.requires_grad_(True)
+        # optimizer_idx 1: the generator is toggled off; the whole forward runs again
+        for p in self.gen_params:
+            p.requires_grad_(False)
+        with autocast_for(self.precision, device):
+            recon = self.forward(image, mask)
+            logits_real = self.disc(image.contiguous().detach())
+            logits_fake = self.disc(recon.contiguous().detach())
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+        for p in self.gen_params:
+            p.requires_grad_(True)
+        return dict(nll=nll.detach(), g_loss=g_loss.detach(), d_weight=d_weight.detach() / self.disc_weight,
+                    d_loss=d_loss.detach())
+
+
+def diffusers_config(autoencoder: dict) -> dict:
+    """Our `model.autoencoder` widths as diffusers AsymmetricAutoencoderKL constructor arguments."""
+    a = autoencoder
+    n_down, n_up = len(a["encoder_ch_mult"]), len(a["ch_mult"])
+    return dict(
+        in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n_down,
+        down_block_out_channels=[a["encoder_ch"] * m for m in a["encoder_ch_mult"]],
+        layers_per_down_block=a["encoder_num_res_blocks"],
+        up_block_types=["UpDecoderBlock2D"] * n_up,
+        up_block_out_channels=[a["ch"] * m for m in a["ch_mult"]],
+        layers_per_up_block=a["num_res_blocks"],
+        act_fn="silu", latent_channels=a["z_channels"], norm_num_groups=32,
+    )
+
+
+def naive_lpips():
+    """lpips.LPIPS(vgg) as a user builds it; random trunk (pnet_rand) so nothing downloads."""
+    import warnings
+
+    import lpips
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval().requires_grad_(False)
+
+
+class NaiveStep:
+    """One forward, taming's loss (adaptive weight by autograd.grad), backward, step; disc on the detached output."""
+
+    def __init__(self, autoencoder: dict, ndf=64, n_layers=3, lr=1e-4, disc_weight=0.8, precision="32-true",
+                 device="cpu"):
+        from diffusers import AsymmetricAutoencoderKL as DiffusersAsymKL
+        self.vae = DiffusersAsymKL(**diffusers_config(autoencoder)).to(device)
+        self.lpips = naive_lpips().to(device)
+        self.disc = NLayerDiscriminator(ndf=ndf, n_layers=n_layers).to(device)
+        self.disc_weight, self.precision = disc_weight, precision
+        self.vae.encoder.requires_grad_(False)
+        self.vae.quant_conv.requires_grad_(False)
+        self.opt_g = adam([p for p in self.vae.parameters() if p.requires_grad], lr)
+        self.opt_d = adam(self.disc.parameters(), lr)
+        self.vae.train()
+        self.disc.train()
+
+    def step(self, image, mask):
+        with autocast_for(self.precision, image.device):
+            with torch.no_grad():
+                z = self.vae.encode(image).latent_dist.sample()
+            recon = self.vae.decode(z, image=image, mask=mask).sample
+            rec_loss = (image - recon).abs() + self.lpips(image, recon)  # taming: per-pixel, then the mean
+            nll = rec_loss.mean()
+            g_loss = -self.disc(recon).mean()
+            d_weight = self.adaptive_weight(nll, g_loss) * self.disc_weight
+            self.opt_g.zero_grad()
+            (nll + d_weight * g_loss).backward()
+            self.opt_g.step()
+            logits_real = self.disc(image)
+            logits_fake = self.disc(recon.detach())
+            d_loss = 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())
+            self.opt_d.zero_grad()
+            d_loss.backward()
+            self.opt_d.step()
+        return dict(nll=nll.detach(), g_loss=g_loss.detach(), d_loss=d_loss.detach())
+
+    def adaptive_weight(self, nll, g_loss):
+        """taming's calculate_adaptive_weight, w.r.t. the decoder's last layer."""
+        last_layer = self.vae.decoder.conv_out.weight
+        nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+        return torch.clamp(d_weight, 0.0, 1e4).detach()
+
+
+# ----------------------------------------------------------------------------- driven by benchmark.py
+
+
+def build_reference(name, cfg, precision, device):
+    """The reference loop `name` (official | naive) for the run's config, seeded like ours."""
+    from train import build_system
+    torch.manual_seed(cfg.seed)
+    lr = cfg.optim.base_lr * cfg.data.batch_size
+    if name == "naive":
+        return NaiveStep(to_container(cfg.model.autoencoder), ndf=cfg.discriminator.ndf,
+                         n_layers=cfg.discriminator.n_layers, lr=lr, disc_weight=cfg.loss.disc_weight,
+                         precision=precision, device=device)
+    system = build_system(cfg).to(device)  # the same networks as ours, driven by the official loop ...
+    system.to(memory_format=torch.contiguous_format)  # ... in the official layout (model.channels_last is ours)
+    return OfficialStep(system.vae, system.discriminator, system.perceptual, lr=lr,
+                        disc_weight=cfg.loss.disc_weight, sample_posterior=cfg.model.sample_posterior,
+                        precision=precision)
+
+
+def run_reference(name, cfg, image, mask, n_steps, precision):
+    """Seconds of each of n_steps reference steps (synchronised on CUDA)."""
+    step = build_reference(name, cfg, precision, image.device)
+    times = []
+    for _ in range(n_steps):
+        sync(image.device)
+        t0 = time.perf_counter()
+        step.step(image, mask)
+        sync(image.device)
+        times.append(time.perf_counter() - t0)
+    return times

@@ -1,0 +1,63 @@
+"""train.py with injected faults (for test_reliability.py): `+nan_batches=1,4,5` makes the LPIPS term NaN at
+those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3;
+`+min_step_seconds=0.3` makes each batch last at least that long (a window to kill the run in, on fast machines)."""
+import os
+import signal
+import sys
+import time
+
+import pytorch_lightning as pl
+from probe_utils import ROOT  # noqa: F401  (puts the repository on sys.path)
+
+import train
+from ldm.models.asym_decoder import AsymmetricDecoderTraining
+
+
+def inject_nan(batches):
+    recon_terms = AsymmetricDecoderTraining.recon_terms
+
+    def patched(self, recon, image, mask):
+        terms = recon_terms(self, recon, image, mask)
+        if self.trainer.fit_loop.total_batch_idx in batches:
+            terms["lpips"] = terms["lpips"] * float("nan")
+            terms["nll"] = terms["nll"] + terms["lpips"]
+        return terms
+    AsymmetricDecoderTraining.recon_terms = patched
+
+
+class SignalSelf(pl.Callback):
+    def __init__(self, signum, step):
+        self.signum, self.step = signum, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class MinStepSeconds(pl.Callback):
+    def __init__(self, seconds):
+        self.seconds, self.start = seconds, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(max(0.0, self.seconds - (time.monotonic() - self.start)))
+
+
+def pop(argv, key):
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"+{key}=")), None)
+    return value, [a for a in argv if not a.startswith(f"+{key}=")]
+
+
+if __name__ == "__main__":
+    nan_batches, argv = pop(sys.argv[1:], "nan_batches")
+    sig, argv = pop(argv, "signal")
+    seconds, argv = pop(argv, "min_step_seconds")
+    callbacks = [MinStepSeconds(float(seconds))] if seconds else []
+    if nan_batches:
+        inject_nan({int(b) for b in nan_batches.split(",")})
+    if sig:
+        name, step = sig.split("@")
+        callbacks.append(SignalSelf(getattr(signal, name), int(step)))
+    sys.exit(train.main(argv, extra_callbacks=callbacks))

@@ -1,0 +1,300 @@
+"""scripts/eval.py, ldm/evaluation.py, scripts/inpaint.py, scripts/compare_condition.py on tiny random models."""
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from data import load_mask_files, make_eval_masks
+from ldm import AsymmetricAutoencoderKL
+from ldm.evaluation import BUCKETS, COLUMNS, INCEPTION_FILE, Decoder, FidTracker, evaluate, inception_weights, \
+    markdown, write_reports
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
+METRICS = [key for key, _, _ in COLUMNS if key not in ("fid", "n")]  # per-sample region metrics
+
+
+def script(name):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_script, export = script("eval"), script("export")
+
+
+def tiny(seed, **kw):
+    torch.manual_seed(seed)
+    return AsymmetricAutoencoderKL(**{**TINY, **kw}).eval()
+
+
+def save_run(model, path):
+    """A run checkpoint as train.py writes it: vae.* keys and the config."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in model.state_dict().items()},
+                "config": {"model": {"autoencoder": model.config}}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A run checkpoint, a diffusers export of another model, and an SD-layout ldm VAE (no branch)."""
+    root = tmp_path_factory.mktemp("models")
+    a = tiny(0)
+    run = save_run(a, root / "runA" / "checkpoints" / "last.ckpt")
+    export.save_diffusers(tiny(1), root / "exportB")
+    core = {k: v for k, v in a.state_dict().items() if not k.startswith("decoder.encoder.")}
+    torch.save({"state_dict": core}, root / "sd_vae.ckpt")
+    export.save_decoder(tiny(2), root / "decoderC")  # decoder.* and post_quant_conv.* only: no encoder
+    return SimpleNamespace(run=run, export=root / "exportB", sd=root / "sd_vae.ckpt", decoder=root / "decoderC",
+                           root=root)
+
+
+def cli_args(models, out, *extra):
+    return ["--decoder", str(models.run), "--decoder", str(models.export), "--decoder", str(models.decoder),
+            "--decoder", "vanilla",
+            "--vae", str(models.sd), "--data", "sample", "--masks", "medium", "--resolution", "16",
+            "--num-images", "2", "--batch-size", "2", "--workers", "0", "--no-lpips-pretrained",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(models):
+    out = models.root / "eval1"
+    assert eval_script.main(cli_args(models, out, "--save-masks", str(models.root / "masks"))) == 0
+    return out
+
+
+def test_eval_writes_every_metric_decoder_and_bucket(first_run):
+    md = (first_run / "results.md").read_text()
+    names = ["runA", "exportB", "decoderC", "vanilla"]
+    for name in names:
+        for output in ("raw", "pasted"):
+            assert f"| {name} | {output} |" in md
+    for _, title, _ in COLUMNS:
+        assert f" {title} |" in md
+    for bucket in BUCKETS:
+        assert f"## Hole area {bucket}" in md
+    assert "FID skipped:" in md and INCEPTION_FILE in md and "| n/a |" in md  # FID column, not a crash
+    assert "nan" not in md.lower().replace("nanmean", "")
+    result = json.loads((first_run / "results.json").read_text())
+    assert set(result["metrics"]) == set(names)
+    for name in names:
+        for output in ("raw", "pasted"):
+            overall = result["metrics"][name][output]["all"]
+            assert all(math.isfinite(overall[m]) for m in METRICS), overall
+            assert overall["fid"] is None and overall["n"] == 2
+    assert result["seed"] == 0 and result["versions"]["torch"] == torch.__version__
+    assert result["masks"]["preset"] == "medium" and result["decoders"]["vanilla"]["branch"] is False
+    # the vanilla row is the SD decoder without the branch: the same core as runA, another output
+    raw = {n: result["metrics"][n]["raw"]["all"]["psnr_known"] for n in names}
+    assert len(set(raw.values())) == 4
+    rows = list(csv.DictReader(open(first_run / "results.csv")))
+    assert {r["decoder"] for r in rows} == set(names) and {r["output"] for r in rows} == {"raw", "pasted"}
+    assert {"all", "psnr_known", "lpips_hole", "pre_error"} <= {r["bucket"] for r in rows} | {r["metric"] for r in rows}
+    with Image.open(first_run / "grid.png") as grid:  # 2 rows; image, masked, then 2 tiles per decoder
+        assert grid.size == (2 + 10 * 18, 2 + 2 * 18)
+
+
+def test_same_seed_same_numbers_and_saved_masks_are_the_generated_ones(models, first_run):
+    again = models.root / "eval2"
+    assert eval_script.main(cli_args(models, again)) == 0
+    first = json.loads((first_run / "results.json").read_text())["metrics"]
+    assert json.loads((again / "results.json").read_text())["metrics"] == first
+    saved = load_mask_files(models.root / "masks")[:, 0].numpy().astype("uint8")
+    assert (saved == make_eval_masks(2, 16, seed=0, mix={"medium": 1.0}, max_area=0.5)).all()
+
+
+def test_bad_decoder_arguments_exit_2_with_a_message(models, tmp_path, capsys):
+    args = cli_args(models, tmp_path / "x")
+    del args[args.index("--vae"):args.index("--vae") + 2]
+    assert eval_script.main(args) == 2
+    assert f"--decoder {models.decoder}: a decoder export has no encoder; pass --vae" in capsys.readouterr().err
+    del args[args.index(str(models.decoder)) - 1:args.index(str(models.decoder)) + 1]
+    assert eval_script.main(args) == 2
+    assert "--decoder vanilla needs --vae" in capsys.readouterr().err
+    assert eval_script.main(cli_args(models, tmp_path / "y", "--name", "only-one")) == 2
+    assert "1 --name for 4 --decoder" in capsys.readouterr().err
+
+
+# ---- identical images, undefined regions, FID ------------------------------------------------------------
+class Identity(torch.nn.Module):
+    """A "decoder" whose output is the input image exactly (latent = image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device off a parameter
+
+    def encode(self, x):
+        return SimpleNamespace(mode=lambda: x)
+
+    def decode(self, z, image=None, mask=None):
+        return z
+
+
+class Darken(Identity):
+    def decode(self, z, image=None, mask=None):
+        return z * 0.5
+
+
+class MeanStd(torch.nn.Module):
+    """A 4-d stand-in for Inception features: per-channel mean and the overall std of a uint8 image."""
+
+    num_features = 4
+
+    def forward(self, x):
+        x = x.float() / 255
+        return torch.cat([x.mean((2, 3)), x.flatten(1).std(1, keepdim=True)], 1)
+
+
+def batches(n=6, all_ones=False):
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+    mask = torch.ones(n, 1, 16, 16)
+    if not all_ones:
+        mask[::2, :, :, :8] = 0  # half of the images: left half known; the others pure reconstruction
+    return [{"image": image[i:i + 2], "mask": mask[i:i + 2], "index": torch.arange(i, i + 2)} for i in range(0, n, 2)]
+
+
+def l1_distance(x, y):
+    return (x - y).abs().mean((1, 2, 3))
+
+
+def test_identical_images_give_finite_averages_and_na_for_undefined_regions(tmp_path):
+    decoders = [Decoder("identity", Identity()), Decoder("dark", Darken())]
+    summary, grid = evaluate(decoders, batches(), l1_distance)
+    overall = summary["identity"]["raw"]["all"]
+    assert overall["psnr_whole"] == overall["psnr_known"] == overall["psnr_hole"] == 100.0  # the cap, not inf
+    assert overall["pre_error"] == 0 and overall["lpips_whole"] == 0 and overall["ssim_whole"] == pytest.approx(1)
+    assert summary["dark"]["raw"]["all"]["psnr_whole"] < 20
+    assert set(summary["identity"]["raw"]) == {"all", "50-60%", "60-100%"}  # area 0.5 and 1.0
+    assert summary["identity"]["raw"]["60-100%"]["n"] == 3
+    assert math.isnan(summary["identity"]["raw"]["60-100%"]["psnr_known"])  # no known pixel anywhere there
+    write_reports(tmp_path, summary, ["a note"], {"seed": 0}, grid)
+    md = (tmp_path / "results.md").read_text()
+    assert "| identity | raw | n/a | 0.0000 | 0.0000 | 0.0000 | 100.00 | 100.00 | 100.00 |" in md
+    assert "| n/a |" in md.split("## Hole area 60-100%")[1] and "nan" not in md
+    data = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN written as null
+    assert data["metrics"]["identity"]["raw"]["60-100%"]["psnr_known"] is None
+
+
+def test_fid_with_a_feature_network_is_zero_for_identical_images():
+    decoders = [Decoder("identity", Identity()), Decoder("dark", Darken())]
+    fid = FidTracker([(d.name, o) for d in decoders for o in ("raw", "pasted")], MeanStd())
+    summary, _ = evaluate(decoders, batches(), None, fid=fid)
+    assert abs(summary["identity"]["raw"]["all"]["fid"]) < 1e-3
+    assert summary["dark"]["raw"]["all"]["fid"] > 0.01
+    assert 0 < summary["dark"]["pasted"]["all"]["fid"] < summary["dark"]["raw"]["all"]["fid"]
+    assert "fid" not in summary["dark"]["raw"]["60-100%"]  # overall only
+    assert "| dark | raw | " in markdown(summary)
+
+
+def test_missing_inception_weights_give_a_note_naming_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path, note = inception_weights()
+    installed = importlib.util.find_spec("torch_fidelity") is not None
+    assert path is None and note.startswith("FID skipped:")
+    assert f"{INCEPTION_FILE} not found in {tmp_path / 'checkpoints'}" in note
+    assert ("torch-fidelity is not installed" in note) != installed
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: SimpleNamespace() if name == "torch_fidelity" else real_find_spec(name, *a))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / INCEPTION_FILE).write_bytes(b"")
+    assert inception_weights() == (tmp_path / "checkpoints" / INCEPTION_FILE, None)
+
+
+# ---- inpaint.py and compare_condition.py ------------------------------------------------------------------
+def tiny_pipeline_folder(folder):
+    """A random StableDiffusionInpaintPipeline (64 px, 9-channel UNet) saved with save_pretrained, offline."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "tok").mkdir(parents=True)
+    (folder / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+    export.save_diffusers(tiny(0), folder / "sd_vae")  # the pipeline's own VAE, replaced by --vae
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=diffusers.AsymmetricAutoencoderKL.from_pretrained(folder / "sd_vae"), text_encoder=text,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=16), unet=unet,
+        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+def test_inpaint_script_end_to_end_with_tiny_components(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    inpaint = script("inpaint")
+    pipeline = tiny_pipeline_folder(tmp_path)
+    export.save_diffusers(tiny(1), tmp_path / "ours")
+    Image.new("RGB", (80, 60), (200, 100, 50)).save(tmp_path / "img.png")
+    hole = Image.new("L", (80, 60), 0)
+    hole.paste(255, (30, 20, 50, 40))
+    hole.save(tmp_path / "mask.png")
+    args = ["--vae", str(tmp_path / "ours"), "--pipeline", str(pipeline), "--image", str(tmp_path / "img.png"),
+            "--mask", str(tmp_path / "mask.png"), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
+            "--out", str(tmp_path / "out.png")]
+    assert inpaint.main(args) == 0
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.size == (64, 64) and out.mode == "RGB"
+    args[args.index("--pipeline") + 1] = str(tmp_path / "nowhere")
+    assert inpaint.main(args) == 2
+    assert f"--pipeline {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+def test_compare_condition_trains_both_identically_then_prints_known_region_psnr(tmp_path, monkeypatch, capsys):
+    compare = script("compare_condition")
+    commands = []
+
+    real_run = subprocess.run
+
+    def fake_train(cmd, **kwargs):  # stands in for train.py: writes the run's last checkpoint
+        if "--name" not in cmd:
+            return real_run(cmd, **kwargs)  # eval.py's `git rev-parse`
+        commands.append(cmd)
+        name = cmd[cmd.index("--name") + 1]
+        save_run(tiny(0, use_condition=name == "demo_asym"), tmp_path / name / "checkpoints" / "last.ckpt")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_train)
+    masks = tmp_path / "masks"  # a mask folder (white = hole): the other way to fix the masks
+    masks.mkdir()
+    for i, box in enumerate([(0, 0, 8, 8), (4, 4, 16, 12)]):
+        hole = Image.new("L", (32, 32), 0)  # resized (nearest) to 16 px by eval.py
+        hole.paste(255, tuple(2 * c for c in box))
+        hole.save(masks / f"m{i}.png")
+    argv = ["--steps", "2", "--log-dir", str(tmp_path), "--resolution", "16", "--num-images", "2",
+            "--masks", str(masks)]
+    assert compare.main(argv) == 0
+    asym, vanilla = commands
+    assert asym[asym.index("-c") + 1] == "configs/demo.yaml" and "configs/ablations/no_condition.yaml" in vanilla
+    assert [a for a in asym if "=" in a] == [a for a in vanilla if "=" in a]  # same steps, seed, log dir
+    assert "trainer.max_steps=2" in asym
+    out = capsys.readouterr().out
+    for label in ("asymmetric", "vanilla"):
+        assert f"| {label} | raw |" in out
+        assert f"{label}: known-region PSNR (pasted=raw): " in out and " dB" in out
+    result = json.loads((tmp_path / "compare_condition" / "results.json").read_text())
+    assert result["masks"] == {"kind": "files", "folder": str(masks), "count": 2, "cycled": False}
+    assert result["metrics"]["vanilla"]["raw"]["all"]["mask_area"] == pytest.approx((64 + 96) / 256 / 2)

@@ -1,0 +1,183 @@
+"""Runs that survive faults: atomic checkpoints, kill/preemption + resume, NaN steps, clear config errors."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from ldm import AsymmetricAutoencoderKL
+from ldm.checkpointing import AtomicCheckpointIO, atomic_save, newest_readable_checkpoint
+from ldm.config import load_config
+from test_train import ROOT, TINY, run_train
+
+NO_VAL = ["trainer.val_check_interval=1000"]  # these tests are about steps and checkpoints, not validation
+
+
+def step_of(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def step_files(ckpt_dir: Path) -> list:
+    return sorted(p.name for p in ckpt_dir.glob("step*.ckpt"))
+
+
+def start_train(tmp_path, *overrides, name="run", script="train.py"):
+    cmd = [sys.executable, str(ROOT / script), *TINY, f"run.log_dir={tmp_path}", *overrides, "--name", name]
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"train.py ended early:\n{proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- atomic writes, choosing the checkpoint
+def test_atomic_save_leaves_the_old_file_when_killed_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+    replaced = []
+    real_replace, real_save = os.replace, torch.save
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(Path(src).parent) or real_replace(src, dst))
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt  # as a signal arriving mid-write
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"global_step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert step_of(path) == 1 and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    atomic_save({"global_step": 3}, path)
+    assert step_of(path) == 3 and replaced == [path.parent]  # staged beside the target: a rename, never a copy
+
+
+def _fake_run(tmp_path, steps):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    for name, step in steps.items():
+        torch.save({"global_step": step, "state_dict": {"w": torch.zeros(1000)}}, ckpt_dir / name)
+    return ckpt_dir
+
+
+def test_resume_auto_skips_a_truncated_last_checkpoint(tmp_path, capsys):
+    ckpt_dir = _fake_run(tmp_path, {"step00000002.ckpt": 2, "step00000004.ckpt": 4, "last.ckpt": 5})
+    (ckpt_dir / ".last.ckpt.abc.tmp").write_bytes(b"partial")
+    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "last.ckpt")
+    last = ckpt_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # as a non-atomic save killed mid-write
+    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000004.ckpt")
+    err = capsys.readouterr().err
+    assert f"skipping unreadable checkpoint {last}" in err and f"resuming from {ckpt_dir / 'step00000004.ckpt'}" in err
+    assert not (ckpt_dir / ".last.ckpt.abc.tmp").exists()
+
+
+def test_resume_auto_prefers_the_highest_step_and_refuses_when_none_is_readable(tmp_path):
+    # killed between the step save and the last.ckpt save: the step checkpoint is newer
+    ckpt_dir = _fake_run(tmp_path, {"step00000004.ckpt": 4, "step00000006.ckpt": 6, "last.ckpt": 4})
+    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000006.ckpt")
+    for p in ckpt_dir.iterdir():
+        p.write_bytes(b"garbage")
+    with pytest.raises(train.ConfigError, match="no readable checkpoint"):
+        train.resolve_resume("auto", tmp_path / "run")
+
+
+# ---------------------------------------------------------------- kill, preemption, resume (end to end)
+def test_sigkill_then_resume_auto_ends_at_the_uninterrupted_step(tmp_path):
+    args = ["trainer.max_steps=8", "run.checkpoint_every_n_steps=2", "run.keep_last_k=2", *NO_VAL]
+    proc = start_train(tmp_path, *args, "+min_step_seconds=0.3", script="tests/fault_probe.py")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    wait_for(ckpt_dir / "last.ckpt", proc)  # written after step00000002.ckpt
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    newest, unreadable = newest_readable_checkpoint(ckpt_dir)
+    assert not unreadable and 2 <= step_of(newest) < 8
+    resumed = run_train(tmp_path, *args, resume="auto")
+    assert f"resuming from {newest}" in resumed.stderr
+    assert step_of(ckpt_dir / "last.ckpt") == 8  # where the uninterrupted run ends
+    assert step_files(ckpt_dir) == ["step00000006.ckpt", "step00000008.ckpt"]  # keep_last_k, old run's pruned
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+    proc = start_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", *NO_VAL)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    wait_for(ckpt_dir / "step00000002.ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = step_of(ckpt_dir / "last.ckpt")
+    assert f"SIGTERM: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
+    newest_periodic = max(int(name[4:12]) for name in step_files(ckpt_dir))
+    assert newest_periodic <= saved < 400
+
+
+def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):
+    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", "+signal=SIGUSR1@3",
+                     *NO_VAL, script="tests/fault_probe.py")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert step_of(ckpt_dir / "last.ckpt") == 3 and step_files(ckpt_dir) == ["step00000002.ckpt"]
+    assert "SIGUSR1: last checkpoint" in proc.stdout + proc.stderr
+    assert not list((tmp_path / "run").glob("samples/*.png"))  # no validation on the way out
+
+
+# ---------------------------------------------------------------- non-finite losses
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path):
+    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=1", "run.max_nonfinite_steps=2",
+                     "trainer.log_every_n_steps=1", "+nan_batches=1,3,4", *NO_VAL, script="tests/fault_probe.py",
+                     check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: loss term 'lpips' was non-finite for 2 consecutive steps (3 skipped in all)")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2  # batches 0 and 2 stepped; batch 1 was skipped
+    assert ckpt["skipped_nonfinite"] == 1  # saved at step 2, after the one isolated NaN
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        skipped = [float(r["train/skipped_nonfinite"]) for r in csv.DictReader(f) if r.get("train/skipped_nonfinite")]
+    assert skipped[:3] == [0.0, 1.0, 1.0] and max(skipped) >= 2
+
+
+# ---------------------------------------------------------------- config and file errors: one line, exit 2
+@pytest.fixture
+def mismatched_vae(tmp_path):
+    """A full-model checkpoint whose encoder is wider than TINY's."""
+    vae = AsymmetricAutoencoderKL(ch=32, num_res_blocks=1, encoder_ch=64, encoder_num_res_blocks=1)
+    path = tmp_path / "wide_encoder.ckpt"
+    torch.save({"state_dict": vae.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.vae_ckpt=/nowhere/kl-f8.ckpt"],
+     "error: model.vae_ckpt: file not found: /nowhere/kl-f8.ckpt (checkpoints/README.md"),
+    (["data.source=/nowhere/images"], "error: data.source: image source '/nowhere/images'"),
+    (["--resume", "/nowhere/last.ckpt"], "error: --resume: checkpoint not found: /nowhere/last.ckpt"),
+    (["optim.base_lr=fast"], "error: command line: config key 'optim.base_lr' expects float"),
+    (["perceptual.pretrained=true"], "error: perceptual: LPIPS(vgg) needs the ImageNet weights file vgg16"),
+    (["model.vae_ckpt={vae}"], "error: model.vae_ckpt: {vae}: does not fit the model"),
+], ids=["vae_ckpt", "data_source", "resume_path", "wrong_type", "lpips_weights", "width_mismatch"])
+def test_config_errors_are_one_line_naming_key_or_file(tmp_path, monkeypatch, capsys, mismatched_vae,
+                                                       overrides, message):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights there
+    overrides = [o.format(vae=mismatched_vae) for o in overrides]
+    message = message.format(vae=mismatched_vae)
+    code = train.main([*TINY, f"run.log_dir={tmp_path}", *overrides, "--name", "run"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(message), errors
+    assert not (tmp_path / "run").exists()  # stopped before the run folder was made
+
+
+def test_wandb_without_a_key_logs_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = load_config(ROOT / "configs" / "base.yaml", [], ["run.logger=wandb"])
+    wandb_logger = train.build_loggers(cfg, tmp_path / "run", "run")[1]
+    assert wandb_logger._offline

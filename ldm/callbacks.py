@@ -3,7 +3,6 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from .metrics import sample_grid, save_grid
 
@@ -24,15 +23,9 @@ class SampleGrids(pl.Callback):
         save_grid(grid, path)
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_image"):  # tensorboard
-                logger.experiment.add_image("val/samples", _as_uint8_chw(grid), trainer.global_step)
+                logger.experiment.add_image("val/samples", grid, trainer.global_step)  # uint8 (3, H, W)
             elif hasattr(logger, "log_image"):  # wandb
                 logger.log_image("val/samples", [str(path)], step=trainer.global_step)
-
-
-def _as_uint8_chw(grid):
-    if isinstance(grid, torch.Tensor):
-        return grid
-    return torch.from_numpy(__import__("numpy").asarray(grid)).permute(2, 0, 1)
 
 
 class ImagesPerSecond(pl.Callback):

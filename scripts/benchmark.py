@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from ldm.config import load_config  # noqa: E402
 from reference_steps import run_reference, sync  # noqa: E402
 
-# dense peaks (TFLOP/s) by device name: (bf16 tensor core, fp32 non-tensor core)
-PEAKS = [("H100 PCIe", (756.0, 51.0)), ("H100 NVL", (835.0, 60.0)), ("H100", (989.0, 67.0)),
-         ("H200", (989.0, 67.0))]
+# dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
+PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0)), ("H100", (989.0, 495.0, 67.0)),
+         ("H200", (989.0, 495.0, 67.0)), ("A100", (312.0, 156.0, 19.5))]
 MAX_BATCH_PRESETS = [("x1.5", "configs/x1_5.yaml"), ("x2", "configs/x2.yaml")]
 
 
@@ -222,10 +222,13 @@ def decoder_flops(cfg) -> int:
 
 
 def peak_tflops(device_name: str, precision: str):
-    """The card's dense peak for the precision, or None when the card is not known."""
-    for key, (bf16, fp32) in PEAKS:
+    """The card's dense peak for the precision, or None when the card is not known. fp32 convolutions run
+    on TF32 tensor cores under PyTorch's default (torch.backends.cudnn.allow_tf32), so that is their peak."""
+    for key, (bf16, tf32, fp32) in PEAKS:
         if key in device_name:
-            return bf16 if "bf16" in str(precision) else fp32
+            if "16" in str(precision):  # bf16-mixed, 16-mixed
+                return bf16
+            return tf32 if torch.backends.cudnn.allow_tf32 else fp32
     return None
 
 

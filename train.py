@@ -84,6 +84,9 @@ def check_inputs(cfg) -> None:
             resolve_source(source)  # shards: expands the pattern and checks the local files exist
         except FileNotFoundError as err:
             raise ConfigError(f"data.{key}: {err}") from None
+    if cfg.optim.grad_clip > 0 and str(cfg.trainer.precision) in ("16", "16-mixed"):
+        raise ConfigError("optim.grad_clip: clipping does not work with trainer.precision=16-mixed (the gradients "
+                          "are still loss-scaled when clipped); use bf16-mixed, or optim.grad_clip=0")
 
 
 def build_system(cfg) -> AsymmetricDecoderTraining:

@@ -164,7 +164,8 @@ def mismatched_vae(tmp_path):
     (["optim.base_lr=fast"], "error: command line: config key 'optim.base_lr' expects float"),
     (["perceptual.pretrained=true"], "error: perceptual: LPIPS(vgg) needs the ImageNet weights file vgg16"),
     (["model.vae_ckpt={vae}"], "error: model.vae_ckpt: {vae}: does not fit the model"),
-], ids=["vae_ckpt", "data_source", "resume_path", "wrong_type", "lpips_weights", "width_mismatch"])
+    (["optim.grad_clip=1.0", "trainer.precision=16-mixed"], "error: optim.grad_clip: clipping does not work"),
+], ids=["vae_ckpt", "data_source", "resume_path", "wrong_type", "lpips_weights", "width_mismatch", "clip_fp16"])
 def test_config_errors_are_one_line_naming_key_or_file(tmp_path, monkeypatch, capsys, mismatched_vae,
                                                        overrides, message):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no LPIPS weights there

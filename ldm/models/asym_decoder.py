@@ -185,8 +185,12 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             if gan_on:
                 self.clip_gradients(opt_d, gradient_clip_val=self.optim_cfg.grad_clip,
                                     gradient_clip_algorithm="norm")
-        if gan_on:  # stepped through the strategy, not LightningOptimizer: global_step counts decoder steps only
-            self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+        if gan_on:  # not through LightningOptimizer: global_step counts decoder steps only
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is None:
+                self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
+            else:  # 16-mixed: one scaler.update() per backward, in opt_g.step() below, which sees both
+                scaler.step(opt_d.optimizer)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         opt_d.zero_grad(set_to_none=True)

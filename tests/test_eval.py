@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -1,0 +1,154 @@
+"""Key layouts: the one ldm <-> diffusers rename table, and the widths that a state dict or config.json implies."""
+import re
+
+DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
+PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
+EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
+            "run checkpoint), a diffusers AutoencoderKL/AsymmetricAutoencoderKL folder (or pipeline folder "
+            "with vae/), or a decoder export")
+
+# ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
+# {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},
+# k = levels - 1 - i (ldm up.0 is full resolution, diffusers up_blocks.0 the lowest).
+# Rows with exported=False are read only (diffusers < 0.15 attention names).
+RENAMES = [
+    ("encoder.down.{i}.block.{j}.", "encoder.down_blocks.{i}.resnets.{j}.", True),
+    ("encoder.down.{i}.downsample.", "encoder.down_blocks.{i}.downsamplers.0.", True),
+    ("decoder.up.{i}.block.{j}.", "decoder.up_blocks.{k}.resnets.{j}.", True),
+    ("decoder.up.{i}.upsample.", "decoder.up_blocks.{k}.upsamplers.0.", True),
+    ("{part}.mid.block_1.", "{part}.mid_block.resnets.0.", True),
+    ("{part}.mid.block_2.", "{part}.mid_block.resnets.1.", True),
+    ("{part}.mid.attn_1.norm.", "{part}.mid_block.attentions.0.group_norm.", True),
+    ("{part}.mid.attn_1.q.", "{part}.mid_block.attentions.0.to_q.", True),
+    ("{part}.mid.attn_1.k.", "{part}.mid_block.attentions.0.to_k.", True),
+    ("{part}.mid.attn_1.v.", "{part}.mid_block.attentions.0.to_v.", True),
+    ("{part}.mid.attn_1.proj_out.", "{part}.mid_block.attentions.0.to_out.0.", True),
+    ("{part}.mid.attn_1.q.", "{part}.mid_block.attentions.0.query.", False),
+    ("{part}.mid.attn_1.k.", "{part}.mid_block.attentions.0.key.", False),
+    ("{part}.mid.attn_1.v.", "{part}.mid_block.attentions.0.value.", False),
+    ("{part}.mid.attn_1.proj_out.", "{part}.mid_block.attentions.0.proj_attn.", False),
+    ("{part}.norm_out.", "{part}.conv_norm_out.", True),
+    ("decoder.encoder.layers.", "decoder.condition_encoder.layers.", True),
+]
+LEAF_RENAMES = [("nin_shortcut.", "conv_shortcut.")]  # inside residual blocks, both encoder and decoder
+# ldm attention projections are 1x1 convs (C,C,1,1); diffusers' are Linear (C,C)
+ATTN_WEIGHT = re.compile(r"^(en|de)coder\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+DROPPED = ("decoder.up_layers.",)  # official ConvTranspose2d weights, never used in forward: dropped by name
+SKIPPED = ("loss.",)  # official LPIPS/discriminator weights: not part of the autoencoder
+
+_GROUPS = {"part": r"(?P<part>encoder|decoder)", "i": r"(?P<i>\d+)", "j": r"(?P<j>\d+)", "k": r"(?P<k>\d+)"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    out = re.escape(template)
+    for name, group in _GROUPS.items():
+        out = out.replace(re.escape("{" + name + "}"), group)
+    return re.compile(out)
+
+
+_TABLE = [(_pattern(ldm), _pattern(dif), ldm, dif, exported) for ldm, dif, exported in RENAMES]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, foreign or does not fit the model; the message names the file."""
+
+
+def _rename(key: str, to_diffusers: bool, levels: int) -> str:
+    """One key through the table (keys no row matches are the same in both layouts)."""
+    for ldm_re, dif_re, ldm, dif, exported in _TABLE:
+        if to_diffusers and not exported:
+            continue
+        m = (ldm_re if to_diffusers else dif_re).match(key)
+        if m is None:
+            continue
+        g = {k: v for k, v in m.groupdict().items() if v is not None}
+        if "i" in g and "k" not in g:
+            g["k"] = str(levels - 1 - int(g["i"]))
+        elif "k" in g:
+            g["i"] = str(levels - 1 - int(g["k"]))
+        rest = key[m.end():]
+        for old, new in LEAF_RENAMES:
+            src, dst = (old, new) if to_diffusers else (new, old)
+            if rest.startswith(src):
+                rest = dst + rest[len(src):]
+        return (dif if to_diffusers else ldm).format(**g) + rest
+    return key
+
+
+def _levels(state: dict, prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+def ldm_to_diffusers(state: dict) -> dict:
+    """ldm autoencoder keys -> diffusers keys (attention 1x1 conv weights squeezed to Linear)."""
+    levels = _levels(state, "decoder.up.")
+    out = {}
+    for key, value in state.items():
+        if ATTN_WEIGHT.match(key) and value.ndim == 4:
+            value = value[:, :, 0, 0]  # (C,C,1,1) -> (C,C)
+        out[_rename(key, True, levels)] = value
+    return out
+
+
+def diffusers_to_ldm(state: dict) -> dict:
+    """diffusers keys (current or legacy attention names) -> ldm keys (attention weights as 1x1 convs)."""
+    levels = _levels(state, "decoder.up_blocks.")
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, False, levels)
+        out[new] = value[:, :, None, None] if ATTN_WEIGHT.match(new) and value.ndim == 2 else value
+    return out
+
+
+# ---- widths: from ldm weights or from diffusers config.json ---------------------------------------------
+def _level_widths(state: dict, prefix: str) -> list[int]:
+    """Output width of each level's first resnet, e.g. encoder.down.{i}.block.0.conv1 -> [128, 256, ...]."""
+    return [state[f"{prefix}{i}.block.0.conv1.weight"].shape[0] for i in range(_levels(state, prefix))]
+
+
+def _mult(widths: list[int], where: str) -> list[int]:
+    if not widths or any(w % widths[0] for w in widths):
+        raise CheckpointError(f"{where}: level widths {widths} are not multiples of the first")
+    return [w // widths[0] for w in widths]
+
+
+def infer_config(state: dict, where: str) -> dict:
+    """AsymmetricAutoencoderKL kwargs read off ldm-key weights (encoder kwargs only when it is present)."""
+    try:
+        kw = {}
+        if "encoder.conv_in.weight" in state:
+            enc = _level_widths(state, "encoder.down.")
+            kw.update(encoder_ch=enc[0], encoder_ch_mult=_mult(enc, where),
+                      encoder_num_res_blocks=_levels(state, "encoder.down.0.block."),
+                      z_channels=state["encoder.conv_out.weight"].shape[0] // 2)
+        if "decoder.conv_in.weight" in state:
+            dec = _level_widths(state, "decoder.up.")
+            kw.update(ch=dec[0], ch_mult=_mult(dec, where),
+                      num_res_blocks=_levels(state, "decoder.up.0.block.") - 1,
+                      z_channels=state["decoder.conv_in.weight"].shape[1])
+        if "post_quant_conv.weight" in state:
+            kw["embed_dim"] = state["post_quant_conv.weight"].shape[1]
+        return kw
+    except (KeyError, IndexError) as err:
+        raise CheckpointError(f"{where}: incomplete autoencoder weights, missing {err}") from None
+
+
+def config_from_diffusers(cfg: dict, where: str) -> dict:
+    """diffusers AutoencoderKL / AsymmetricAutoencoderKL config.json -> AsymmetricAutoencoderKL kwargs."""
+    asym = cfg.get("_class_name") == "AsymmetricAutoencoderKL"
+    down = cfg["down_block_out_channels"] if asym else cfg["block_out_channels"]
+    up = cfg["up_block_out_channels"] if asym else cfg["block_out_channels"]
+    checks = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
+              "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+    for key, want in checks.items():
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"{where}: config.json has {key}={cfg[key]!r}; this model needs {want!r}")
+    for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != want for t in cfg.get(key, [want])):
+            raise CheckpointError(f"{where}: config.json {key}={cfg[key]}; this model needs {want} blocks")
+    layers_down = cfg["layers_per_down_block"] if asym else cfg["layers_per_block"]
+    layers_up = cfg["layers_per_up_block"] if asym else cfg["layers_per_block"]
+    z = cfg.get("latent_channels", 4)
+    return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
+                encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z)

@@ -61,10 +61,11 @@ def test_official_loop_matches_ours_at_step_zero():
     official = OfficialStep(*copy.deepcopy((system.vae, system.discriminator, system.perceptual)), lr=0.0,
                             disc_weight=cfg.loss.disc_weight, sample_posterior=False)
     image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
-    ours_g, ours_d, off_g, off_d = [], [], [], []
+    ours_g, ours_d, off_g, off_d, fused = [], [], [], [], []
 
     class Capture(pl.Callback):
         def on_train_start(self, trainer, pl_module):
+            fused.extend(g["fused"] for opt in trainer.optimizers for g in opt.param_groups)
             capture_grads(trainer.optimizers[0], ours_g)
             capture_grads(trainer.optimizers[1], ours_d)
 
@@ -77,6 +78,7 @@ def test_official_loop_matches_ours_at_step_zero():
     for name in ("g_loss", "d_weight", "d_loss"):
         torch.testing.assert_close(metrics[f"train/{name}"], values[name], rtol=1e-4, atol=1e-6, msg=name)
     assert values["d_weight"] > 0
+    assert fused and all(fused)  # ours: fused Adam on the CPU too (the reference loops keep torch's default)
     assert len(ours_g) == len(off_g) > 0 and len(ours_d) == len(off_d) > 0
     for ours, off in ((ours_g, off_g), (ours_d, off_d)):
         total = torch.cat([g.flatten() for g in off]).norm()

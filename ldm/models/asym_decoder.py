@@ -36,7 +36,7 @@ class OptimConfig:
     warm_start_lr_scale: float = 0.1  # decoder weights loaded from SD (x1) train at lr x this
     grad_clip: float = 0.0  # max global grad norm per network; 0 = off
     accumulate_grad_batches: int = 1
-    fused: Optional[bool] = None  # None = fused Adam on CUDA
+    fused: Optional[bool] = None  # None = fused Adam on CUDA and CPU
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -254,7 +254,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         groups = [{"params": new, "lr": lr}]
         if warm:
             groups.append({"params": warm, "lr": lr * o.warm_start_lr_scale})
-        fused = o.fused if o.fused is not None else self.device.type == "cuda"
+        fused = o.fused if o.fused is not None else self.device.type in ("cuda", "cpu")  # one kernel per step
         opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(o.betas), fused=fused)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=tuple(o.betas), fused=fused)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 10**9

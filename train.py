@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import EMAWeightAveraging, LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 
-from data import ImageMaskDataModule, LogSkippedFiles
+from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
 from ldm.callbacks import ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
@@ -170,8 +170,9 @@ def fit(argv=None, extra_callbacks=()) -> None:
                           f"--name NAME for a new run, or run.overwrite=true to start over")
     check_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = ImageMaskDataModule(**cfg.data)
     system = build_system(cfg)
+    # a latent cache (scripts/cache_latents.py) must come from this run's frozen encoder
+    datamodule = ImageMaskDataModule(**cfg.data, encoder_fingerprint=encoder_fingerprint(system.vae))
     trainer = build_trainer(cfg, run_dir, name, extra_callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +184,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     """Exit code of a run: 0 done (or stopped by a signal, checkpoint saved), 2 config error, 1 non-finite loss."""
     try:
         fit(argv, extra_callbacks)
-    except ConfigError as err:
+    except (ConfigError, LatentCacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import ImageMaskTrain, ImageMaskVal
 from .images import load_crop
+from .latents import LatentCacheTrain, check_cache, is_latent_cache
 from .masks import MaskGenerator
 from .sources import file_samples, resolve_source, shard_samples
 
@@ -60,11 +61,15 @@ class ImageMaskDataModule(pl.LightningDataModule):
     (path, brace pattern, URL or pipe: command). epoch_length counts samples over all ranks.
     masks: keyword arguments of MaskGenerator (p_full, mix, presets). Validation splits the first
     val_size images over ranks and workers, each once, with crops and masks fixed by the seed.
+    A `source` of latent-cache shards (scripts/cache_latents.py; detected by their samples) yields its stored
+    crops with fresh masks plus "mean" and "logvar"; it needs flip=False, and must have been made at
+    `resolution` and with the encoder whose weights give `encoder_fingerprint` (None: not checked).
     `skipped` counts the unreadable files met so far on this rank (LogSkippedFiles logs it).
     """
 
     def __init__(self, source="sample", resolution=256, batch_size=4, num_workers=4, seed=0, val_source=None,
-                 val_size=64, epoch_length=1281167, flip=True, crop_min_scale=0.5, shuffle_buffer=1000, masks=None):
+                 val_size=64, epoch_length=1281167, flip=True, crop_min_scale=0.5, shuffle_buffer=1000, masks=None,
+                 encoder_fingerprint=None):
         super().__init__()
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
@@ -73,6 +78,7 @@ class ImageMaskDataModule(pl.LightningDataModule):
         self.seed, self.val_size, self.epoch_length = int(seed), val_size, int(epoch_length)
         self.flip, self.crop_min_scale, self.shuffle_buffer = bool(flip), float(crop_min_scale), int(shuffle_buffer)
         self.mask_kwargs = plain(masks or {})
+        self.encoder_fingerprint = encoder_fingerprint  # train.py: that of the run's frozen encoder
         self.train_set = self.val_set = None
 
     def rank_and_world_size(self):
@@ -95,10 +101,15 @@ class ImageMaskDataModule(pl.LightningDataModule):
             source = resolve_source(self.source)
             check_readable(source, self.resolution)
             batches = max(1, self.epoch_length // (world * self.batch_size))  # per rank, all full
-            self.train_set = ImageMaskTrain(
-                source, self.resolution, masks, batches * self.batch_size, seed=self.seed, rank=rank,
-                world_size=world, batch_size=self.batch_size, crop_min_scale=self.crop_min_scale,
-                flip=self.flip, shuffle_buffer=self.shuffle_buffer)
+            kwargs = dict(seed=self.seed, rank=rank, world_size=world, batch_size=self.batch_size,
+                          crop_min_scale=self.crop_min_scale, shuffle_buffer=self.shuffle_buffer)
+            if is_latent_cache(source):
+                check_cache(source, self.resolution, self.flip, self.encoder_fingerprint)
+                self.train_set = LatentCacheTrain(source, self.resolution, masks, batches * self.batch_size,
+                                                  encoder=self.encoder_fingerprint, **kwargs)
+            else:
+                self.train_set = ImageMaskTrain(source, self.resolution, masks, batches * self.batch_size,
+                                                flip=self.flip, **kwargs)
         if stage in (None, "fit", "validate") and self.val_set is None:
             source = resolve_source(self.val_source)
             check_readable(source, self.resolution)

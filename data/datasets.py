@@ -21,10 +21,14 @@ def worker_slot():
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def to_image(pixels):
+    """(R, R, 3) uint8 array -> (3, R, R) float32 in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
 def to_sample(pixels, mask, key):
     """(R, R, 3) uint8 and (R, R) {0,1} arrays -> the batch-element dict (image in [-1, 1], mask 1 = hole)."""
-    image = torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, R, R)
-    return {"image": image, "mask": torch.from_numpy(mask).float()[None], "key": key}  # mask (1, R, R)
+    return {"image": to_image(pixels), "mask": torch.from_numpy(mask).float()[None], "key": key}  # mask (1, R, R)
 
 
 def shuffled(pairs, rng, size, initial=100):
@@ -82,12 +86,20 @@ class ImageMaskTrain(IterableDataset):
         urls, empty = self.source.items, 0
         while True:
             count = 0
-            for pair in shard_samples([urls[rng.integers(len(urls))]], self.skipped.add):
+            for pair in self._shard_samples([urls[rng.integers(len(urls))]], self.skipped.add):
                 count += 1
                 yield pair
             empty = 0 if count else empty + 1
             if empty > max(100, 2 * len(urls)):
                 raise RuntimeError(f"image source {self.source.name!r}: {empty} shard reads in a row gave no sample")
+
+    def _shard_samples(self, urls, on_error):
+        """(key, raw) pairs of the shards in order: image bytes here (a latent cache reads whole samples)."""
+        return shard_samples(urls, on_error)
+
+    def make_sample(self, key, raw, rng, mask):
+        """The batch element: a random crop of the decoded image (raises on unreadable data: skipped)."""
+        return to_sample(load_crop(raw, self.resolution, rng, self.crop_min_scale, self.flip), mask, key)
 
     def __iter__(self):
         worker, num_workers = worker_slot()
@@ -108,12 +120,12 @@ class ImageMaskTrain(IterableDataset):
             index += 1
             mask = self.masks(rng)  # drawn first: the mask stream does not depend on the images
             try:
-                pixels = load_crop(raw, self.resolution, rng, self.crop_min_scale, self.flip)
+                sample = self.make_sample(key, raw, rng, mask)
             except Exception as error:  # corrupt, truncated, zero-byte, not an image: skip and count
                 self.skipped.add(key, error)
                 continue
             misses, todo = 0, todo - 1
-            yield to_sample(pixels, mask, key)
+            yield sample
 
 
 class ImageMaskVal(IterableDataset):

@@ -1,7 +1,7 @@
 """Training-step speed: our Lightning step against the official and a naive loop, on one fixed batch.
 
     python scripts/benchmark.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--rounds R] [--batch-size B]
-        [--reference official|naive ...] [--reference-precision 32-true|bf16-mixed] [--compile]
+        [--reference official|naive ...] [--reference-precision 32-true|bf16-mixed] [--compile] [--cached-latents]
     python scripts/benchmark.py --max-batch [key=value ...] [--presets x1.5 x2] [--resolutions 256 512]
         [--memory-budget-gb 80]
 
@@ -12,7 +12,9 @@ or EMA), timed by a callback from one batch end to the next (CUDA: synchronised 
 Figures: median seconds per step over --steps after --warmup, images/s, peak memory (CUDA:
 max_memory_allocated; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
 FLOPs per step (FlopCounterMode, one decoder forward + backward) and, on CUDA, MFU. The last lines read
-`speedup vs official: 1.52x` (reference seconds per step / ours). On a shared machine, --rounds R alternates
+`speedup vs official: 1.52x` (reference seconds per step / ours). --cached-latents adds "ours-cached", our step with
+the posterior in the batch as a latent cache gives it (the encoder skipped; scripts/benchmark_latents.py), and the
+encoder's own share of our step. On a shared machine, --rounds R alternates
 the variants R times (load drifts evenly over them) and OMP_NUM_THREADS=1 avoids OpenMP stalls when other
 processes hold the cores.
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))  # train.py and scripts/ from a checkout
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from ldm.config import load_config  # noqa: E402
+from benchmark_latents import cache_inputs, cache_report  # noqa: E402
 from reference_steps import run_reference, sync  # noqa: E402
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="append", default=[], choices=["official", "naive"])
     p.add_argument("--reference-precision", default=None, help="precision of the references (default: ours)")
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder's blocks")
+    p.add_argument("--cached-latents", action="store_true",
+                   help="also time ours with a cached posterior in the batch (the encoder skipped)")
     p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above)")
     p.add_argument("--presets", nargs="+", default=["x1.5", "x2"], choices=["x1.5", "x2"], help="--max-batch")
     p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], help="--max-batch")
@@ -119,11 +124,11 @@ def build_ours(cfg, compile_blocks=False):
     return system
 
 
-def fit_ours(system, cfg, image, mask, steps, callbacks=()):
-    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch."""
+def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None):
+    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch (plus `extra` entries)."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
-    batch = {"image": image, "mask": mask}
+    batch = {"image": image, "mask": mask, **(extra or {})}
     trainer = pl.Trainer(accelerator=image.device.type if image.device.type == "cuda" else "cpu", devices=1,
                          precision=cfg.trainer.precision, max_steps=steps, logger=False,
                          enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -145,14 +150,17 @@ def step_end_timer(device, stamps):
     return StepEndTimer()
 
 
-def run_ours(cfg, image, mask, n_steps, compile_blocks):
-    stamps = []
+def run_ours(cfg, image, mask, n_steps, compile_blocks, cached=False):
+    """Step times of ours; `cached`: with the posterior in the batch, plus the encoder's time alone."""
+    stamps, extra, info = [], None, {}
     torch.manual_seed(cfg.seed)
     system = build_ours(cfg, compile_blocks)
+    if cached:
+        extra, info["encoder_times"] = cache_inputs(system, image, mask, cfg.trainer.precision, n_steps)
     sync(image.device)
     stamps.append(time.perf_counter())
-    fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps)])
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps)], extra)
+    return [b - a for a, b in zip(stamps, stamps[1:])], info
 
 
 # ----------------------------------------------------------------------------- one variant per process
@@ -175,15 +183,16 @@ def measure(variant, files, overrides, batch_size, n_steps, precision, compile_b
         torch.backends.cudnn.benchmark = True  # fixed shapes; the same for every variant
         torch.cuda.reset_peak_memory_stats(device)
     image, mask = make_batch(cfg, device)
-    if variant == "ours":
-        times = run_ours(cfg, image, mask, n_steps, compile_blocks)
+    info = {}
+    if variant in ("ours", "ours-cached"):
+        times, info = run_ours(cfg, image, mask, n_steps, compile_blocks, cached=variant == "ours-cached")
     else:
         times = run_reference(variant, cfg, image, mask, n_steps, precision)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of its process (getrusage)"
-    return dict(times=times, peak=peak, peak_kind=kind, device=str(device),
+    return dict(info, times=times, peak=peak, peak_kind=kind, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
@@ -257,13 +266,18 @@ def report(cfg, args, results, flops):
     for name, r in results.items():
         med = statistics.median(r["times"])
         medians[name] = med
-        precision = our_precision if name == "ours" else ref_precision
-        print(f"{name:<9} images/s={cfg.data.batch_size / med:.3f}  s/step={med:.4f}  (best {min(r['times']):.4f})  "
+        precision = our_precision if name.startswith("ours") else ref_precision
+        print(f"{name:<11} images/s={cfg.data.batch_size / med:.3f}  s/step={med:.4f}  (best {min(r['times']):.4f})  "
               f"precision={precision}  peak_mem={gib(r['peak'])} ({r['peak_kind']})")
-        print(f"{'':<9} MFU (decoder FLOPs): {mfu_text(flops, med, r['device_name'], precision)}")
+        print(f"{'':<11} MFU (decoder FLOPs): {mfu_text(flops, med, r['device_name'], precision)}")
     best = {name: min(r["times"]) for name, r in results.items()}
-    print("best-step ratios (less sensitive to other load on the machine): "
-          + ", ".join(f"{name} {best[name] / best['ours']:.2f}x" for name in dict.fromkeys(args.reference)))
+    if "ours-cached" in results:
+        print("\n".join(cache_report(cfg.data.batch_size, medians["ours"], medians["ours-cached"],
+                                     statistics.median(results["ours-cached"]["encoder_times"]),
+                                     best["ours"] / best["ours-cached"])))
+    if args.reference:
+        print("best-step ratios (less sensitive to other load on the machine): "
+              + ", ".join(f"{name} {best[name] / best['ours']:.2f}x" for name in dict.fromkeys(args.reference)))
     for name in dict.fromkeys(args.reference):
         print(f"speedup vs {name}: {medians[name] / medians['ours']:.2f}x")
 
@@ -284,13 +298,15 @@ def run_benchmark(args):
     ref_precision = args.reference_precision or str(cfg.trainer.precision)
     results = {}
     for _ in range(args.rounds):
-        for name in ["ours", *dict.fromkeys(args.reference)]:
-            precision = None if name == "ours" else ref_precision
+        for name in ["ours", *(["ours-cached"] if args.cached_latents else []), *dict.fromkeys(args.reference)]:
+            precision = None if name.startswith("ours") else ref_precision
             r = in_child(measure, name, args.config, args.overrides, args.batch_size, n, precision,
-                         args.compile and name == "ours")
+                         args.compile and name.startswith("ours"))
             r["times"] = r["times"][args.warmup:]
             if name in results:
                 r["times"] = results[name]["times"] + r["times"]
+                if "encoder_times" in r:
+                    r["encoder_times"] = results[name]["encoder_times"] + r["encoder_times"]
                 r["peak"] = max(r["peak"], results[name]["peak"])
             results[name] = r
     report(cfg, args, results, decoder_flops(cfg))

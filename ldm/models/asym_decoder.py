@@ -11,6 +11,7 @@ from torch import nn
 from ..metrics import region_metrics
 from ..modules.autoencoder import AsymmetricAutoencoderKL
 from ..modules.losses import discriminator_loss, generator_loss, reconstruction_losses
+from ..modules.vae import DiagonalGaussianDistribution
 
 
 @dataclass
@@ -117,6 +118,13 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         posterior = self.vae.encode(image)
         return posterior.sample() if self.sample_posterior else posterior.mode()
 
+    def latent(self, batch, image: torch.Tensor) -> torch.Tensor:
+        """The latent from the batch's cached posterior (scripts/cache_latents.py: the encoder skipped), else encode."""
+        if "mean" not in batch:
+            return self.encode(image)
+        posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
+        return posterior.sample() if self.sample_posterior else posterior.mode()  # same draw as encode's
+
     def inputs(self, batch):
         image, mask = batch["image"], batch["mask"]
         if self.channels_last:
@@ -127,7 +135,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         image, mask = self.inputs(batch)
         step = self.global_step
         gan_on = self.loss_cfg.disc_weight > 0 and step >= self.loss_cfg.disc_start
-        recon, features = self.decode_with_features(self.encode(image), image, mask)
+        recon, features = self.decode_with_features(self.latent(batch, image), image, mask)
         recon32 = recon.float().detach().requires_grad_(True)  # losses in fp32; grads flow back via `recon`
         terms = self.recon_terms(recon32, image, mask)
         scale = recon[0].numel()  # official reduction: sum over pixels, mean over batch (matters for Adam's eps)

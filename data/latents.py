@@ -1,0 +1,134 @@
+"""Latent caches (scripts/cache_latents.py): shards of fixed crops with the frozen encoder's posterior.
+
+A cache sample holds "png" (the (R, R, 3) crop, lossless), "mean.npy" and "logvar.npy" (float32 (4, R/8, R/8):
+the posterior of that crop, logvar clamped as DiagonalGaussianDistribution does) and "json" (the crop box in
+source pixels, flip, the source key, the resolution and the encoder's weight fingerprint). Training on a cache
+reads the crop as stored (no new crop or flip), draws a fresh mask, and skips the encoder.
+"""
+import copy
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from .datasets import ImageMaskTrain, to_sample
+from .images import open_image, random_crop_box
+
+CACHE_STREAM = 4  # seed-sequence tag of the cache's crops (datasets: 0-2, evaluation masks: 3)
+CACHE_MEMBERS = ("png", "mean.npy", "logvar.npy", "json")
+
+
+class LatentCacheError(ValueError):
+    """A latent cache that does not fit the run (resolution, encoder weights, flip); the message names it."""
+
+
+def encoder_fingerprint(vae) -> str:
+    """16 hex digits of sha256 over the frozen encoder's weights (encoder.*, quant_conv.*; float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def draw_crop(rng, src, min_scale=0.5, flip=False):
+    """The (box, flipped) that load_crop(src, R, rng, min_scale, flip) will draw, from a copy of rng.
+
+    Mirrors load_crop's draws (box, then flip): the box is in the source image's pixels.
+    """
+    rng = copy.deepcopy(rng)
+    with open_image(src) as img:
+        box = random_crop_box(rng, *img.size, min_scale)
+    return [round(v, 3) for v in box], bool(flip and rng.random() < 0.5)
+
+
+def npy_bytes(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_bytes(pixels) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def cache_samples(urls, on_error):
+    """(key, sample dict) pairs of latent-cache shards in order; incomplete samples go to on_error(key, exc)."""
+
+    def handler(exc):
+        on_error(str(exc.args[-1]) if exc.args else "shard", exc)
+        return True
+
+    for sample in wds.tarfile_samples(({"url": u} for u in urls), handler=handler):
+        key = f"{os.path.basename(sample['__url__'])}/{sample['__key__']}"
+        missing = [m for m in CACHE_MEMBERS if m not in sample]
+        if missing:
+            on_error(key, ValueError(f"latent-cache sample without {missing}"))
+            continue
+        yield key, sample
+
+
+def is_latent_cache(source) -> bool:
+    """True when the source's first shard sample carries a posterior (a cache from scripts/cache_latents.py)."""
+    if source.kind != "shards":
+        return False
+    for sample in wds.tarfile_samples([{"url": source.items[0]}], handler=lambda exc: True):
+        return "mean.npy" in sample
+    return False
+
+
+def check_cache_sample(sample, resolution, encoder=None):
+    """Raise LatentCacheError, naming the file and both values, if the sample was made for another run's settings."""
+    meta = json.loads(sample["json"])
+    name = f"{sample['__url__']} (sample {sample['__key__']})"
+    if meta["resolution"] != resolution:
+        raise LatentCacheError(f"latent cache {name}: made at resolution {meta['resolution']}, this run's "
+                               f"data.resolution is {resolution}; re-run scripts/cache_latents.py with the run's "
+                               f"config")
+    if encoder is not None and meta["encoder"] != encoder:
+        raise LatentCacheError(f"latent cache {name}: made with encoder weights {meta['encoder']}, this run's "
+                               f"(model.vae_ckpt) are {encoder}; re-run scripts/cache_latents.py with the run's config")
+
+
+def check_cache(source, resolution, flip, encoder=None):
+    """Fail early, in the main process, if the cache's first sample does not fit the run (or flip is on)."""
+    if flip:
+        raise LatentCacheError(f"data.flip=true with latent cache {source.name!r}: its crops and latents are fixed "
+                               f"(cache_latents.py applies data.flip when it draws them); set data.flip=false")
+    for _key, sample in cache_samples(source.items[:1], lambda name, error: None):
+        check_cache_sample(sample, resolution, encoder)
+        return
+    raise LatentCacheError(f"latent cache {source.name!r}: no complete sample in {source.items[0]}")
+
+
+class LatentCacheTrain(ImageMaskTrain):
+    """ImageMaskTrain over a latent cache: stored crops (no new crop or flip), fresh masks, cached posteriors.
+
+    Samples add "mean" and "logvar" (float32 (4, R/8, R/8)). Every sample's resolution, and its encoder
+    fingerprint when `encoder` is given, must match the run's (else LatentCacheError: not a skipped file).
+    """
+
+    def __init__(self, source, resolution, mask_generator, length, encoder=None, **kwargs):
+        super().__init__(source, resolution, mask_generator, length, flip=False, **kwargs)
+        self.encoder = encoder
+
+    def _shard_samples(self, urls, on_error):
+        for key, sample in cache_samples(urls, on_error):
+            check_cache_sample(sample, self.resolution, self.encoder)  # outside the caller's skip: an error
+            yield key, sample
+
+    def make_sample(self, key, raw, rng, mask):
+        with open_image(raw["png"]) as img:
+            pixels = np.array(img.convert("RGB"))
+        sample = to_sample(pixels, mask, key)
+        sample["mean"] = torch.from_numpy(np.load(io.BytesIO(raw["mean.npy"])))  # (4, R/8, R/8)
+        sample["logvar"] = torch.from_numpy(np.load(io.BytesIO(raw["logvar.npy"])))
+        return sample

@@ -297,3 +297,28 @@ def test_compare_condition_trains_both_identically_then_prints_known_region_psnr
     result = json.loads((tmp_path / "compare_condition" / "results.json").read_text())
     assert result["masks"] == {"kind": "files", "folder": str(masks), "count": 2, "cycled": False}
     assert result["metrics"]["vanilla"]["raw"]["all"]["mask_area"] == pytest.approx((64 + 96) / 256 / 2)
+
+
+def test_fid_reads_inception_weights_in_torch_fidelitys_format(tmp_path, monkeypatch):
+    """The real loading path (inception_weights -> FidTracker.inception) on random weights saved in the file
+    format torch-fidelity downloads: the weights arrive unchanged and FID runs (the FID maths: test above)."""
+    fe = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with monkeypatch.context() as m:  # build the network without its download, then save its random weights
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(net.state_dict(), tmp_path / "checkpoints" / INCEPTION_FILE)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path, note = inception_weights()
+    assert note is None and path.name == INCEPTION_FILE
+    fid = FidTracker.inception([("same", "raw"), ("dark", "raw")], path)
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fid.update_real(images)
+    fid.update(("same", "raw"), images)
+    fid.update(("dark", "raw"), images * 0.5 - 0.5)
+    loaded = fid.real.inception.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    scores = fid.compute()  # random Inception weights: tiny features, so only the order is meaningful
+    assert math.isfinite(scores[("dark", "raw")]) and scores[("dark", "raw")] > abs(scores[("same", "raw")]), scores

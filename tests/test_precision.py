@@ -1,0 +1,38 @@
+"""16-mixed with a GradScaler (run on the CPU's fp16 autocast): one scaler update per step for both optimisers."""
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins import MixedPrecision
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+TINY = ["model.vae_ckpt=null", "perceptual.pretrained=false", "model.autoencoder.ch=32",
+        "model.autoencoder.num_res_blocks=1", "model.autoencoder.encoder_ch=32",
+        "model.autoencoder.encoder_num_res_blocks=1", "discriminator.ndf=8", "discriminator.n_layers=2",
+        "data.batch_size=2", "data.resolution=32", "trainer.accelerator=cpu"]
+
+
+def test_fp16_scaler_updates_once_per_step_and_steps_both_networks():
+    cfg = benchmark.load([ROOT / "configs" / "base.yaml"], TINY)  # loss.disc_start=0: the GAN from step 0
+    torch.manual_seed(0)
+    system = benchmark.build_ours(cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    updates = []
+    update = scaler.update
+    scaler.update = lambda *a, **k: (updates.append(scaler.get_scale()), update(*a, **k))[1]
+    before = [p.detach().clone() for p in system.discriminator.parameters()]
+    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(system, train_dataloaders=DataLoader([{"image": image, "mask": mask}] * 3, batch_size=None))
+    assert trainer.global_step == 3  # decoder steps only: the discriminator's step does not count
+    assert len(updates) == 3  # one update per backward, after both optimisers (two would rescale between them)
+    assert any(not torch.equal(a, b) for a, b in zip(before, system.discriminator.parameters()))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -85,3 +85,17 @@ def test_official_loop_matches_ours_at_step_zero():
         for n, (a, b) in enumerate(zip(ours, off)):
             # conv biases before a GroupNorm have a zero gradient in exact maths: noise on both sides
             assert (a - b).norm() <= 1e-3 * max(b.norm(), 1e-2 * total), (n, (a - b).norm(), b.norm(), total)
+
+
+def test_max_batch_estimate_on_cpu_grows_with_gradient_checkpointing():
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--max-batch", "model.vae_ckpt=null",
+           "perceptual.pretrained=false", "--presets", "x1.5", "--resolutions", "256", "--memory-budget-gb", "80"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = {ckpt: (int(n), float(fixed), float(per)) for ckpt, n, fixed, per in re.findall(
+        r"x1\.5\s+256 px\s+gradient_checkpointing=(\w+)\s+estimated max batch (\d+)\s+"
+        r"\(fixed ([0-9.]+) GiB, per image ([0-9.]+) GiB\)", proc.stdout)}
+    assert set(found) == {"false", "true"}, proc.stdout
+    (n, fixed, per), (n_ckpt, fixed_ckpt, per_ckpt) = found["false"], found["true"]
+    assert fixed == fixed_ckpt and per_ckpt < per and n_ckpt > n >= 1
+    assert 0 <= (80 - fixed) / per - n < 1.01  # max batch = floor((budget - fixed) / per image), figures rounded

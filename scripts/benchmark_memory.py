@@ -31,7 +31,9 @@ def search_max_batch(files, overrides):
         system.trainer = None  # drop the last trainer's optimiser states before the next try
         gc.collect()
         torch.cuda.empty_cache()
-        return ok, torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        print(f"  batch {b}: {'fits, peak ' + gib(peak) if ok else 'out of memory'}", flush=True)  # partial results
+        return ok, peak
 
     total = torch.cuda.mem_get_info(device)[1]
     found = dict(device=f"{torch.cuda.get_device_name(device)} ({gib(total)})")

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU checks: the GPU tests, the x1.5 benchmarks (bf16 vs the naive fp32 loop; --compile; batch 16 with
+# the latent cache; all-bf16 against official and naive), x2 at 512 px, 300 training steps of x1.5 at 256 px,
+# and the largest-batch search. Each part has its own time limit (all together: up to ~17 min; the first
+# three take ~6 min on an H100) and writes OUT/<part>.log; a part that fails or times out does not stop the rest.
+#     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/, every part in the order below)
+# PARTs: tests bench_vs_naive_fp32 bench_compile bench_batch16 bench_all_bf16 x2_512_batch2 train_x15 max_batch
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-gpu_checks}
+[ $# -gt 0 ] && shift
+PARTS=" ${*:-tests bench_vs_naive_fp32 bench_compile bench_batch16 bench_all_bf16 x2_512_batch2 train_x15 max_batch} "
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.log"
+T0=$(date +%s)
+part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout also ends the benchmark's children
+    local name=$1 limit=$2 waited=0; shift 2
+    [[ $PARTS == *" $name "* ]] || return 0
+    echo "=== [$(( $(date +%s) - T0 )) s] $name (limit $limit s)"
+    setsid "$@" > "$OUT/$name.log" 2>&1 &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$limit" ]; do sleep 1; waited=$((waited + 1)); done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "    timed out after $limit s"; kill -TERM -- "-$pid"; sleep 5; kill -KILL -- "-$pid" 2>/dev/null
+    fi
+    wait "$pid"; echo "    exit $?"
+    grep -v -i -E "warn|tip|tensor cores|LOCAL_RANK|available:" "$OUT/$name.log" | tail -n 12
+}
+RANDOM_INIT="model.vae_ckpt=null perceptual.pretrained=false"
+X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
+part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+part bench_vs_naive_fp32 120 "$PY" scripts/benchmark.py $X15 --reference naive --reference-precision 32-true \
+    --steps 20 --warmup 5
+part bench_compile 150 "$PY" scripts/benchmark.py $X15 --compile --steps 20 --warmup 5
+part bench_batch16 90 "$PY" scripts/benchmark.py $X15 data.batch_size=16 --cached-latents --steps 10 --warmup 3
+part bench_all_bf16 120 "$PY" scripts/benchmark.py $X15 --reference official --reference naive --steps 15 --warmup 5
+part x2_512_batch2 90 "$PY" scripts/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
+    data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2
+part train_x15 150 "$PY" train.py $X15 trainer.max_steps=300 trainer.val_check_interval=150 \
+    trainer.limit_val_batches=4 trainer.log_every_n_steps=25 trainer.enable_progress_bar=false \
+    run.checkpoint_every_n_steps=300 loss.disc_start=100 optim.warmup_steps=50 ema.decay=0.999 \
+    data.num_workers=8 run.log_dir="$OUT/logs" run.overwrite=true --name x15_gpu
+cp "$OUT/logs/x15_gpu/metrics.csv" "$OUT/train_x15_metrics.csv" 2>/dev/null
+part max_batch 180 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
+    model.channels_last=true --presets x1.5 x2 --resolutions 256 512
+echo "=== [$(( $(date +%s) - T0 )) s] done: logs in $OUT/"

@@ -78,8 +78,9 @@ def center_crop_box(width, height):
     return (left, top, left + side, top + side)
 
 
-def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False):
-    """Decode `src` (path or bytes), crop a square (random if rng else centred), resize: (R, R, 3) uint8.
+def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False, with_crop=False):
+    """Decode `src` (path or bytes), crop a square (random if rng else centred), resize: (R, R, 3) uint8;
+    with_crop: (pixels, the box in source pixels, flipped).
 
     Raises on unreadable data; callers count and skip. Crops smaller than R are upscaled, larger ones
     downscaled by area averaging.
@@ -87,6 +88,7 @@ def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False):
     with open_image(src) as img:
         width, height = img.size
         box = random_crop_box(rng, width, height, min_scale) if rng is not None else center_crop_box(width, height)
+        source_box = box
         side = box[2] - box[0]
         if img.format == "JPEG" and side > 2 * resolution:
             # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= R pixels: big photos
@@ -100,6 +102,8 @@ def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False):
     # area averaging to shrink (PIL BOX); bilinear to enlarge, which is what cv2.INTER_AREA does there
     resample = Image.BOX if side >= resolution else Image.BILINEAR
     out = rgb.resize((resolution, resolution), resample, box=box)
-    if flip and rng is not None and rng.random() < 0.5:
+    flipped = bool(flip and rng is not None and rng.random() < 0.5)
+    if flipped:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.array(out)  # (R, R, 3) uint8, writable
+    pixels = np.array(out)  # (R, R, 3) uint8, writable
+    return (pixels, source_box, flipped) if with_crop else pixels

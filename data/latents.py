@@ -5,7 +5,6 @@ the posterior of that crop, logvar clamped as DiagonalGaussianDistribution does)
 source pixels, flip, the source key, the resolution and the encoder's weight fingerprint). Training on a cache
 reads the crop as stored (no new crop or flip), draws a fresh mask, and skips the encoder.
 """
-import copy
 import hashlib
 import io
 import json
@@ -17,7 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from .datasets import ImageMaskTrain, to_sample
-from .images import open_image, random_crop_box
+from .images import open_image
 
 CACHE_STREAM = 4  # seed-sequence tag of the cache's crops (datasets: 0-2, evaluation masks: 3)
 CACHE_MEMBERS = ("png", "mean.npy", "logvar.npy", "json")
@@ -35,17 +34,6 @@ def encoder_fingerprint(vae) -> str:
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def draw_crop(rng, src, min_scale=0.5, flip=False):
-    """The (box, flipped) that load_crop(src, R, rng, min_scale, flip) will draw, from a copy of rng.
-
-    Mirrors load_crop's draws (box, then flip): the box is in the source image's pixels.
-    """
-    rng = copy.deepcopy(rng)
-    with open_image(src) as img:
-        box = random_crop_box(rng, *img.size, min_scale)
-    return [round(v, 3) for v in box], bool(flip and rng.random() < 0.5)
 
 
 def npy_bytes(array) -> bytes:

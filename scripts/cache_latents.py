@@ -30,8 +30,7 @@ sys.path.insert(0, str(ROOT))  # data/ and ldm/ from a checkout
 
 from data.datasets import to_image  # noqa: E402
 from data.images import load_crop  # noqa: E402
-from data.latents import (CACHE_STREAM, draw_crop, encoder_fingerprint, is_latent_cache, npy_bytes,  # noqa: E402
-                          png_bytes)
+from data.latents import CACHE_STREAM, encoder_fingerprint, is_latent_cache, npy_bytes, png_bytes  # noqa: E402
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import AsymmetricAutoencoderKL, load_into  # noqa: E402
@@ -76,8 +75,8 @@ def draw_crops(job):
         out = []
         for k in range(crops):
             rng = sample_rng(seed, CACHE_STREAM, index, k)
-            box, flipped = draw_crop(rng, raw, min_scale, flip)  # what load_crop draws next from rng
-            out.append((box, flipped, load_crop(raw, resolution, rng, min_scale, flip)))
+            pixels, box, flipped = load_crop(raw, resolution, rng, min_scale, flip, with_crop=True)
+            out.append(([round(v, 3) for v in box], flipped, pixels))
         return index, key, out, None
     except Exception as error:  # corrupt, truncated, not an image: skipped and listed
         return index, key, None, f"{type(error).__name__}: {error}"

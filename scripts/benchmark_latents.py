@@ -28,7 +28,7 @@ def cache_inputs(system, image, mask, precision, steps):
         sync(image.device)
         start = time.perf_counter()
         with torch.autocast(image.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            system.encode(image)  # what training_step does without a cache
+            system.latent({}, image)  # what training_step does without a cache
         sync(image.device)
         times.append(time.perf_counter() - start)
     return cached, times[1:]

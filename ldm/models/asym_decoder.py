@@ -113,17 +113,14 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Latent of the full, unmasked image from the frozen encoder: (B,4,H/8,W/8)."""
-        posterior = self.vae.encode(image)
-        return posterior.sample() if self.sample_posterior else posterior.mode()
-
     def latent(self, batch, image: torch.Tensor) -> torch.Tensor:
-        """The latent from the batch's cached posterior (scripts/cache_latents.py: the encoder skipped), else encode."""
-        if "mean" not in batch:
-            return self.encode(image)
-        posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
-        return posterior.sample() if self.sample_posterior else posterior.mode()  # same draw as encode's
+        """Latent of the full, unmasked image (B,4,H/8,W/8): from the frozen encoder, or from the batch's cached
+        posterior ("mean", "logvar" from scripts/cache_latents.py: the encoder skipped)."""
+        if "mean" in batch:
+            posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
+        else:
+            posterior = self.vae.encode(image)
+        return posterior.sample() if self.sample_posterior else posterior.mode()
 
     def inputs(self, batch):
         image, mask = batch["image"], batch["mask"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldm import AsymmetricAutoencoderKL
+from test_train import TINY as CPU_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu,
@@ -65,16 +66,10 @@ def test_gpu_gradient_checkpointing_gives_the_same_grads():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-TINY = [
-    "model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1",
-    "model.autoencoder.encoder_ch=32", "model.autoencoder.encoder_num_res_blocks=1",
-    "perceptual.pretrained=false", "discriminator.ndf=8", "discriminator.n_layers=2",
-    "data.resolution=64", "data.batch_size=4", "data.num_workers=0", "data.val_size=4",
-    "trainer.accelerator=gpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
-    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "trainer.val_check_interval=6",
-    "trainer.max_steps=6", "loss.disc_start=2", "optim.warmup_steps=1", "optim.base_lr=1e-4",
-    "model.channels_last=true", "ema.decay=0.9",
-]
+TINY = [*CPU_TINY,  # tests/test_train.py's tiny model, on the GPU, with the GAN from step 2
+        "trainer.accelerator=gpu", "data.resolution=64", "data.batch_size=4", "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=6", "trainer.max_steps=6", "loss.disc_start=2", "model.channels_last=true",
+        "ema.decay=0.9"]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])

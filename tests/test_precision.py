@@ -11,15 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
-
-TINY = ["model.vae_ckpt=null", "perceptual.pretrained=false", "model.autoencoder.ch=32",
-        "model.autoencoder.num_res_blocks=1", "model.autoencoder.encoder_ch=32",
-        "model.autoencoder.encoder_num_res_blocks=1", "discriminator.ndf=8", "discriminator.n_layers=2",
-        "data.batch_size=2", "data.resolution=32", "trainer.accelerator=cpu"]
+from test_benchmark import TINY  # noqa: E402
 
 
 def test_fp16_scaler_updates_once_per_step_and_steps_both_networks():
-    cfg = benchmark.load([ROOT / "configs" / "base.yaml"], TINY)  # loss.disc_start=0: the GAN from step 0
+    # benchmark.load sets loss.disc_start=0: the GAN from step 0
+    cfg = benchmark.load([ROOT / "configs" / "base.yaml"], [*TINY, "data.resolution=32"])
     torch.manual_seed(0)
     system = benchmark.build_ours(cfg)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)

@@ -84,6 +84,14 @@ def check_inputs(cfg) -> None:
             resolve_source(source)  # shards: expands the pattern and checks the local files exist
         except FileNotFoundError as err:
             raise ConfigError(f"data.{key}: {err}") from None
+    if isinstance(cfg.model.compile, str):
+        from torch._dynamo import list_backends
+        if cfg.model.compile not in list_backends(exclude_tags=()):
+            raise ConfigError(f"model.compile must be true, false or a torch.compile backend (inductor, "
+                              f"aot_eager, eager, ...: torch._dynamo.list_backends()), got '{cfg.model.compile}'")
+    elif cfg.model.compile is not None and not isinstance(cfg.model.compile, bool):
+        raise ConfigError(f"model.compile must be true, false or a torch.compile backend name, "
+                          f"got {cfg.model.compile!r}")
     if cfg.optim.grad_clip > 0 and str(cfg.trainer.precision) in ("16", "16-mixed"):
         raise ConfigError("optim.grad_clip: clipping does not work with trainer.precision=16-mixed (the gradients "
                           "are still loss-scaled when clipped); use bf16-mixed, or optim.grad_clip=0")
@@ -108,7 +116,7 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
         vae, NLayerDiscriminator(**cfg.discriminator), perceptual,
         loss=LossConfig(**cfg.loss), optim=OptimConfig(**cfg.optim), batch_size=cfg.data.batch_size,
         sample_posterior=cfg.model.sample_posterior, warm_start_keys=warm_keys,
-        channels_last=cfg.model.channels_last, run_config=to_container(cfg))
+        channels_last=cfg.model.channels_last, compile=cfg.model.compile, run_config=to_container(cfg))
 
 
 def build_loggers(cfg, run_dir: Path, name: str):

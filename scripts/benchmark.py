@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
     p.add_argument("--reference", action="append", default=[], choices=["official", "naive"])
     p.add_argument("--reference-precision", default=None, help="precision of the references (default: ours)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoder's blocks")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder's blocks (model.compile=true)")
     p.add_argument("--cached-latents", action="store_true",
                    help="also time ours with a cached posterior in the batch (the encoder skipped)")
     p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above)")
@@ -81,9 +81,10 @@ def parse_args(argv=None):
     return args
 
 
-def load(files, overrides, batch_size=None):
+def load(files, overrides, batch_size=None, compile_blocks=False):
     """The run's config, with the GAN on from step 0."""
     extra = ["loss.disc_start=0"] + ([f"data.batch_size={batch_size}"] if batch_size else [])
+    extra += ["model.compile=true"] if compile_blocks else []
     cfg = load_config(ROOT / "configs" / "base.yaml", files, [*overrides, *extra])
     if cfg.loss.disc_weight <= 0:
         raise SystemExit("error: loss.disc_weight must be > 0: the benchmark measures the full step with the GAN")
@@ -112,15 +113,9 @@ def make_batch(cfg, device, seed=0):
 # ----------------------------------------------------------------------------- ours
 
 
-def build_ours(cfg, compile_blocks=False):
+def build_ours(cfg):
     from train import build_system
-    system = build_system(cfg)
-    if compile_blocks:
-        from ldm.modules.vae import AttnBlock, ResnetBlock, Upsample
-        for m in system.vae.decoder.modules():  # in place: names, hooks and checkpoints stay as they are
-            if isinstance(m, (ResnetBlock, AttnBlock, Upsample)):
-                m.compile()
-    return system
+    return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the decoder's blocks
 
 
 def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None):
@@ -149,11 +144,11 @@ def step_end_timer(device, stamps):
     return StepEndTimer()
 
 
-def run_ours(cfg, image, mask, n_steps, compile_blocks, cached=False):
+def run_ours(cfg, image, mask, n_steps, cached=False):
     """Step times of ours; `cached`: with the posterior in the batch, plus the encoder's time alone."""
     stamps, extra, info = [], None, {}
     torch.manual_seed(cfg.seed)
-    system = build_ours(cfg, compile_blocks)
+    system = build_ours(cfg)
     if cached:
         extra, info["encoder_times"] = cache_inputs(system, image, mask, cfg.trainer.precision, n_steps)
     sync(image.device)
@@ -176,7 +171,7 @@ def measure(variant, files, overrides, batch_size, n_steps, precision, compile_b
     """Child process: build and time one variant; step times, peak memory and its kind."""
     import resource
     quiet()
-    cfg = load(files, overrides, batch_size)
+    cfg = load(files, overrides, batch_size, compile_blocks)
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes; the same for every variant
@@ -184,7 +179,7 @@ def measure(variant, files, overrides, batch_size, n_steps, precision, compile_b
     image, mask = make_batch(cfg, device)
     info = {}
     if variant in ("ours", "ours-cached"):
-        times, info = run_ours(cfg, image, mask, n_steps, compile_blocks, cached=variant == "ours-cached")
+        times, info = run_ours(cfg, image, mask, n_steps, cached=variant == "ours-cached")
     else:
         times = run_reference(variant, cfg, image, mask, n_steps, precision)
     if device.type == "cuda":
@@ -256,7 +251,7 @@ def report(cfg, args, results, flops):
     a = cfg.model.autoencoder
     print(f"decoder ch={a.ch} ch_mult={list(a.ch_mult)} num_res_blocks={a.num_res_blocks}, "
           f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, channels_last={cfg.model.channels_last}, "
-          f"gradient_checkpointing={a.gradient_checkpointing}, compile={args.compile}")
+          f"gradient_checkpointing={a.gradient_checkpointing}, compile={cfg.model.compile}")
     print("GAN on from step 0 (loss.disc_start=0) for every variant: the full step is measured")
     print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, x {args.rounds} round(s) of the "
           f"variants in turn, each in its own process; one fixed in-memory batch")
@@ -292,7 +287,7 @@ def mfu_text(flops, seconds, device_name, precision):
 
 
 def run_benchmark(args):
-    cfg = load(args.config, args.overrides, args.batch_size)
+    cfg = load(args.config, args.overrides, args.batch_size, args.compile)
     n = args.warmup + args.steps
     ref_precision = args.reference_precision or str(cfg.trainer.precision)
     results = {}

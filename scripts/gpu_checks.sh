@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The GPU checks: the GPU tests, the x1.5 benchmarks (bf16 vs the naive fp32 loop; --compile; batch 16 with
-# the latent cache; all-bf16 against official and naive), x2 at 512 px, 300 training steps of x1.5 at 256 px,
-# and the largest-batch search. Each part has its own time limit (all together: up to ~17 min; the first
-# three take ~6 min on an H100) and writes OUT/<part>.log; a part that fails or times out does not stop the rest.
+# The GPU checks: the GPU tests, profiles of our x1.5 step (eager, compiled), the x1.5 benchmarks (bf16 vs the
+# naive fp32 loop, eager and compiled; batch 16 with the latent cache; all-bf16 against official and naive),
+# x2 at 512 px, 300 training steps of x1.5 at 256 px, and the largest-batch search. Each part has its own time
+# limit (all together: up to ~25 min) and writes OUT/<part>.log; a part that fails or times out does not stop
+# the rest. Compiled parts share inductor's on-disk cache, so the first one pays most of the compilation.
 #     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/, every part in the order below)
-# PARTs: tests bench_vs_naive_fp32 bench_compile bench_batch16 bench_all_bf16 x2_512_batch2 train_x15 max_batch
+# PARTs: tests profile profile_compile bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16
+#        bench_all_bf16 x2_512_batch2 train_x15 max_batch
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
-PARTS=" ${*:-tests bench_vs_naive_fp32 bench_compile bench_batch16 bench_all_bf16 x2_512_batch2 train_x15 max_batch} "
+PARTS=" ${*:-tests profile profile_compile bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 \
+x2_512_batch2 train_x15 max_batch} "
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -31,11 +34,15 @@ part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout als
 }
 RANDOM_INIT="model.vae_ckpt=null perceptual.pretrained=false"
 X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
-part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+part tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+part profile 90 "$PY" scripts/profile_step.py $X15 --steps 5 --warmup 5 --top 25
+part profile_compile 200 "$PY" scripts/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 --top 25
+part bench_compile_vs_naive_fp32 200 "$PY" scripts/benchmark.py $X15 --compile --reference naive \
+    --reference-precision 32-true --steps 20 --warmup 5
 part bench_vs_naive_fp32 120 "$PY" scripts/benchmark.py $X15 --reference naive --reference-precision 32-true \
     --steps 20 --warmup 5
-part bench_compile 150 "$PY" scripts/benchmark.py $X15 --compile --steps 20 --warmup 5
-part bench_batch16 90 "$PY" scripts/benchmark.py $X15 data.batch_size=16 --cached-latents --steps 10 --warmup 3
+part bench_batch16 120 "$PY" scripts/benchmark.py $X15 model.compile=true data.batch_size=16 --cached-latents \
+    --steps 10 --warmup 3
 part bench_all_bf16 120 "$PY" scripts/benchmark.py $X15 --reference official --reference naive --steps 15 --warmup 5
 part x2_512_batch2 90 "$PY" scripts/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
     data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2

@@ -99,3 +99,18 @@ def test_max_batch_estimate_on_cpu_grows_with_gradient_checkpointing():
     (n, fixed, per), (n_ckpt, fixed_ckpt, per_ckpt) = found["false"], found["true"]
     assert fixed == fixed_ckpt and per_ckpt < per and n_ckpt > n >= 1
     assert 0 <= (80 - fixed) / per - n < 1.01  # max batch = floor((budget - fixed) / per image), figures rounded
+
+
+def test_profile_step_accounts_for_the_profiled_time(capsys):
+    import profile_step
+    assert profile_step.main(["-c", str(ROOT / "configs" / "x1.yaml"), *TINY, "data.resolution=16",
+                              "--steps", "2", "--warmup", "1", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    wall = float(re.search(r"^profiled 2 steps: ([0-9.]+) ms/step wall", out, re.M).group(1))
+    kinds = {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
+             for m in re.finditer(r"^(\S[^\n]*?)\s+([0-9.]+)\s+([0-9.]+)%$", out, re.M)}
+    assert "convolution" in kinds and wall > 0, out
+    assert abs(sum(share for _, share in kinds.values()) - 100.0) < 0.5, kinds  # every op counted once
+    assert sum(ms for ms, _ in kinds.values()) <= wall * 1.01, (kinds, wall)  # CPU ops: within the wall time
+    top = re.findall(r"^\s+[0-9.]+ ms/step\s+x\d+\s+.+$", out, re.M)
+    assert len(top) == 5 and "aten::" in out, out

@@ -66,6 +66,33 @@ def test_gpu_gradient_checkpointing_gives_the_same_grads():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
+    """Inductor rounds fused GroupNorm + SiLU once instead of per op, so compiled bf16 differs from eager bf16
+    by bf16 noise; both must stay as close to the fp32 result (a wrong layout or cast gives O(1) errors)."""
+    import copy
+
+    from ldm.models.asym_decoder import compile_blocks
+    torch.manual_seed(0)
+    eager = AsymmetricAutoencoderKL(**SMALL).cuda().to(memory_format=torch.channels_last)
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled.decoder) == 11  # mid: 2 ResnetBlocks + AttnBlock; 4 levels x 2 ResnetBlocks
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: keys unchanged
+    image, mask = batch()
+    image = image.contiguous(memory_format=torch.channels_last)
+    z = torch.randn(2, 4, 8, 12, device="cuda")
+    runs = {}
+    for name, vae, bf16 in (("fp32", copy.deepcopy(eager), False), ("eager", eager, True),
+                            ("compiled", compiled, True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = vae.decode(z, image, mask).float()
+        out.square().mean().backward()
+        runs[name] = (out.detach(), torch.cat([p.grad.flatten() for p in vae.decoder.parameters()]))
+    for i in (0, 1):  # output, then decoder gradients
+        ref = runs["fp32"][i]
+        err = {name: ((runs[name][i] - ref).norm() / ref.norm()).item() for name in ("eager", "compiled")}
+        assert err["compiled"] < max(1.5 * err["eager"], 1e-2) and err["compiled"] < 0.1, err
+
+
 TINY = [*CPU_TINY,  # tests/test_train.py's tiny model, on the GPU, with the GAN from step 2
         "trainer.accelerator=gpu", "data.resolution=64", "data.batch_size=4", "trainer.log_every_n_steps=1",
         "trainer.val_check_interval=6", "trainer.max_steps=6", "loss.disc_start=2", "model.channels_last=true",

@@ -112,3 +112,44 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert "last.ckpt" in ckpts and len([c for c in ckpts if c.startswith("step")]) == 2, ckpts
     masks = {r: torch.load(probe.with_name(f"masks{r}.pt")) for r in (0, 1)}
     assert masks[0].shape == masks[1].shape and not torch.equal(masks[0], masks[1])
+
+
+def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers():
+    """model.compile: the Trainer compiles the decoder's blocks in place; the same steps give the same weights.
+    aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
+    inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(ROOT))
+    from ldm.config import load_config
+    from train import build_system
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "mask": torch.zeros(2, 1, 32, 32)}
+    batch["mask"][:, :, 8:24, 4:20] = 1
+    weights = {}
+    for backend in (False, "aot_eager"):
+        cfg = load_config(ROOT / "configs" / "base.yaml", [],
+                          [*TINY, "model.vae_ckpt=null", "loss.disc_start=1", f"model.compile={backend or 'null'}"])
+        torch.manual_seed(0)
+        system = build_system(cfg)
+        initial = system.vae.decoder.conv_out.weight.detach().clone()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                             limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(system, DataLoader([batch] * 3, batch_size=None))
+        blocks = [system.vae.decoder.mid.block_1, system.vae.decoder.mid.attn_1, system.vae.decoder.up[0].block[0]]
+        assert all((b._compiled_call_impl is not None) == bool(backend) for b in blocks)
+        assert system.vae.encoder.mid.block_1._compiled_call_impl is None  # the frozen encoder stays eager
+        weights[backend] = system.state_dict()
+    eager, compiled = weights[False], weights["aot_eager"]
+    assert list(compiled) == list(eager)  # compiled in place: checkpoints and exports keep their keys
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert not torch.equal(eager["vae.decoder.conv_out.weight"], initial)  # the steps did train
+
+
+def test_model_compile_rejects_an_unknown_backend(tmp_path):
+    proc = run_train(tmp_path, "model.compile=inductr", check=False)
+    assert proc.returncode == 2 and "model.compile must be true, false or a torch.compile backend" in proc.stderr
+    assert "got 'inductr'" in proc.stderr and not (tmp_path / "run").exists()

@@ -1,0 +1,127 @@
+"""Where our training step's time goes: torch.profiler over a few real steps, summarised.
+
+    python scripts/profile_step.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--top K] [--trace FILE]
+
+The same step as scripts/benchmark.py measures (one fixed batch, GAN on from step 0, a real pl.Trainer).
+Prints the device's busy share of the profiled wall time (low: the host cannot feed it), the time per kernel
+kind (convolution, normalisation, elementwise, ...) and the top kernels; --trace writes a Chrome trace.
+Example (the GPU target):
+    python scripts/profile_step.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+        data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true
+"""
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
+from reference_steps import sync  # noqa: E402
+
+# kernel kind by name, first match wins (cuDNN / CUTLASS / ATen kernel names)
+KINDS = [("convolution", r"conv|cudnn|implicit|wgrad|dgrad|fprop|xmma|sm90_|nchwToNhwc|nhwcToNchw"),
+         ("gemm / attention", r"gemm|flash|fmha|attention|cutlass"),
+         ("normalisation", r"norm|welford|moments|ComputeInternalGradients|ComputeFusedParams"),
+         ("optimiser", r"adam|multi_tensor|foreach"),
+         ("copy (layout, dtype)", r"copy|contiguous|transpose|permute"),
+         ("compiled (inductor)", r"^triton_"),
+         ("reduction", r"reduce|sum|norm"),
+         ("elementwise", r"elementwise|vectorized|unrolled|silu|add|mul|activation|where|clamp|upsample")]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", action="append", default=[], required=True, help="YAML over configs/base.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (cuDNN autotuning, compilation)")
+    p.add_argument("--top", type=int, default=20, help="kernels listed")
+    p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (chrome://tracing, perfetto)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be at least 1")
+    return args
+
+
+def profiled_steps(system, cfg, image, mask, warmup, steps):
+    """Run warmup + steps training steps; the profiler records the last `steps` (from a step end to the last)."""
+    import pytorch_lightning as pl
+    device = image.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    span = {}
+
+    class Window(pl.Callback):
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            sync(device)
+            if trainer.global_step == warmup:
+                span["start"] = time.perf_counter()
+                prof.start()
+            elif trainer.global_step == warmup + steps:
+                prof.stop()
+                span["wall"] = time.perf_counter() - span["start"]
+
+    fit_ours(system, cfg, image, mask, warmup + steps, [Window()])
+    return prof, span["wall"]
+
+
+def summarise(prof, wall, steps, device_type, top):
+    on_device = device_type == "cuda"
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == on_device and (on_device or e.key.startswith("aten::"))]
+    self_us = (lambda e: e.self_device_time_total) if on_device else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) / 1e6
+    print(f"profiled {steps} steps: {wall / steps * 1e3:.1f} ms/step wall")
+    if on_device:
+        print(f"device busy: {total / steps * 1e3:.1f} ms/step = {100 * total / wall:.0f} % of wall "
+              f"(the rest: the device waits for the host)")
+    by_kind = defaultdict(float)
+    for e in events:
+        by_kind[kind_of(e.key)] += self_us(e) / 1e6
+    print(f"{'time by kind':<22}{'ms/step':>9}{'share':>8}")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<22}{t / steps * 1e3:9.2f}{100 * t / max(total, 1e-12):7.1f}%")
+    print(f"top {top} {'kernels' if on_device else 'ops'} by self time:")
+    for e in sorted(events, key=self_us, reverse=True)[:top]:
+        print(f"{self_us(e) / steps / 1e3:9.2f} ms/step  x{e.count // steps:<4} {kind_of(e.key):<20} {e.key[:110]}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quiet()
+    cfg = load(args.config, args.overrides)
+    device = pick_device(cfg)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    image, mask = make_batch(cfg, device)
+    torch.manual_seed(cfg.seed)
+    system = build_ours(cfg)
+    prof, wall = profiled_steps(system, cfg, image, mask, args.warmup, args.steps)
+    a = cfg.model.autoencoder
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; decoder ch={a.ch}, "
+          f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, {cfg.trainer.precision}, "
+          f"channels_last={cfg.model.channels_last}, compile={cfg.model.compile}")
+    summarise(prof, wall, args.steps, device.type, args.top)
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+        print(f"trace: {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,8 +118,9 @@ def build_ours(cfg):
     return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the decoder's blocks
 
 
-def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None):
-    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch (plus `extra` entries)."""
+def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_batch=None):
+    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch (plus `extra` entries);
+    `first_batch` (image, mask): another batch for the first step."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
     batch = {"image": image, "mask": mask, **(extra or {})}
@@ -127,7 +128,10 @@ def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None):
                          precision=cfg.trainer.precision, max_steps=steps, logger=False,
                          enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
-    loader = DataLoader([batch] * steps, batch_size=None, shuffle=False)  # the same tensors every step
+    batches = [batch] * steps  # the same tensors every step
+    if first_batch is not None:
+        batches[0] = {"image": first_batch[0], "mask": first_batch[1]}
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(system, train_dataloaders=loader)
     return trainer
 

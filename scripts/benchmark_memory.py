@@ -1,7 +1,8 @@
 """The memory part of scripts/benchmark.py (--max-batch): the largest batch per GPU for x1.5 and x2.
 
-CUDA: a search with real training steps and OOM caught, one fresh process per setting. CPU: an estimate from
-the per-image activation memory counted on the meta device (fp32; bf16-mixed holds less).
+CUDA: a search with real training steps and OOM caught, one fresh process per preset (cuDNN autotuning off,
+so each new batch size costs no algorithm search). CPU: an estimate from the per-image activation memory
+counted on the meta device (fp32; bf16-mixed holds less).
 """
 import torch
 
@@ -10,47 +11,70 @@ from benchmark import ROOT, build_ours, fit_ours, gib, in_child, load, make_batc
 MAX_BATCH_PRESETS = [("x1.5", "configs/x1_5.yaml"), ("x2", "configs/x2.yaml")]
 
 
-def search_max_batch(files, overrides):
-    """Child process on CUDA: the largest batch whose 2 training steps of ours fit (lo) and the smallest
-    that ran out of memory (hi); a linear guess from batches 1 and 2, then galloping and bisection."""
-    import gc
-    quiet()
-    cfg = load(files, overrides, 1)
-    device = torch.device("cuda")
-    system = build_ours(cfg)
+def largest_fitting(fits, first_guess, tolerance: float = 0.05):
+    """(lo, hi): the largest batch that fits and the smallest that does not, hi - lo within `tolerance` of lo.
 
-    def fits(b):
-        cfg.data.batch_size = b
-        system.zero_grad(set_to_none=True)
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            fit_ours(system, cfg, *make_batch(cfg, device), steps=2)  # step 2 holds the Adam states
-            ok = True
-        except torch.OutOfMemoryError:
-            ok = False
-        system.trainer = None  # drop the last trainer's optimiser states before the next try
-        gc.collect()
-        torch.cuda.empty_cache()
-        peak = torch.cuda.max_memory_allocated(device)
-        print(f"  batch {b}: {'fits, peak ' + gib(peak) if ok else 'out of memory'}", flush=True)  # partial results
-        return ok, peak
-
-    total = torch.cuda.mem_get_info(device)[1]
-    found = dict(device=f"{torch.cuda.get_device_name(device)} ({gib(total)})")
-    (ok1, p1), (ok2, p2) = fits(1), fits(2)
-    if not (ok1 and ok2):
-        return dict(found, lo=1, hi=2) if ok1 else dict(found, lo=0, hi=1)
-    lo, hi = 2, None
-    guess = max(3, int(2 + (total * 0.97 - p2) / max(1, p2 - p1)))
+    `fits(b)` must be monotone (True up to some batch). Once batches 1 and 2 fit, starts from first_guess()
+    (at least 3), gallops up (by 1/8 of the guess, the step doubling each time) while it fits, then bisects."""
+    if not fits(1):
+        return 0, 1
+    if not fits(2):
+        return 1, 2
+    lo, hi, guess = 2, None, max(3, first_guess())
+    step = max(1, guess // 8)
     while hi is None:
-        if fits(guess)[0]:
-            lo, guess = guess, guess + max(1, guess // 8)
+        if fits(guess):
+            lo, guess, step = guess, guess + step, 2 * step
         else:
             hi = guess
-    while hi - lo > max(1, lo // 20):  # within 5 %
+    while hi - lo > max(1, int(lo * tolerance)):
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid)[0] else (lo, mid)
-    return dict(found, lo=lo, hi=hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, hi
+
+
+def search_max_batch(files, overrides, resolutions):
+    """Child process on CUDA, one preset: for each resolution and gradient checkpointing off / on, the largest
+    batch whose training step of ours fits next to the Adam states. Each try is one short fit: a batch-1
+    step (which creates the Adam states) then the step at batch b; out of memory is caught."""
+    import gc
+    quiet()
+    device = torch.device("cuda")
+    cfg = load(files, overrides, 1)
+    system = build_ours(cfg)
+    total = torch.cuda.mem_get_info(device)[1]
+    results = []
+    for res in resolutions:
+        for ckpt in (False, True):
+            cfg.data.resolution = res
+            system.vae.decoder.gradient_checkpointing = ckpt
+            peaks = {}
+
+            def fits(b):
+                system.zero_grad(set_to_none=True)
+                torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    cfg.data.batch_size = 1
+                    first = make_batch(cfg, device)
+                    cfg.data.batch_size = b
+                    fit_ours(system, cfg, *make_batch(cfg, device), steps=2, first_batch=first)
+                    ok = True
+                except torch.OutOfMemoryError:
+                    ok = False
+                system.trainer = None  # drop the trainer's optimiser states before the next try
+                gc.collect()
+                torch.cuda.empty_cache()
+                peaks[b] = torch.cuda.max_memory_allocated(device)
+                print(f"  {res} px, gradient_checkpointing={ckpt}: batch {b} "
+                      f"{'fits, peak ' + gib(peaks[b]) if ok else 'out of memory'}", flush=True)  # partial results
+                return ok
+
+            def first_guess():  # linear in the batch from the peaks at batches 1 and 2
+                return int(2 + (total * 0.97 - peaks[2]) / max(1, peaks[2] - peaks[1]))
+
+            lo, hi = largest_fitting(fits, first_guess)
+            results.append(dict(resolution=res, checkpointing=ckpt, lo=lo, hi=hi))
+    return dict(device=f"{torch.cuda.get_device_name(device)} ({gib(total)})", results=results)
 
 
 def meta_system(cfg):
@@ -126,22 +150,24 @@ def run_max_batch(args):
     quiet()
     cuda = torch.cuda.is_available()  # no CUDA context here: the searching process gets the whole card
     if cuda:
-        print("largest batch per GPU: 2 real training steps of ours per try (fresh process per setting), "
-              "OOM caught; 'max batch B' fits, 'B+k: out of memory' does not")
+        print("largest batch per GPU: per try, a batch-1 training step of ours (creating the Adam states) then one "
+              "at the batch tried, OOM caught; 'max batch B' fits, 'B+k: out of memory' does not")
     else:
         print(f"CPU estimate of the largest batch per GPU in {args.memory_budget_gb:g} GiB: weights + grads + Adam "
               f"(fp32) + saved activations counted on the meta device (fp32: bf16-mixed holds less)")
     for preset, file in MAX_BATCH_PRESETS:
         if preset not in args.presets:
             continue
+        if cuda:
+            found = in_child(search_max_batch, [str(ROOT / file)], list(args.overrides), list(args.resolutions))
+            for r in found["results"]:
+                print(f"{preset:<5} {r['resolution']} px  gradient_checkpointing={str(r['checkpointing']).lower():<5}  "
+                      f"max batch {r['lo']} (batch {r['hi']}: out of memory) on {found['device']}")
+            continue
         for res in args.resolutions:
             for ckpt in (False, True):
                 overrides = [*args.overrides, f"data.resolution={res}",
                              f"model.autoencoder.gradient_checkpointing={str(ckpt).lower()}"]
-                name = f"{preset:<5} {res} px  gradient_checkpointing={str(ckpt).lower():<5}"
-                if cuda:
-                    r = in_child(search_max_batch, [str(ROOT / file)], overrides)
-                    print(f"{name}  max batch {r['lo']} (batch {r['hi']}: out of memory) on {r['device']}")
-                else:
-                    n, fixed, per = estimate_max_batch([str(ROOT / file)], overrides, args.memory_budget_gb * 2**30)
-                    print(f"{name}  estimated max batch {n}  (fixed {gib(fixed)}, per image {gib(per)})")
+                n, fixed, per = estimate_max_batch([str(ROOT / file)], overrides, args.memory_budget_gb * 2**30)
+                print(f"{preset:<5} {res} px  gradient_checkpointing={str(ckpt).lower():<5}  estimated max batch {n}  "
+                      f"(fixed {gib(fixed)}, per image {gib(per)})")

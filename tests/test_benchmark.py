@@ -101,6 +101,18 @@ def test_max_batch_estimate_on_cpu_grows_with_gradient_checkpointing():
     assert 0 <= (80 - fixed) / per - n < 1.01  # max batch = floor((budget - fixed) / per image), figures rounded
 
 
+def test_largest_batch_search_brackets_the_limit_in_few_tries():
+    from benchmark_memory import largest_fitting
+    for limit in (0, 1, 2, 3, 7, 40, 100, 333):
+        for guess in (3, limit // 2, limit, 2 * limit + 5):  # under, on and over the limit
+            tried = []
+            fits = lambda b: tried.append(b) or b <= limit  # noqa: E731
+            lo, hi = largest_fitting(fits, lambda: guess)
+            assert lo <= limit < hi and hi - lo <= max(1, int(0.05 * lo)), (limit, guess, lo, hi)
+            assert lo == 0 or lo in tried and hi in tried  # both ends were really tried
+            assert len(tried) <= 16, (limit, guess, tried)
+
+
 def test_profile_step_accounts_for_the_profiled_time(capsys):
     import profile_step
     assert profile_step.main(["-c", str(ROOT / "configs" / "x1.yaml"), *TINY, "data.resolution=16",

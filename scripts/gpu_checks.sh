@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks: the GPU tests, profiles of our x1.5 step (eager, compiled), the x1.5 benchmarks (bf16 vs the
-# naive fp32 loop, eager and compiled; batch 16 with the latent cache; all-bf16 against official and naive),
-# x2 at 512 px, 300 training steps of x1.5 at 256 px, and the largest-batch search. Each part has its own time
-# limit (all together: up to ~25 min) and writes OUT/<part>.log; a part that fails or times out does not stop
-# the rest. Compiled parts share inductor's on-disk cache, so the first one pays most of the compilation.
-#     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/, every part in the order below)
-# PARTs: tests profile profile_compile bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16
-#        bench_all_bf16 x2_512_batch2 train_x15 max_batch
+# naive fp32 loop: compiled with and without the latent cache, eager; batch 16; all-bf16 against official and
+# naive), x2 at 512 px, 300 training steps of x1.5 at 256 px (compiled), and the largest-batch search. Each part
+# has its own time limit (all together: up to ~28 min) and writes OUT/<part>.log; a part that fails or times out
+# does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling.
+#     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
+#                                                        default: all, in the order below)
+# PARTs: bench_compile_cached_vs_naive_fp32 tests max_batch train_x15 profile profile_compile
+#        bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
-PARTS=" ${*:-tests profile profile_compile bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 \
-x2_512_batch2 train_x15 max_batch} "
+PARTS=${*:-bench_compile_cached_vs_naive_fp32 tests max_batch train_x15 profile profile_compile \
+bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -21,7 +22,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 T0=$(date +%s)
 part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout also ends the benchmark's children
     local name=$1 limit=$2 waited=0; shift 2
-    [[ $PARTS == *" $name "* ]] || return 0
     echo "=== [$(( $(date +%s) - T0 )) s] $name (limit $limit s)"
     setsid "$@" > "$OUT/$name.log" 2>&1 &
     local pid=$!
@@ -34,23 +34,34 @@ part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout als
 }
 RANDOM_INIT="model.vae_ckpt=null perceptual.pretrained=false"
 X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
-part tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
-part profile 90 "$PY" scripts/profile_step.py $X15 --steps 5 --warmup 5 --top 25
-part profile_compile 200 "$PY" scripts/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 --top 25
-part bench_compile_vs_naive_fp32 200 "$PY" scripts/benchmark.py $X15 --compile --reference naive \
-    --reference-precision 32-true --steps 20 --warmup 5
-part bench_vs_naive_fp32 120 "$PY" scripts/benchmark.py $X15 --reference naive --reference-precision 32-true \
-    --steps 20 --warmup 5
-part bench_batch16 120 "$PY" scripts/benchmark.py $X15 model.compile=true data.batch_size=16 --cached-latents \
-    --steps 10 --warmup 3
-part bench_all_bf16 120 "$PY" scripts/benchmark.py $X15 --reference official --reference naive --steps 15 --warmup 5
-part x2_512_batch2 90 "$PY" scripts/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
-    data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2
-part train_x15 150 "$PY" train.py $X15 trainer.max_steps=300 trainer.val_check_interval=150 \
-    trainer.limit_val_batches=4 trainer.log_every_n_steps=25 trainer.enable_progress_bar=false \
-    run.checkpoint_every_n_steps=300 loss.disc_start=100 optim.warmup_steps=50 ema.decay=0.999 \
-    data.num_workers=8 run.log_dir="$OUT/logs" run.overwrite=true --name x15_gpu
-cp "$OUT/logs/x15_gpu/metrics.csv" "$OUT/train_x15_metrics.csv" 2>/dev/null
-part max_batch 180 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
-    model.channels_last=true --presets x1.5 x2 --resolutions 256 512
+run_part() {
+    case $1 in
+    bench_compile_cached_vs_naive_fp32) part "$1" 240 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
+        --reference naive --reference-precision 32-true --steps 20 --warmup 5 ;;
+    tests) part "$1" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+    max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
+        model.channels_last=true --presets x1.5 x2 --resolutions 256 512 ;;
+    train_x15) part "$1" 200 "$PY" train.py $X15 model.compile=true trainer.max_steps=300 \
+            trainer.val_check_interval=150 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
+            trainer.enable_progress_bar=false run.checkpoint_every_n_steps=300 loss.disc_start=100 \
+            optim.warmup_steps=50 ema.decay=0.999 data.num_workers=8 run.log_dir="$OUT/logs" run.overwrite=true \
+            --name x15_gpu
+        cp "$OUT/logs/x15_gpu/metrics.csv" "$OUT/train_x15_metrics.csv" 2>/dev/null ;;
+    profile) part "$1" 90 "$PY" scripts/profile_step.py $X15 --steps 5 --warmup 5 --top 25 ;;
+    profile_compile) part "$1" 200 "$PY" scripts/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 \
+        --top 25 ;;
+    bench_compile_vs_naive_fp32) part "$1" 200 "$PY" scripts/benchmark.py $X15 --compile --reference naive \
+        --reference-precision 32-true --steps 20 --warmup 5 ;;
+    bench_vs_naive_fp32) part "$1" 120 "$PY" scripts/benchmark.py $X15 --reference naive \
+        --reference-precision 32-true --steps 20 --warmup 5 ;;
+    bench_batch16) part "$1" 120 "$PY" scripts/benchmark.py $X15 model.compile=true data.batch_size=16 \
+        --cached-latents --steps 10 --warmup 3 ;;
+    bench_all_bf16) part "$1" 120 "$PY" scripts/benchmark.py $X15 --reference official --reference naive \
+        --steps 15 --warmup 5 ;;
+    x2_512_batch2) part "$1" 90 "$PY" scripts/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
+        data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2 ;;
+    *) echo "unknown part '$1' (see the PARTs at the top of $0)"; return 2 ;;
+    esac
+}
+for name in $PARTS; do run_part "$name"; done
 echo "=== [$(( $(date +%s) - T0 )) s] done: logs in $OUT/"

@@ -114,7 +114,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert masks[0].shape == masks[1].shape and not torch.equal(masks[0], masks[1])
 
 
-def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers(checkpointing):
     """model.compile: the Trainer compiles the decoder's blocks in place; the same steps give the same weights.
     aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
     inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
@@ -130,7 +131,8 @@ def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers():
     weights = {}
     for backend in (False, "aot_eager"):
         cfg = load_config(ROOT / "configs" / "base.yaml", [],
-                          [*TINY, "model.vae_ckpt=null", "loss.disc_start=1", f"model.compile={backend or 'null'}"])
+                          [*TINY, "model.vae_ckpt=null", "loss.disc_start=1", f"model.compile={backend or 'null'}",
+                           f"model.autoencoder.gradient_checkpointing={str(checkpointing).lower()}"])
         torch.manual_seed(0)
         system = build_system(cfg)
         initial = system.vae.decoder.conv_out.weight.detach().clone()

@@ -73,7 +73,8 @@ def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
     block shape, so the recompile limit is raised to hold a decoder's (and its backward's) shapes.
     """
     import torch._dynamo.config as dynamo_config
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
     blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
     for m in blocks:
         m.compile(backend=backend, dynamic=False)

@@ -148,7 +148,8 @@ def test_table_round_trips_and_reads_legacy_attention_names():
     dif = ldm_to_diffusers(state)
     assert "decoder.up_blocks.0.upsamplers.0.conv.weight" in dif  # ldm up.3 (lowest resolution)
     assert "decoder.condition_encoder.layers.4.weight" in dif and "decoder.conv_norm_out.bias" in dif
-    assert {k: tuple(v.shape) for k, v in diffusers_to_ldm(dif).items()} == {k: tuple(v.shape) for k, v in state.items()}
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}  # noqa: E731
+    assert shapes(diffusers_to_ldm(dif)) == shapes(state)
     legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
               .replace("to_out.0.", "proj_attn."): v for k, v in dif.items()}
     assert diffusers_to_ldm(legacy).keys() == state.keys()

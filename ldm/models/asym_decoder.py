@@ -68,9 +68,11 @@ def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tenso
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
     """torch.compile each ResnetBlock and AttnBlock of `module` in place (names, hooks and state_dict keys
-    unchanged); returns how many. `backend`: "inductor", or "aot_eager" / "eager" to debug a compile problem. Inductor fuses GroupNorm, SiLU and the residual add around cuDNN's convs and
-    keeps channels_last through GroupNorm (eager CUDA GroupNorm returns NCHW). Static shapes: one graph per
-    block shape, so the recompile limit is raised to hold a decoder's (and its backward's) shapes.
+    unchanged); returns how many. `backend`: "inductor", or "aot_eager" / "eager" to debug a compile problem.
+
+    Inductor fuses GroupNorm, SiLU and the residual add around cuDNN's convs and keeps channels_last through
+    GroupNorm (eager CUDA GroupNorm returns NCHW). Static shapes: one graph per block shape, so the recompile
+    limit is raised to hold a decoder's (and its backward's) shapes.
     """
     import torch._dynamo.config as dynamo_config
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7

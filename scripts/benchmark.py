@@ -255,7 +255,7 @@ def report(cfg, args, results, flops):
     a = cfg.model.autoencoder
     print(f"decoder ch={a.ch} ch_mult={list(a.ch_mult)} num_res_blocks={a.num_res_blocks}, "
           f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, channels_last={cfg.model.channels_last}, "
-          f"gradient_checkpointing={a.gradient_checkpointing}, compile={cfg.model.compile}")
+          f"gradient_checkpointing={a.gradient_checkpointing}, compile={cfg.model.compile or False}")
     print("GAN on from step 0 (loss.disc_start=0) for every variant: the full step is measured")
     print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, x {args.rounds} round(s) of the "
           f"variants in turn, each in its own process; one fixed in-memory batch")

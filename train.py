@@ -84,14 +84,12 @@ def check_inputs(cfg) -> None:
             resolve_source(source)  # shards: expands the pattern and checks the local files exist
         except FileNotFoundError as err:
             raise ConfigError(f"data.{key}: {err}") from None
-    if isinstance(cfg.model.compile, str):
+    backend = cfg.model.compile
+    if backend is not None and not isinstance(backend, bool):
         from torch._dynamo import list_backends
-        if cfg.model.compile not in list_backends(exclude_tags=()):
+        if not isinstance(backend, str) or backend not in list_backends(exclude_tags=()):
             raise ConfigError(f"model.compile must be true, false or a torch.compile backend (inductor, "
-                              f"aot_eager, eager, ...: torch._dynamo.list_backends()), got '{cfg.model.compile}'")
-    elif cfg.model.compile is not None and not isinstance(cfg.model.compile, bool):
-        raise ConfigError(f"model.compile must be true, false or a torch.compile backend name, "
-                          f"got {cfg.model.compile!r}")
+                              f"aot_eager, eager, ...: torch._dynamo.list_backends()), got {backend!r}")
     if cfg.optim.grad_clip > 0 and str(cfg.trainer.precision) in ("16", "16-mixed"):
         raise ConfigError("optim.grad_clip: clipping does not work with trainer.precision=16-mixed (the gradients "
                           "are still loss-scaled when clipped); use bf16-mixed, or optim.grad_clip=0")

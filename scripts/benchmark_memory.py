@@ -40,6 +40,7 @@ def search_max_batch(files, overrides, resolutions):
     import gc
     quiet()
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = False  # no algorithm search for each new batch size
     cfg = load(files, overrides, 1)
     system = build_ours(cfg)
     total = torch.cuda.mem_get_info(device)[1]

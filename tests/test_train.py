@@ -19,8 +19,8 @@ TINY = [
 ]
 
 
-def run_train(tmp_path, *overrides, name="run", resume=None, script="train.py", check=True):
-    cmd = [sys.executable, str(ROOT / script), *TINY, f"run.log_dir={tmp_path}", *overrides, "--name", name]
+def run_train(tmp_path, *overrides, name="run", resume=None, script="train.py", check=True, base=TINY):
+    cmd = [sys.executable, str(ROOT / script), *base, f"run.log_dir={tmp_path}", *overrides, "--name", name]
     if resume:
         cmd += ["--resume", resume]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -38,12 +38,10 @@ def val_rows(run_dir: Path):
 @pytest.mark.slow
 def test_demo_sized_run_learns(tmp_path):
     """configs/demo.yaml's own recipe (lr, warm-up, EMA, masks, 64 px, batch 4) cut to 70 steps: ~90 s, 2 cores."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(ROOT / "configs" / "demo.yaml"),
-           f"run.log_dir={tmp_path}", "run.overwrite=false", "trainer.max_steps=70", "data.epoch_length=280",
-           "trainer.val_check_interval=10", "loss.disc_start=50", "data.num_workers=0", "data.val_size=8",
-           "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "--name", "run"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_train(tmp_path, "run.overwrite=false", "trainer.max_steps=70", "data.epoch_length=280",
+              "trainer.val_check_interval=10", "loss.disc_start=50", "data.num_workers=0", "data.val_size=8",
+              "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+              base=["-c", str(ROOT / "configs" / "demo.yaml")])
     run = tmp_path / "run"
     rows = val_rows(run)
     assert len(rows) == 7
@@ -119,27 +117,16 @@ def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers(checkpo
     """model.compile: the Trainer compiles the decoder's blocks in place; the same steps give the same weights.
     aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
     inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
-
-    sys.path.insert(0, str(ROOT))
-    from ldm.config import load_config
-    from train import build_system
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, "mask": torch.zeros(2, 1, 32, 32)}
-    batch["mask"][:, :, 8:24, 4:20] = 1
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark  # its load (the GAN on from step 0), build and fit: real steps in a pl.Trainer
     weights = {}
     for backend in (False, "aot_eager"):
-        cfg = load_config(ROOT / "configs" / "base.yaml", [],
-                          [*TINY, "model.vae_ckpt=null", "loss.disc_start=1", f"model.compile={backend or 'null'}",
-                           f"model.autoencoder.gradient_checkpointing={str(checkpointing).lower()}"])
+        cfg = benchmark.load([], [*TINY, f"model.compile={backend or 'null'}",
+                                  f"model.autoencoder.gradient_checkpointing={str(checkpointing).lower()}"])
         torch.manual_seed(0)
-        system = build_system(cfg)
+        system = benchmark.build_ours(cfg)
         initial = system.vae.decoder.conv_out.weight.detach().clone()
-        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                             limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
-                             enable_model_summary=False)
-        trainer.fit(system, DataLoader([batch] * 3, batch_size=None))
+        benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=3)
         blocks = [system.vae.decoder.mid.block_1, system.vae.decoder.mid.attn_1, system.vae.decoder.up[0].block[0]]
         assert all((b._compiled_call_impl is not None) == bool(backend) for b in blocks)
         assert system.vae.encoder.mid.block_1._compiled_call_impl is None  # the frozen encoder stays eager

@@ -36,7 +36,7 @@ RANDOM_INIT="model.vae_ckpt=null perceptual.pretrained=false"
 X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
 run_part() {
     case $1 in
-    bench_compile_cached_vs_naive_fp32) part "$1" 240 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
+    bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
         --reference naive --reference-precision 32-true --steps 20 --warmup 5 ;;
     tests) part "$1" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \

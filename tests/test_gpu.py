@@ -75,7 +75,8 @@ def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
     torch.manual_seed(0)
     eager = AsymmetricAutoencoderKL(**SMALL).cuda().to(memory_format=torch.channels_last)
     compiled = copy.deepcopy(eager)
-    assert compile_blocks(compiled.decoder) == 11  # mid: 2 ResnetBlocks + AttnBlock; 4 levels x 2 ResnetBlocks
+    assert compile_blocks(compiled.decoder) == 12  # mid: 2 ResnetBlocks + AttnBlock; 4 levels x 2; norm_out
+    assert compile_blocks(compiled.encoder) == 8  # 4 levels x 1 ResnetBlock; mid; norm_out
     assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: keys unchanged
     image, mask = batch()
     image = image.contiguous(memory_format=torch.channels_last)
@@ -84,10 +85,12 @@ def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
     for name, vae, bf16 in (("fp32", copy.deepcopy(eager), False), ("eager", eager, True),
                             ("compiled", compiled, True)):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():  # the frozen encoder, as in training
+                mean = vae.encode(image).mean.float()
             out = vae.decode(z, image, mask).float()
         out.square().mean().backward()
-        runs[name] = (out.detach(), torch.cat([p.grad.flatten() for p in vae.decoder.parameters()]))
-    for i in (0, 1):  # output, then decoder gradients
+        runs[name] = (out.detach(), torch.cat([p.grad.flatten() for p in vae.decoder.parameters()]), mean)
+    for i in (0, 1, 2):  # output, decoder gradients, encoder output
         ref = runs["fp32"][i]
         err = {name: ((runs[name][i] - ref).norm() / ref.norm()).item() for name in ("eager", "compiled")}
         assert err["compiled"] < max(1.5 * err["eager"], 1e-2) and err["compiled"] < 0.1, err

@@ -113,8 +113,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers(checkpointing):
-    """model.compile: the Trainer compiles the decoder's blocks in place; the same steps give the same weights.
+def test_model_compile_compiles_the_blocks_and_keeps_the_numbers(checkpointing):
+    """model.compile: the Trainer compiles the decoder's and the frozen encoder's blocks (and the GroupNorms
+    outside them) in place; the same steps give the same weights.
     aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
     inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -127,9 +128,10 @@ def test_model_compile_compiles_the_decoder_blocks_and_keeps_the_numbers(checkpo
         system = benchmark.build_ours(cfg)
         initial = system.vae.decoder.conv_out.weight.detach().clone()
         benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=3)
-        blocks = [system.vae.decoder.mid.block_1, system.vae.decoder.mid.attn_1, system.vae.decoder.up[0].block[0]]
+        dec, enc = system.vae.decoder, system.vae.encoder
+        blocks = [dec.mid.block_1, dec.mid.attn_1, dec.up[0].block[0], dec.norm_out, enc.mid.block_1, enc.norm_out]
         assert all((b._compiled_call_impl is not None) == bool(backend) for b in blocks)
-        assert system.vae.encoder.mid.block_1._compiled_call_impl is None  # the frozen encoder stays eager
+        assert dec.mid.block_1.norm1._compiled_call_impl is None  # inside a compiled block: not compiled twice
         weights[backend] = system.state_dict()
     eager, compiled = weights[False], weights["aot_eager"]
     assert list(compiled) == list(eager)  # compiled in place: checkpoints and exports keep their keys

@@ -67,17 +67,20 @@ def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tenso
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each ResnetBlock and AttnBlock of `module` in place (names, hooks and state_dict keys
-    unchanged); returns how many. `backend`: "inductor", or "aot_eager" / "eager" to debug a compile problem.
+    """torch.compile each ResnetBlock and AttnBlock of `module`, and each GroupNorm outside them (norm_out), in
+    place (names, hooks and state_dict keys unchanged); returns how many. `backend`: "inductor", or
+    "aot_eager" / "eager" to debug a compile problem.
 
     Inductor fuses GroupNorm, SiLU and the residual add around cuDNN's convs and keeps channels_last through
-    GroupNorm (eager CUDA GroupNorm returns NCHW). Static shapes: one graph per block shape, so the recompile
-    limit is raised to hold a decoder's (and its backward's) shapes.
+    GroupNorm (eager CUDA GroupNorm returns NCHW: two layout copies per call). Static shapes: one graph per
+    block shape, so the recompile limit is raised to hold a decoder's (and its backward's) shapes.
     """
     import torch._dynamo.config as dynamo_config
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
     blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
+    inside = {id(n) for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)}
+    blocks += [m for m in module.modules() if isinstance(m, nn.GroupNorm) and id(m) not in inside]
     for m in blocks:
         m.compile(backend=backend, dynamic=False)
     return len(blocks)
@@ -125,9 +128,11 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
 
     def configure_model(self):
-        """Under a Trainer only (fit / validate): compile the decoder's blocks once, when configured."""
+        """Under a Trainer only (fit / validate): compile the decoder's and the frozen encoder's blocks once, when
+        configured (the encoder's are compiled when first called: never, on a latent cache)."""
         if self.compile_backend and not getattr(self, "_compiled", False):
             compile_blocks(self.vae.decoder, self.compile_backend)
+            compile_blocks(self.vae.encoder, self.compile_backend)
             self._compiled = True
 
     # ------------------------------------------------------------------ train

@@ -10,7 +10,8 @@ resolution and precision; the GAN is on from step 0 (loss.disc_start=0) so the f
 "ours" is AsymmetricDecoderTraining.training_step in a real pl.Trainer (no logger, checkpoints, validation
 or EMA), timed by a callback from one batch end to the next (CUDA: synchronised there, not in the step).
 Figures: median seconds per step over --steps after --warmup, images/s, peak memory (CUDA:
-max_memory_allocated; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
+max_memory_allocated over the timed steps, the warm-up's apart: cuDNN's autotuning tries workspaces that can
+fill the card, transiently; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
 FLOPs per step (FlopCounterMode, one decoder forward + backward) and, on CUDA, MFU. The last lines read
 `speedup vs official: 1.52x` (reference seconds per step / ours). --cached-latents adds "ours-cached", our step with
 the posterior in the batch as a latent cache gives it (the encoder skipped; scripts/benchmark_latents.py), and the
@@ -136,19 +137,22 @@ def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_ba
     return trainer
 
 
-def step_end_timer(device, stamps):
-    """A callback appending a synchronised timestamp at each batch end: step k lasts stamps[k] - stamps[k-1]."""
+def step_end_timer(device, stamps, after_warmup=None):
+    """A callback appending a synchronised timestamp at each batch end: step k lasts stamps[k] - stamps[k-1].
+    `after_warmup` (n, fn): fn() once n steps have ended."""
     import pytorch_lightning as pl
 
     class StepEndTimer(pl.Callback):
         def on_train_batch_end(self, *args, **kwargs):
             sync(device)
             stamps.append(time.perf_counter())
+            if after_warmup and len(stamps) == after_warmup[0] + 1:
+                after_warmup[1]()
 
     return StepEndTimer()
 
 
-def run_ours(cfg, image, mask, n_steps, cached=False):
+def run_ours(cfg, image, mask, n_steps, cached=False, after_warmup=None):
     """Step times of ours; `cached`: with the posterior in the batch, plus the encoder's time alone."""
     stamps, extra, info = [], None, {}
     torch.manual_seed(cfg.seed)
@@ -157,7 +161,7 @@ def run_ours(cfg, image, mask, n_steps, cached=False):
         extra, info["encoder_times"] = cache_inputs(system, image, mask, cfg.trainer.precision, n_steps)
     sync(image.device)
     stamps.append(time.perf_counter())
-    fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps)], extra)
+    fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps, after_warmup)], extra)
     return [b - a for a, b in zip(stamps, stamps[1:])], info
 
 
@@ -171,26 +175,36 @@ def quiet():
     warnings.filterwarnings("ignore")
 
 
-def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks):
-    """Child process: build and time one variant; step times, peak memory and its kind."""
+def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks, warmup=0):
+    """Child process: build and time one variant; step times, peak memory and its kind.
+
+    CUDA: `peak` is the peak of the steps after the `warmup` ones, `peak_warmup` that of the warm-up (set-up,
+    compiling and cuDNN's autotuning, whose trial workspaces can fill the card: transient, not what a run needs).
+    """
     import resource
     quiet()
     cfg = load(files, overrides, batch_size, compile_blocks)
     device = pick_device(cfg)
+    info, warm = {}, {}
+
+    def end_of_warmup():
+        if device.type == "cuda":
+            warm["peak_warmup"] = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes; the same for every variant
         torch.cuda.reset_peak_memory_stats(device)
     image, mask = make_batch(cfg, device)
-    info = {}
     if variant in ("ours", "ours-cached"):
-        times, info = run_ours(cfg, image, mask, n_steps, cached=variant == "ours-cached")
+        times, info = run_ours(cfg, image, mask, n_steps, variant == "ours-cached", (warmup, end_of_warmup))
     else:
-        times = run_reference(variant, cfg, image, mask, n_steps, precision)
+        times = run_reference(variant, cfg, image, mask, n_steps, precision, (warmup, end_of_warmup))
     if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+        peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated after warm-up"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of its process (getrusage)"
-    return dict(info, times=times, peak=peak, peak_kind=kind, device=str(device),
+    return dict(info, **warm, times=times, peak=peak, peak_kind=kind, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
@@ -266,7 +280,8 @@ def report(cfg, args, results, flops):
         medians[name] = med
         precision = our_precision if name.startswith("ours") else ref_precision
         print(f"{name:<11} images/s={cfg.data.batch_size / med:.3f}  s/step={med:.4f}  (best {min(r['times']):.4f})  "
-              f"precision={precision}  peak_mem={gib(r['peak'])} ({r['peak_kind']})")
+              f"precision={precision}  peak_mem={gib(r['peak'])} ({r['peak_kind']}"
+              + (f"; warm-up: {gib(r['peak_warmup'])})" if "peak_warmup" in r else ")"))
         print(f"{'':<11} MFU (decoder FLOPs): {mfu_text(flops, med, r['device_name'], precision)}")
     best = {name: min(r["times"]) for name, r in results.items()}
     if "ours-cached" in results:
@@ -299,13 +314,15 @@ def run_benchmark(args):
         for name in ["ours", *(["ours-cached"] if args.cached_latents else []), *dict.fromkeys(args.reference)]:
             precision = None if name.startswith("ours") else ref_precision
             r = in_child(measure, name, args.config, args.overrides, args.batch_size, n, precision,
-                         args.compile and name.startswith("ours"))
+                         args.compile and name.startswith("ours"), args.warmup)
             r["times"] = r["times"][args.warmup:]
             if name in results:
                 r["times"] = results[name]["times"] + r["times"]
                 if "encoder_times" in r:
                     r["encoder_times"] = results[name]["encoder_times"] + r["encoder_times"]
-                r["peak"] = max(r["peak"], results[name]["peak"])
+                for key in ("peak", "peak_warmup"):
+                    if key in r:
+                        r[key] = max(r[key], results[name][key])
             results[name] = r
     report(cfg, args, results, decoder_flops(cfg))
 

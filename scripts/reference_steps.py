@@ -187,8 +187,9 @@ def build_reference(name, cfg, precision, device):
                         precision=precision)
 
 
-def run_reference(name, cfg, image, mask, n_steps, precision):
-    """Seconds of each of n_steps reference steps (synchronised on CUDA)."""
+def run_reference(name, cfg, image, mask, n_steps, precision, after_warmup=None):
+    """Seconds of each of n_steps reference steps (synchronised on CUDA); `after_warmup` (n, fn): fn() once n
+    steps have ended."""
     step = build_reference(name, cfg, precision, image.device)
     times = []
     for _ in range(n_steps):
@@ -197,4 +198,6 @@ def run_reference(name, cfg, image, mask, n_steps, precision):
         step.step(image, mask)
         sync(image.device)
         times.append(time.perf_counter() - t0)
+        if after_warmup and len(times) == after_warmup[0]:
+            after_warmup[1]()
     return times

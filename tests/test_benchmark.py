@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,19 +26,34 @@ TINY = [
 def test_benchmark_prints_figures_and_speedups():
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "-c", str(ROOT / "configs" / "x1.yaml"),
            *TINY, "data.resolution=16", "--steps", "2", "--warmup", "1",
-           "--reference", "official", "--reference", "naive"]
+           "--reference", "official", "--reference", "naive", "--cached-latents"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine: no thread oversubscription
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     out = proc.stdout
-    for name in ("ours", "official", "naive"):
+    for name in ("ours", "ours-cached", "official", "naive"):
         rate = re.search(rf"^{name}\s+images/s=([0-9.]+)\s+s/step=([0-9.]+)", out, re.M)
         assert rate and float(rate.group(1)) > 0 and float(rate.group(2)) > 0, out
     assert "loss.disc_start=0" in out
+    assert re.search(r"^latent cache: ours [0-9.]+ images/s -> ours-cached [0-9.]+ images/s", out, re.M), out
+    share = re.search(r"^encoder alone: [0-9.]+ s per batch = ([0-9.]+) % of our step", out, re.M)
+    assert share and 0 < float(share.group(1)) < 100, out
     assert re.search(r"decoder model FLOPs per step .*: [0-9.]+ TFLOP", out)
     last = out.strip().splitlines()[-2:]
     assert re.fullmatch(r"speedup vs official: [0-9]+\.[0-9]+x", last[0]), last
     assert re.fullmatch(r"speedup vs naive: [0-9]+\.[0-9]+x", last[1]), last
+
+
+def test_the_warmup_hook_runs_once_between_warmup_and_timed_steps():
+    """measure() resets CUDA's peak memory there: the peak reported is that of the timed steps."""
+    from reference_steps import run_reference
+    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    for name, run in (("ours", lambda hook: benchmark.run_ours(cfg, image, mask, 3, after_warmup=hook)[0]),
+                      ("naive", lambda hook: run_reference("naive", cfg, image, mask, 3, "32-true", hook))):
+        stamps = []
+        times = run((2, lambda: stamps.append(time.perf_counter())))
+        assert len(times) == 3 and len(stamps) == 1, name
 
 
 def capture_grads(optimizer, into: list):

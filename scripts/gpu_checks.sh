@@ -6,14 +6,14 @@
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling.
 #     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
 #                                                        default: all, in the order below)
-# PARTs: bench_compile_cached_vs_naive_fp32 tests max_batch train_x15 profile profile_compile
-#        bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
+# PARTs: bench_compile_vs_naive_fp32 profile_compile max_batch tests train_x15 bench_compile_cached_vs_naive_fp32
+#        profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
-PARTS=${*:-bench_compile_cached_vs_naive_fp32 tests max_batch train_x15 profile profile_compile \
-bench_compile_vs_naive_fp32 bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
+PARTS=${*:-bench_compile_vs_naive_fp32 profile_compile max_batch tests train_x15 bench_compile_cached_vs_naive_fp32 \
+profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -37,7 +37,7 @@ X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf1
 run_part() {
     case $1 in
     bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
-        --reference naive --reference-precision 32-true --steps 20 --warmup 5 ;;
+        --reference naive --reference-precision 32-true --steps 60 --warmup 10 ;;
     tests) part "$1" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
         model.channels_last=true --presets x1.5 x2 --resolutions 256 512 ;;
@@ -51,7 +51,7 @@ run_part() {
     profile_compile) part "$1" 200 "$PY" scripts/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 \
         --top 25 ;;
     bench_compile_vs_naive_fp32) part "$1" 200 "$PY" scripts/benchmark.py $X15 --compile --reference naive \
-        --reference-precision 32-true --steps 20 --warmup 5 ;;
+        --reference-precision 32-true --steps 60 --warmup 10 ;;
     bench_vs_naive_fp32) part "$1" 120 "$PY" scripts/benchmark.py $X15 --reference naive \
         --reference-precision 32-true --steps 20 --warmup 5 ;;
     bench_batch16) part "$1" 120 "$PY" scripts/benchmark.py $X15 model.compile=true data.batch_size=16 \

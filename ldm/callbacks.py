@@ -3,6 +3,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from .metrics import sample_grid, save_grid
 
@@ -42,6 +43,7 @@ class ImagesPerSecond(pl.Callback):
         if step - self._step0 >= self.every:
             per_step = batch["image"].shape[0] * trainer.world_size * pl_module.optim_cfg.accumulate_grad_batches
             rate = (step - self._step0) * per_step / (time.perf_counter() - self._t0)
+            rate = torch.tensor(rate)  # a CPU tensor: a Python number would be copied to the device, a sync
             pl_module.log("train/images_per_sec", rate, rank_zero_only=True)
             pl_module.log("img/s", rate, prog_bar=True, logger=False, rank_zero_only=True)  # fits an 80-column bar
             self._t0, self._step0 = time.perf_counter(), step

@@ -120,3 +120,31 @@ def test_gpu_training_runs_finite_in_each_precision(tmp_path, precision):
     assert all(g["fused"] for opt in ckpt["optimizer_states"] for g in opt["param_groups"])  # fused Adam on CUDA
     val = [r for r in rows if r.get("val/l1")]
     assert val and math.isfinite(float(val[-1]["val/l1"]))
+
+
+def test_gpu_training_step_waits_for_the_device_once():
+    """A step's one host sync is its finite check (the progress bar's loss comes in the same transfer): logging,
+    the GAN's adaptive weight and the optimisers add none, so the host can queue the next step's work early.
+    Counted over whole loop iterations (batch start to batch start: Lightning's per-batch metric reads too)."""
+    import warnings
+
+    import pytorch_lightning as pl
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    class SyncWindow(pl.Callback):  # syncs reported from the start of batch 2 to the start of batch 4
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("warn" if batch_idx in (2, 3) else "default")
+
+    cfg = benchmark.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
+                              "trainer.precision=bf16-mixed", "model.channels_last=true"])
+    system = benchmark.build_ours(cfg)
+    image, mask = benchmark.make_batch(cfg, torch.device("cuda"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            benchmark.fit_ours(system, cfg, image, mask, steps=5, callbacks=[SyncWindow()])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    assert len(syncs) == 2, syncs  # two steps, one each

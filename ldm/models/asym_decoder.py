@@ -126,6 +126,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.val_sums = {}
         self.skipped_nonfinite = 0  # optimiser steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
+        self.host_loss = None  # the last optimiser step's loss, read in the same transfer as its finite check
 
     def configure_model(self):
         """Under a Trainer only (fit / validate): compile the decoder's and the frozen encoder's blocks once, when
@@ -177,9 +178,14 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         # one backward: the decoder receives grad (L1 + LPIPS + weighted GAN), the discriminator d_loss only
         surrogate = (recon.float() * grad).sum() + (d_loss if gan_on else 0.0)
         self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, batch_idx, gan_on, terms)
+        # No host sync for logging: device tensors go to the logger, which reads them every log_every_n_steps;
+        # what Lightning reads every batch (the progress bar) or would copy to the device (a Python number:
+        # torch.tensor(x, device=...) waits for the queue) is a CPU tensor.
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
-        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
-        self.log("train/loss", terms["nll"].detach(), prog_bar=True)
+        self.log("train/skipped_nonfinite", torch.tensor(float(self.skipped_nonfinite)))
+        self.log("train/loss", terms["nll"].detach())
+        if self.host_loss is not None:
+            self.log("loss", torch.tensor(self.host_loss), prog_bar=True, logger=False)
 
     def decode_with_features(self, z, image, mask):
         """Decoder forward that also returns conv_out's input (for the adaptive GAN weight)."""
@@ -234,7 +240,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             sched_d.step()  # counts discriminator steps: its warm-up starts at disc_start
 
     def first_nonfinite(self, terms) -> Optional[str]:
-        """Name of a non-finite loss term ('gradients' if only those are), or None; one host sync per step."""
+        """Name of a non-finite loss term ('gradients' if only those are), or None. The step's one host sync:
+        one transfer of the loss terms (and the gradient norm), which also gives the progress bar its loss."""
         values = [v.detach().float().reshape(()) for v in terms.values()]
         names = list(terms)
         # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
@@ -243,13 +250,14 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             if grads:
                 values.append(torch.nn.utils.get_total_norm(grads).float())
                 names.append("gradients")
-        finite = torch.isfinite(torch.stack(values))
-        all_finite = bool(finite.all())  # the only host sync of a healthy step
+        host = dict(zip(names, torch.stack(values).tolist()))
+        self.host_loss = host["nll"]
+        bad = [n for n, v in host.items() if not math.isfinite(v)]
+        all_finite = not bad
         if self.trainer.world_size > 1:  # every rank must skip the same steps
             all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
         if all_finite:
             return None
-        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
         return next((n for n in bad if n != "nll"), bad[0] if bad else "(on another rank)")  # nll is the sum
 
     # ------------------------------------------------------------------ validation

@@ -144,3 +144,16 @@ def test_model_compile_rejects_an_unknown_backend(tmp_path):
     proc = run_train(tmp_path, "model.compile=inductr", check=False)
     assert proc.returncode == 2 and "model.compile must be true, false or a torch.compile backend" in proc.stderr
     assert "got 'inductr'" in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_progress_bar_loss_is_the_steps_loss_read_with_the_finite_check():
+    """The progress bar's loss is a CPU copy of the step's loss, from the finite check's one transfer."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+    cfg = benchmark.load([], TINY)
+    torch.manual_seed(0)
+    system = benchmark.build_ours(cfg)
+    trainer = benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=2)
+    shown, logged = trainer.progress_bar_metrics["loss"], trainer.callback_metrics["train/loss"]
+    assert math.isfinite(shown) and shown == pytest.approx(logged.item(), rel=1e-6)
+    assert "train/loss" not in trainer.progress_bar_metrics  # the device tensor is not read every batch

@@ -8,7 +8,8 @@
 Each variant runs in its own process on the same batch (random image in [-1, 1], a mask with holes),
 resolution and precision; the GAN is on from step 0 (loss.disc_start=0) so the full step is measured.
 "ours" is AsymmetricDecoderTraining.training_step in a real pl.Trainer (no logger, checkpoints, validation
-or EMA), timed by a callback from one batch end to the next (CUDA: synchronised there, not in the step).
+or EMA), timed by a callback from one batch end to the next (CUDA: by events on the stream, which add no host
+sync; reference_steps.mark).
 Figures: median seconds per step over --steps after --warmup, images/s, peak memory (CUDA:
 max_memory_allocated over the timed steps, the warm-up's apart: cuDNN's autotuning tries workspaces that can
 fill the card, transiently; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
@@ -36,7 +37,6 @@ import concurrent.futures as futures
 import multiprocessing
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from ldm.config import load_config  # noqa: E402
 from benchmark_latents import cache_inputs, cache_report  # noqa: E402
-from reference_steps import run_reference, sync  # noqa: E402
+from reference_steps import durations, mark, run_reference, sync  # noqa: E402
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
 PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0)), ("H100", (989.0, 495.0, 67.0)),
@@ -138,14 +138,13 @@ def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_ba
 
 
 def step_end_timer(device, stamps, after_warmup=None):
-    """A callback appending a synchronised timestamp at each batch end: step k lasts stamps[k] - stamps[k-1].
-    `after_warmup` (n, fn): fn() once n steps have ended."""
+    """A callback appending a mark (reference_steps.mark) at each batch end: step k lasts from stamps[k-1] to
+    stamps[k]. `after_warmup` (n, fn): fn() once n steps have ended."""
     import pytorch_lightning as pl
 
     class StepEndTimer(pl.Callback):
         def on_train_batch_end(self, *args, **kwargs):
-            sync(device)
-            stamps.append(time.perf_counter())
+            stamps.append(mark(device))
             if after_warmup and len(stamps) == after_warmup[0] + 1:
                 after_warmup[1]()
 
@@ -160,9 +159,9 @@ def run_ours(cfg, image, mask, n_steps, cached=False, after_warmup=None):
     if cached:
         extra, info["encoder_times"] = cache_inputs(system, image, mask, cfg.trainer.precision, n_steps)
     sync(image.device)
-    stamps.append(time.perf_counter())
+    stamps.append(mark(image.device))
     fit_ours(system, cfg, image, mask, n_steps, [step_end_timer(image.device, stamps, after_warmup)], extra)
-    return [b - a for a, b in zip(stamps, stamps[1:])], info
+    return durations(stamps), info
 
 
 # ----------------------------------------------------------------------------- one variant per process

@@ -36,6 +36,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def mark(device):
+    """Now, for timing steps: a CUDA event recorded on the current stream (no host sync), else the host clock.
+    Timed by events, a step is the device's time from the previous step's end to its own: the idle time its
+    own host syncs cause counts, and the timing adds none."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def durations(marks):
+    """Seconds between consecutive marks (CUDA: waits once, for the last event)."""
+    if marks and isinstance(marks[0], torch.cuda.Event):
+        marks[-1].synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def adam(params, lr, fused=False):
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=fused or None)
 
@@ -188,16 +207,14 @@ def build_reference(name, cfg, precision, device):
 
 
 def run_reference(name, cfg, image, mask, n_steps, precision, after_warmup=None):
-    """Seconds of each of n_steps reference steps (synchronised on CUDA); `after_warmup` (n, fn): fn() once n
-    steps have ended."""
+    """Seconds of each of n_steps reference steps (between marks, see `mark`); `after_warmup` (n, fn): fn() once
+    n steps have ended."""
     step = build_reference(name, cfg, precision, image.device)
-    times = []
+    sync(image.device)
+    marks = [mark(image.device)]
     for _ in range(n_steps):
-        sync(image.device)
-        t0 = time.perf_counter()
         step.step(image, mask)
-        sync(image.device)
-        times.append(time.perf_counter() - t0)
-        if after_warmup and len(times) == after_warmup[0]:
+        marks.append(mark(image.device))
+        if after_warmup and len(marks) == after_warmup[0] + 1:
             after_warmup[1]()
-    return times
+    return durations(marks)

@@ -148,3 +148,19 @@ def test_gpu_training_step_waits_for_the_device_once():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
     assert len(syncs) == 2, syncs  # two steps, one each
+
+
+def test_gpu_benchmark_marks_time_the_device_and_add_no_sync():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reference_steps import durations, mark
+    device = torch.device("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        marks = [mark(device)]
+        for cycles in (10**6, 10**7):  # about 0.5 ms, then 5 ms of device time
+            torch.cuda._sleep(cycles)
+            marks.append(mark(device))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    short, long = durations(marks)
+    assert 0 < short < long and 5 < long / short < 20, (short, long)

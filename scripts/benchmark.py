@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from ldm.config import load_config  # noqa: E402
 from benchmark_latents import cache_inputs, cache_report  # noqa: E402
-from reference_steps import durations, mark, run_reference, sync  # noqa: E402
+from reference_steps import durations, mark, mark_step_end, run_reference, sync  # noqa: E402
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
 PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0)), ("H100", (989.0, 495.0, 67.0)),
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
     p.add_argument("--reference", action="append", default=[], choices=["official", "naive"])
     p.add_argument("--reference-precision", default=None, help="precision of the references (default: ours)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our decoder's blocks (model.compile=true)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our blocks (model.compile=true)")
     p.add_argument("--cached-latents", action="store_true",
                    help="also time ours with a cached posterior in the batch (the encoder skipped)")
     p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above)")
@@ -116,7 +116,7 @@ def make_batch(cfg, device, seed=0):
 
 def build_ours(cfg):
     from train import build_system
-    return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the decoder's blocks
+    return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the blocks
 
 
 def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_batch=None):
@@ -138,15 +138,13 @@ def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_ba
 
 
 def step_end_timer(device, stamps, after_warmup=None):
-    """A callback appending a mark (reference_steps.mark) at each batch end: step k lasts from stamps[k-1] to
+    """A callback marking each batch end (reference_steps.mark_step_end): step k lasts from stamps[k-1] to
     stamps[k]. `after_warmup` (n, fn): fn() once n steps have ended."""
     import pytorch_lightning as pl
 
     class StepEndTimer(pl.Callback):
         def on_train_batch_end(self, *args, **kwargs):
-            stamps.append(mark(device))
-            if after_warmup and len(stamps) == after_warmup[0] + 1:
-                after_warmup[1]()
+            mark_step_end(device, stamps, after_warmup)
 
     return StepEndTimer()
 

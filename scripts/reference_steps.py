@@ -47,6 +47,14 @@ def mark(device):
     return time.perf_counter()
 
 
+def mark_step_end(device, marks, after_warmup=None):
+    """Append the mark of a step's end to `marks` (marks[0]: the start); `after_warmup` (n, fn): fn() once n
+    steps have ended."""
+    marks.append(mark(device))
+    if after_warmup and len(marks) == after_warmup[0] + 1:
+        after_warmup[1]()
+
+
 def durations(marks):
     """Seconds between consecutive marks (CUDA: waits once, for the last event)."""
     if marks and isinstance(marks[0], torch.cuda.Event):
@@ -214,7 +222,5 @@ def run_reference(name, cfg, image, mask, n_steps, precision, after_warmup=None)
     marks = [mark(image.device)]
     for _ in range(n_steps):
         step.step(image, mask)
-        marks.append(mark(image.device))
-        if after_warmup and len(marks) == after_warmup[0] + 1:
-            after_warmup[1]()
+        mark_step_end(image.device, marks, after_warmup)
     return durations(marks)

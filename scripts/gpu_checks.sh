@@ -6,14 +6,14 @@
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling.
 #     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
 #                                                        default: all, in the order below)
-# PARTs: bench_compile_vs_naive_fp32 profile_compile max_batch tests train_x15 bench_compile_cached_vs_naive_fp32
-#        profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
+# PARTs: bench_compile_vs_naive_fp32 profile_compile max_batch_x15 tests train_x15 bench_compile_cached_vs_naive_fp32
+#        max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
-PARTS=${*:-bench_compile_vs_naive_fp32 profile_compile max_batch tests train_x15 bench_compile_cached_vs_naive_fp32 \
-profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
+PARTS=${*:-bench_compile_vs_naive_fp32 profile_compile max_batch_x15 tests train_x15 bench_compile_cached_vs_naive_fp32 \
+max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -41,6 +41,8 @@ run_part() {
     tests) part "$1" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
         model.channels_last=true --presets x1.5 x2 --resolutions 256 512 ;;
+    max_batch_x15) part "$1" 150 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
+        model.channels_last=true --presets x1.5 --resolutions 256 512 ;;
     train_x15) part "$1" 200 "$PY" train.py $X15 model.compile=true trainer.max_steps=300 \
             trainer.val_check_interval=150 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
             trainer.enable_progress_bar=false run.checkpoint_every_n_steps=300 loss.disc_start=100 \

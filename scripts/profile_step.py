@@ -26,13 +26,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
 from reference_steps import sync  # noqa: E402
 
-# kernel kind by name, first match wins (cuDNN / CUTLASS / ATen kernel names)
-KINDS = [("convolution", r"conv|cudnn|implicit|wgrad|dgrad|fprop|xmma|sm90_|nchwToNhwc|nhwcToNchw"),
+# kernel kind by name, first match wins (cuDNN / CUTLASS / ATen kernel names). Inductor's kernels come first:
+# they are named after the ops they fuse (triton_red_fused_native_group_norm_..., ..._convolution_backward_...)
+KINDS = [("compiled (inductor)", r"^triton_"),
+         ("layout (cuDNN's own)", r"nchwToNhwc|nhwcToNchw"),
+         ("convolution", r"conv|cudnn|implicit|wgrad|dgrad|fprop|xmma|sm90_"),
          ("gemm / attention", r"gemm|flash|fmha|attention|cutlass"),
          ("normalisation", r"norm|welford|moments|ComputeInternalGradients|ComputeFusedParams"),
          ("optimiser", r"adam|multi_tensor|foreach"),
          ("copy (layout, dtype)", r"copy|contiguous|transpose|permute"),
-         ("compiled (inductor)", r"^triton_"),
          ("reduction", r"reduce|sum|norm"),
          ("elementwise", r"elementwise|vectorized|unrolled|silu|add|mul|activation|where|clamp|upsample")]
 

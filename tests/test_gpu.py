@@ -75,8 +75,9 @@ def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
     torch.manual_seed(0)
     eager = AsymmetricAutoencoderKL(**SMALL).cuda().to(memory_format=torch.channels_last)
     compiled = copy.deepcopy(eager)
-    assert compile_blocks(compiled.decoder) == 12  # mid: 2 ResnetBlocks + AttnBlock; 4 levels x 2; norm_out
-    assert compile_blocks(compiled.encoder) == 8  # 4 levels x 1 ResnetBlock; mid; norm_out
+    # decoder: mid (2 ResnetBlocks + AttnBlock), 4 levels x 2 ResnetBlocks, 3 Upsamples, Blend, norm_out
+    assert compile_blocks(compiled.decoder) == 16
+    assert compile_blocks(compiled.encoder) == 11  # 4 levels x 1 ResnetBlock, 3 Downsamples, mid, norm_out
     assert list(compiled.state_dict()) == list(eager.state_dict())  # in place: keys unchanged
     image, mask = batch()
     image = image.contiguous(memory_format=torch.channels_last)
@@ -94,6 +95,40 @@ def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
         ref = runs["fp32"][i]
         err = {name: ((runs[name][i] - ref).norm() / ref.norm()).item() for name in ("eager", "compiled")}
         assert err["compiled"] < max(1.5 * err["eager"], 1e-2) and err["compiled"] < 0.1, err
+
+
+def test_gpu_compiled_losses_match_eager():
+    """model.compile compiles LPIPS (fp32) and the discriminator (bf16 autocast, BatchNorm in training mode)
+    whole: same loss, input gradient, discriminator gradients and BatchNorm statistics as eager."""
+    import copy
+
+    from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss, generator_loss, hinge_d_loss
+    torch.manual_seed(0)
+    lpips_eager = PerceptualLoss(pretrained=False).cuda().to(memory_format=torch.channels_last)
+    disc_eager = NLayerDiscriminator().cuda().to(memory_format=torch.channels_last)
+    lpips_compiled, disc_compiled = copy.deepcopy(lpips_eager), copy.deepcopy(disc_eager)
+    lpips_compiled.compile(dynamic=False)
+    disc_compiled.compile(dynamic=False)
+    image, _ = batch(b=4, h=128, w=128)
+    image = image.contiguous(memory_format=torch.channels_last)
+    runs = {}
+    for name, lp, disc in (("eager", lpips_eager, disc_eager), ("compiled", lpips_compiled, disc_compiled)):
+        recon = (image + 0.3 * torch.randn(image.shape, generator=torch.Generator("cuda").manual_seed(1),
+                                           device="cuda")).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            dist = lp(recon, image)
+            g_loss = generator_loss(disc(recon))
+            d_loss = hinge_d_loss(disc(image), disc(recon.detach()))
+        grad = torch.autograd.grad(dist.mean() + g_loss, recon)[0]  # through LPIPS and the discriminator
+        d_loss.backward()
+        runs[name] = dict(dist=dist.detach(), grad=grad, d_loss=d_loss.detach(),
+                          d_grads=torch.cat([p.grad.flatten() for p in disc.parameters()]),
+                          stats=torch.cat([b.flatten().float() for b in disc.buffers()]))
+    assert runs["eager"]["dist"].dtype == torch.float32  # LPIPS stays fp32 under autocast
+    for key in runs["eager"]:
+        ref, out = runs["eager"][key], runs["compiled"][key]
+        err = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        assert err < (1e-4 if key == "dist" else 2e-2), (key, err)
 
 
 TINY = [*CPU_TINY,  # tests/test_train.py's tiny model, on the GPU, with the GAN from step 2

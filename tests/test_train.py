@@ -115,7 +115,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_model_compile_compiles_the_blocks_and_keeps_the_numbers(checkpointing):
     """model.compile: the Trainer compiles the decoder's and the frozen encoder's blocks (and the GroupNorms
-    outside them) in place; the same steps give the same weights.
+    outside them), LPIPS and the discriminator in place; the same steps give the same weights (and the
+    discriminator's BatchNorm statistics).
     aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
     inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -129,7 +130,8 @@ def test_model_compile_compiles_the_blocks_and_keeps_the_numbers(checkpointing):
         initial = system.vae.decoder.conv_out.weight.detach().clone()
         benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=3)
         dec, enc = system.vae.decoder, system.vae.encoder
-        blocks = [dec.mid.block_1, dec.mid.attn_1, dec.up[0].block[0], dec.norm_out, enc.mid.block_1, enc.norm_out]
+        blocks = [dec.mid.block_1, dec.mid.attn_1, dec.up[0].block[0], dec.up[1].upsample, dec.blend, dec.norm_out,
+                  enc.mid.block_1, enc.down[0].downsample, enc.norm_out, system.perceptual, system.discriminator]
         assert all((b._compiled_call_impl is not None) == bool(backend) for b in blocks)
         assert dec.mid.block_1.norm1._compiled_call_impl is None  # inside a compiled block: not compiled twice
         weights[backend] = system.state_dict()

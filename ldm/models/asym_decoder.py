@@ -11,7 +11,7 @@ from torch import nn
 from ..metrics import region_metrics
 from ..modules.autoencoder import AsymmetricAutoencoderKL
 from ..modules.losses import discriminator_loss, generator_loss, reconstruction_losses
-from ..modules.vae import AttnBlock, DiagonalGaussianDistribution, ResnetBlock
+from ..modules.vae import AttnBlock, Blend, DiagonalGaussianDistribution, Downsample, ResnetBlock, Upsample
 
 
 @dataclass
@@ -67,18 +67,19 @@ def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tenso
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile each ResnetBlock and AttnBlock of `module`, and each GroupNorm outside them (norm_out), in
-    place (names, hooks and state_dict keys unchanged); returns how many. `backend`: "inductor", or
-    "aot_eager" / "eager" to debug a compile problem.
+    """torch.compile, in place, each block of `module` (ResnetBlock, AttnBlock, Upsample, Downsample, Blend) and
+    each GroupNorm outside them (norm_out); names, hooks and state_dict keys stay. Returns how many. `backend`:
+    "inductor", or "aot_eager" / "eager" to debug a compile problem.
 
     Inductor fuses GroupNorm, SiLU and the residual add around cuDNN's convs and keeps channels_last through
-    GroupNorm (eager CUDA GroupNorm returns NCHW: two layout copies per call). Static shapes: one graph per
-    block shape, so the recompile limit is raised to hold a decoder's (and its backward's) shapes.
+    GroupNorm, upsampling and the mask blend (eager CUDA GroupNorm returns NCHW: two layout copies per call).
+    Static shapes: one graph per block shape, so the recompile limit is raised to hold a decoder's (and its
+    backward's) shapes.
     """
     import torch._dynamo.config as dynamo_config
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-    blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock))]
+    blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock, Upsample, Downsample, Blend))]
     inside = {id(n) for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)}
     blocks += [m for m in module.modules() if isinstance(m, nn.GroupNorm) and id(m) not in inside]
     for m in blocks:
@@ -129,11 +130,16 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.host_loss = None  # the last optimiser step's loss, read in the same transfer as its finite check
 
     def configure_model(self):
-        """Under a Trainer only (fit / validate): compile the decoder's and the frozen encoder's blocks once, when
-        configured (the encoder's are compiled when first called: never, on a latent cache)."""
+        """Under a Trainer only (fit / validate): compile, once, when configured, the decoder's and the frozen
+        encoder's blocks (the encoder's when first called: never, on a latent cache), LPIPS and the
+        discriminator (whole: their elementwise work around cuDNN's convs fuses, e.g. LPIPS' fp32 feature
+        normalisation at full resolution)."""
         if self.compile_backend and not getattr(self, "_compiled", False):
             compile_blocks(self.vae.decoder, self.compile_backend)
             compile_blocks(self.vae.encoder, self.compile_backend)
+            for net in (self.perceptual, self.discriminator):
+                if net is not None:
+                    net.compile(backend=self.compile_backend, dynamic=False)
             self._compiled = True
 
     # ------------------------------------------------------------------ train

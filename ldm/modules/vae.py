@@ -157,10 +157,13 @@ class ConditionEncoder(nn.Module):
         return feats
 
 
-def _blend(h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mask-gated replacement h*m + f*(1-m): holes (m=1) keep the latent path, known pixels the branch."""
-    m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)
-    return h * m + feat.to(h.dtype) * (1 - m)
+class Blend(nn.Module):
+    """Mask-gated replacement h*m + f*(1-m): holes (m=1) keep the latent path, known pixels the branch.
+    A module (no weights) so that model.compile can fuse it into one kernel per direction."""
+
+    def forward(self, h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)
+        return h * m + feat.to(h.dtype) * (1 - m)
 
 
 class AsymmetricDecoder(nn.Module):
@@ -195,6 +198,7 @@ class AsymmetricDecoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         # named `encoder` like the official checkpoints (diffusers: `condition_encoder`)
         self.encoder = ConditionEncoder(ch, ch_mult, out_channels) if use_condition else None
+        self.blend = Blend()
 
     @property
     def use_condition(self) -> bool:
@@ -224,10 +228,10 @@ class AsymmetricDecoder(nn.Module):
         h = self._run(self.mid, self.conv_in(z))
         for i in reversed(range(len(self.up))):
             if conditioned:
-                h = _blend(h, feats[i + 1], mask)  # up.i input: (B, C_i, H/2^i, W/2^i)
+                h = self.blend(h, feats[i + 1], mask)  # up.i input: (B, C_i, H/2^i, W/2^i)
             h = self._run(self._up_level, self.up[i], h)
         if conditioned:
-            h = _blend(h, feats[0], mask)  # (B, ch, H, W): the branch's first layer
+            h = self.blend(h, feats[0], mask)  # (B, ch, H, W): the branch's first layer
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

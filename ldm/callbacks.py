@@ -56,8 +56,9 @@ class NonFiniteLossError(RuntimeError):
 class StopOnNonFinite(pl.Callback):
     """Stop the run once `max_consecutive` optimiser steps in a row were skipped as non-finite.
 
-    The skipped steps changed no weights, so the checkpoints already on disk hold the last good step;
-    raising (rather than `should_stop`) makes sure nothing of the broken run is saved on the way out.
+    Skipped steps change no weights (nor Adam's state), so the checkpoints already on disk hold the last good
+    step's weights; raising (rather than `should_stop`) makes sure nothing of the broken run is saved on the
+    way out. On a GPU the streak is read without waiting for the device, so the stop can come a step late.
     """
 
     def __init__(self, max_consecutive: int = 20):
@@ -68,5 +69,5 @@ class StopOnNonFinite(pl.Callback):
         if self.max_consecutive > 0 and streak >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"loss term '{pl_module.nonfinite_term}' was non-finite for {streak} consecutive steps "
-                f"({pl_module.skipped_nonfinite} skipped in all); stopping at step {trainer.global_step}, "
-                f"the last good one, with the checkpoints left as they were")
+                f"({pl_module.skipped_nonfinite} skipped in all); stopping at step {trainer.global_step} with the "
+                f"checkpoints left as they were (skipped steps changed no weights)")

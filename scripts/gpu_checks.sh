@@ -2,7 +2,7 @@
 # The GPU checks: the GPU tests, profiles of our x1.5 step (eager, compiled), the x1.5 benchmarks (bf16 vs the
 # naive fp32 loop: compiled with and without the latent cache, eager; batch 16; all-bf16 against official and
 # naive), x2 at 512 px, 300 training steps of x1.5 at 256 px (compiled), and the largest-batch search. Each part
-# has its own time limit (all together: up to ~28 min) and writes OUT/<part>.log; a part that fails or times out
+# has its own time limit (all together: up to ~34 min) and writes OUT/<part>.log; a part that fails or times out
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling.
 #     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
 #                                                        default: all, in the order below)
@@ -38,7 +38,7 @@ run_part() {
     case $1 in
     bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
         --reference naive --reference-precision 32-true --steps 60 --warmup 10 ;;
-    tests) part "$1" 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+    tests) part "$1" 360 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
     max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
         model.channels_last=true --presets x1.5 x2 --resolutions 256 512 ;;
     max_batch_x15) part "$1" 150 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \

@@ -157,10 +157,11 @@ def test_gpu_training_runs_finite_in_each_precision(tmp_path, precision):
     assert val and math.isfinite(float(val[-1]["val/l1"]))
 
 
-def test_gpu_training_step_waits_for_the_device_once():
-    """A step's one host sync is its finite check (the progress bar's loss comes in the same transfer): logging,
-    the GAN's adaptive weight and the optimisers add none, so the host can queue the next step's work early.
-    Counted over whole loop iterations (batch start to batch start: Lightning's per-batch metric reads too)."""
+def test_gpu_training_step_never_waits_for_the_device():
+    """No host sync in a training step: the finite check's skip is fused Adam's found_inf on the device and the
+    host reads the check (and the progress bar's loss) when its copy has arrived; logging and the GAN's adaptive
+    weight add none, so the host queues the next step's work while the device runs this one. Counted over whole
+    loop iterations (batch start to batch start: Lightning's per-batch metric reads too)."""
     import warnings
 
     import pytorch_lightning as pl
@@ -182,7 +183,43 @@ def test_gpu_training_step_waits_for_the_device_once():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
-    assert len(syncs) == 2, syncs  # two steps, one each
+    assert not syncs, syncs
+    assert system.skipped_nonfinite == 0 and system.host_loss is not None  # the checks did arrive
+
+
+def test_gpu_nonfinite_step_is_skipped_on_the_device_and_counted(monkeypatch):
+    """A NaN loss at batch 2: fused Adam's found_inf leaves the CUDA weights and Adam's state alone, and the host
+    counts the step once its check has arrived (read_pending_checks waits for the rest)."""
+    import pytorch_lightning as pl
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+    from ldm.models.asym_decoder import AsymmetricDecoderTraining
+
+    recon_terms = AsymmetricDecoderTraining.recon_terms
+
+    def nan_at_batch_2(self, recon, image, mask):
+        terms = recon_terms(self, recon, image, mask)
+        if self.trainer.fit_loop.total_batch_idx == 2:
+            terms["l1"] = terms["l1"] * float("nan")
+            terms["nll"] = terms["nll"] + terms["l1"]
+        return terms
+    monkeypatch.setattr(AsymmetricDecoderTraining, "recon_terms", nan_at_batch_2)
+    snapshots = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots[batch_idx] = [p.detach().clone() for p in pl_module.vae.decoder.parameters()]
+
+    cfg = benchmark.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
+                              "trainer.precision=bf16-mixed", "model.channels_last=true"])
+    system = benchmark.build_ours(cfg)
+    benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cuda")), steps=4,
+                       callbacks=[Snapshot()])
+    system.read_pending_checks()
+    assert system.skipped_nonfinite == 1 and system.nonfinite_streak == 0 and system.nonfinite_term == "l1"
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # the NaN step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the next one trained
+    assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
 def test_gpu_benchmark_marks_time_the_device_and_add_no_sync():

@@ -130,17 +130,34 @@ def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------- non-finite losses
-def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path):
+@pytest.mark.parametrize("fused", [True, False])
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path, fused):
+    """Fused Adam (the default) skips a non-finite step on the device (found_inf), without a host sync: the step
+    counts, its weights and Adam state stay. Unfused Adam: the host checks first and skips the step itself."""
     proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=1", "run.max_nonfinite_steps=2",
-                     "trainer.log_every_n_steps=1", "+nan_batches=1,3,4", *NO_VAL, script="tests/fault_probe.py",
-                     check=False)
+                     "run.keep_last_k=5", "trainer.log_every_n_steps=1", "+nan_batches=1,3,4", f"optim.fused={fused}",
+                     *NO_VAL, script="tests/fault_probe.py", check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: loss term 'lpips' was non-finite for 2 consecutive steps (3 skipped in all)")
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2  # batches 0 and 2 stepped; batch 1 was skipped
-    assert ckpt["skipped_nonfinite"] == 1  # saved at step 2, after the one isolated NaN
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    if fused:  # batches 0-3 counted; the checkpoint after batch 3 (NaN) holds batch 2's weights and Adam state
+        assert ckpt["global_step"] == 4 and ckpt["skipped_nonfinite"] == 2
+        good = torch.load(ckpt_dir / "step00000003.ckpt", map_location="cpu", weights_only=False)
+        assert good["skipped_nonfinite"] == 1
+        live = "current_model_state"  # EMA on: state_dict holds the average, which moves every counted step
+        assert good[live].keys() == ckpt[live].keys()
+        for key, value in good[live].items():
+            assert torch.equal(ckpt[live][key], value), key
+        for new_opt, old_opt in zip(ckpt["optimizer_states"], good["optimizer_states"]):
+            for i, state in old_opt["state"].items():
+                assert torch.equal(new_opt["state"][i]["step"], state["step"])
+                assert torch.equal(new_opt["state"][i]["exp_avg"], state["exp_avg"])
+    else:
+        assert ckpt["global_step"] == 2  # batches 0 and 2 stepped; batch 1 was skipped
+        assert ckpt["skipped_nonfinite"] == 1  # saved at step 2, after the one isolated NaN
     with open(tmp_path / "run" / "metrics.csv") as f:
         skipped = [float(r["train/skipped_nonfinite"]) for r in csv.DictReader(f) if r.get("train/skipped_nonfinite")]
     assert skipped[:3] == [0.0, 1.0, 1.0] and max(skipped) >= 2

@@ -1,6 +1,7 @@
 """The training recipe: frozen SD encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN."""
 import math
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
@@ -127,7 +128,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.val_sums = {}
         self.skipped_nonfinite = 0  # optimiser steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
-        self.host_loss = None  # the last optimiser step's loss, read in the same transfer as its finite check
+        self.host_loss = None  # the loss of the last finite check read, for the progress bar
+        self.pending_checks = deque()  # (check, CUDA event or None, names) of steps not yet read on the host
 
     def configure_model(self):
         """Under a Trainer only (fit / validate): compile, once, when configured, the decoder's and the frozen
@@ -212,20 +214,25 @@ class AsymmetricDecoderTraining(pl.LightningModule):
     def optimizer_update(self, loss, batch_idx, gan_on, terms):
         """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator.
 
-        A step whose loss terms or gradients are not finite is skipped (gradients dropped) and counted.
+        A step whose loss terms or gradients are not finite changes no weights and is counted. With fused Adam
+        (the default) and no GradScaler the device decides (Adam's `found_inf`: weights, moments and Adam's step
+        count stay), so the step never waits for the device; the host reads the check once it has arrived,
+        usually a step later, and the step still counts for global_step and the lr schedule, as with fp16's
+        loss scaling. Otherwise (optim.fused=false, 16-mixed) the host waits for the check and skips the step.
         """
         opt_g, opt_d = self.optimizers()
         self.manual_backward(loss)
         if (batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
             return
-        self.nonfinite_term = self.first_nonfinite(terms)
-        if self.nonfinite_term is not None:
+        bad, check, names = self.finite_check(terms)
+        on_device = self.skips_on_device(opt_g, opt_d)
+        if on_device:
+            opt_g.optimizer.found_inf = opt_d.optimizer.found_inf = bad
+        self.read_check(check, names, wait=not on_device)
+        if not on_device and self.nonfinite_streak:  # this step was the non-finite one
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
-            self.skipped_nonfinite += 1
-            self.nonfinite_streak += 1
             return
-        self.nonfinite_streak = 0
         if self.optim_cfg.grad_clip > 0:
             self.clip_gradients(opt_g, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
             if gan_on:
@@ -245,26 +252,62 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         if gan_on:
             sched_d.step()  # counts discriminator steps: its warm-up starts at disc_start
 
-    def first_nonfinite(self, terms) -> Optional[str]:
-        """Name of a non-finite loss term ('gradients' if only those are), or None. The step's one host sync:
-        one transfer of the loss terms (and the gradient norm), which also gives the progress bar its loss."""
-        values = [v.detach().float().reshape(()) for v in terms.values()]
+    def skips_on_device(self, *optimizers) -> bool:
+        """Whether non-finite steps can be skipped by the device: fused Adam takes `found_inf`; a GradScaler
+        (16-mixed) sets its own, and unfused Adam has none."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        return all(g.get("fused") for opt in optimizers for g in opt.optimizer.param_groups)
+
+    def finite_check(self, terms):
+        """(bad, check, names) on the device, no host sync: check = [bad, loss terms..., gradient norm], bad = 1.0
+        where any of them is non-finite on any rank (every rank must skip the same steps), else 0.0."""
         names = list(terms)
+        values = [v.detach().float().reshape(()) for v in terms.values()]
         # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
         if getattr(self.trainer.precision_plugin, "scaler", None) is None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 values.append(torch.nn.utils.get_total_norm(grads).float())
                 names.append("gradients")
-        host = dict(zip(names, torch.stack(values).tolist()))
-        self.host_loss = host["nll"]
-        bad = [n for n, v in host.items() if not math.isfinite(v)]
-        all_finite = not bad
-        if self.trainer.world_size > 1:  # every rank must skip the same steps
-            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
-        if all_finite:
-            return None
-        return next((n for n in bad if n != "nll"), bad[0] if bad else "(on another rank)")  # nll is the sum
+        values = torch.stack(values)
+        bad = (~torch.isfinite(values)).any().float()
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad, torch.cat([bad.reshape(1), values]), names
+
+    def read_check(self, check, names, wait: bool):
+        """Queue the step's finite check for the host and account for every check that has arrived: all of them
+        with `wait` (a host sync), else those whose copy is done (CUDA events; a CPU check has arrived at once)."""
+        event = None
+        if check.device.type == "cuda":
+            host = torch.empty(check.shape, dtype=check.dtype, pin_memory=True)
+            host.copy_(check, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            check = host
+        self.pending_checks.append((check, event, names))
+        self.read_pending_checks(wait=wait or len(self.pending_checks) > 8)  # the host reads at most 8 steps behind
+
+    def read_pending_checks(self, wait: bool = True):
+        """Count the skipped steps (and the streak of them) of the checks that have arrived, in step order."""
+        while self.pending_checks:
+            check, event, names = self.pending_checks[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self.pending_checks.popleft()
+            bad, *values = check.tolist()
+            values = dict(zip(names, values))
+            self.host_loss = values["nll"]
+            if not bad:
+                self.nonfinite_streak = 0
+                continue
+            self.skipped_nonfinite += 1
+            self.nonfinite_streak += 1
+            here = [n for n, v in values.items() if not math.isfinite(v)]
+            self.nonfinite_term = next((n for n in here if n != "nll"), here[0] if here else "(on another rank)")
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
@@ -312,6 +355,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         return [opt_g, opt_d], [sched_g, sched_d]
 
     def on_save_checkpoint(self, checkpoint):
+        self.read_pending_checks()  # the count saved is exact
         checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
         checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import EMAWeightAveraging, LearningRateMonitor
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
 
 from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
-from ldm.callbacks import ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
+from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
 from ldm.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_readable_checkpoint, remove_partial_saves
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
@@ -145,7 +145,7 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
         LearningRateMonitor(logging_interval="step"),
     ]
     if cfg.ema.decay is not None:
-        callbacks.append(EMAWeightAveraging(decay=cfg.ema.decay))
+        callbacks.append(EMA(decay=cfg.ema.decay))
     kwargs = to_container(cfg.trainer)
     if kwargs.get("strategy", "auto") == "auto":
         # the discriminator sits idle before disc_start: DDP must tolerate parameters without gradients

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ldm import AsymmetricAutoencoderKL
+from ldm.callbacks import EMA
 from test_train import TINY as CPU_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +162,7 @@ def test_gpu_training_step_never_waits_for_the_device():
     """No host sync in a training step: the finite check's skip is fused Adam's found_inf on the device and the
     host reads the check (and the progress bar's loss) when its copy has arrived; logging and the GAN's adaptive
     weight add none, so the host queues the next step's work while the device runs this one. Counted over whole
-    loop iterations (batch start to batch start: Lightning's per-batch metric reads too)."""
+    loop iterations (batch start to batch start: Lightning's per-batch metric reads too), with train.py's EMA."""
     import warnings
 
     import pytorch_lightning as pl
@@ -179,7 +180,7 @@ def test_gpu_training_step_never_waits_for_the_device():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            benchmark.fit_ours(system, cfg, image, mask, steps=5, callbacks=[SyncWindow()])
+            benchmark.fit_ours(system, cfg, image, mask, steps=5, callbacks=[SyncWindow(), EMA(decay=0.9)])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]

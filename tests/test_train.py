@@ -149,7 +149,7 @@ def test_model_compile_rejects_an_unknown_backend(tmp_path):
 
 
 def test_progress_bar_loss_is_the_steps_loss_read_with_the_finite_check():
-    """The progress bar's loss is a CPU copy of the step's loss, from the finite check's one transfer."""
+    """The progress bar's loss is a CPU copy of the step's loss, read with the finite check (on a CPU at once)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark
     cfg = benchmark.load([], TINY)
@@ -159,3 +159,33 @@ def test_progress_bar_loss_is_the_steps_loss_read_with_the_finite_check():
     shown, logged = trainer.progress_bar_metrics["loss"], trainer.callback_metrics["train/loss"]
     assert math.isfinite(shown) and shown == pytest.approx(logged.item(), rel=1e-6)
     assert "train/loss" not in trainer.progress_bar_metrics  # the device tensor is not read every batch
+
+
+def test_ema_callback_matches_lightnings_and_leaves_frozen_weights_alone():
+    """ldm.callbacks.EMA (train.py) updates as Lightning's EMAWeightAveraging does, with one foreach lerp over the
+    trained tensors: same averaged decoder and discriminator after 4 steps, frozen encoder and LPIPS exactly
+    their first copy, the counter at 4, and validation / the end of training swap the average in."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+
+    from ldm.callbacks import EMA
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+    averages = {}
+    for name, callback in (("lightning", EMAWeightAveraging(decay=0.7)), ("ours", EMA(decay=0.7))):
+        cfg = benchmark.load([], list(TINY))
+        torch.manual_seed(0)
+        system = benchmark.build_ours(cfg)
+        initial = {k: v.clone() for k, v in system.state_dict().items()}
+        benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=4, callbacks=[callback])
+        average = callback._average_model
+        assert int(average.n_averaged) == 4
+        averages[name] = {k[len("module."):]: v for k, v in average.state_dict().items() if k.startswith("module.")}
+        assert all(torch.equal(system.state_dict()[k], v) for k, v in averages[name].items())  # swapped in at the end
+    ours, theirs = averages["ours"], averages["lightning"]
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        if key.startswith(("vae.decoder.", "vae.post_quant_conv.", "discriminator.")) and ours[key].is_floating_point():
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(ours["vae.decoder.conv_out.weight"], initial["vae.decoder.conv_out.weight"])
+    frozen = [k for k in ours if k.startswith(("vae.encoder.", "vae.quant_conv.", "perceptual."))]
+    assert frozen and all(torch.equal(ours[k], initial[k]) for k in frozen)

@@ -58,10 +58,12 @@ def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tenso
     conv_out is linear in W, so dL/dW follows from dL/d(output) and its input `features` alone: no second
     pass through LPIPS or the discriminator (the official code backpropagates each loss to W separately).
     """
-    features = features.detach().float()
-    kw = dict(stride=conv_out.stride, padding=conv_out.padding)
-    norm_nll = torch.nn.grad.conv2d_weight(features, conv_out.weight.shape, grad_nll.float(), **kw).norm()
-    norm_g = torch.nn.grad.conv2d_weight(features, conv_out.weight.shape, grad_g.float(), **kw).norm()
+    out = conv_out.out_channels
+    grads = torch.cat([grad_nll, grad_g], dim=1).float()  # both in one pass over the features: rows [:out], [out:]
+    shape = (2 * out, *conv_out.weight.shape[1:])
+    dw = torch.nn.grad.conv2d_weight(features.detach().float(), shape, grads, stride=conv_out.stride,
+                                     padding=conv_out.padding)
+    norm_nll, norm_g = dw[:out].norm(), dw[out:].norm()
     weight = (norm_nll / (norm_g + 1e-4)).clamp(0.0, max_weight)
     finite = torch.isfinite(norm_nll) & torch.isfinite(norm_g)
     return torch.where(finite, weight, torch.zeros_like(weight))  # no NaN from an overflowing step

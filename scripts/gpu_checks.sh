@@ -6,13 +6,13 @@
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling.
 #     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
 #                                                        default: all, in the order below)
-# PARTs: bench_compile_vs_naive_fp32 profile_compile max_batch_x15 tests train_x15 bench_compile_cached_vs_naive_fp32
+# PARTs: bench_compile_vs_naive_fp32 tests profile_compile max_batch_x15 train_x15 bench_compile_cached_vs_naive_fp32
 #        max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
-PARTS=${*:-bench_compile_vs_naive_fp32 profile_compile max_batch_x15 tests train_x15 bench_compile_cached_vs_naive_fp32 \
+PARTS=${*:-bench_compile_vs_naive_fp32 tests profile_compile max_batch_x15 train_x15 bench_compile_cached_vs_naive_fp32 \
 max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -4,13 +4,16 @@
 
 The same step as scripts/benchmark.py measures (one fixed batch, GAN on from step 0, a real pl.Trainer).
 Prints the device's busy share of the profiled wall time (low: the host cannot feed it), the time per kernel
-kind (convolution, normalisation, elementwise, ...) and the top kernels; --trace writes a Chrome trace.
+kind (convolution, normalisation, elementwise, ...) and the top kernels; --trace writes a Chrome trace. Then,
+over as many further steps without the profiler, the time of each part of the step (encoder, decoder forward,
+losses, backward, optimisers, the loop between), from marks at their boundaries (CUDA: events on the stream).
 Example (the GPU target):
     python scripts/profile_step.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
         data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true
 """
 import argparse
 import re
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -24,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
-from reference_steps import sync  # noqa: E402
+from reference_steps import durations, mark, sync  # noqa: E402
 
 # kernel kind by name, first match wins (cuDNN / CUTLASS / ATen kernel names). Inductor's kernels come first:
 # they are named after the ops they fuse (triton_red_fused_native_group_norm_..., ..._convolution_backward_...)
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", action="append", default=[], required=True, help="YAML over configs/base.yaml")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (and as many for the phases)")
     p.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (cuDNN autotuning, compilation)")
     p.add_argument("--top", type=int, default=20, help="kernels listed")
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (chrome://tracing, perfetto)")
@@ -61,12 +64,14 @@ def parse_args(argv=None):
 
 
 def profiled_steps(system, cfg, image, mask, warmup, steps):
-    """Run warmup + steps training steps; the profiler records the last `steps` (from a step end to the last)."""
+    """Run warmup + 2 x steps training steps: the profiler records steps warmup+1..warmup+steps (from a step end to
+    the last), the phase marks the `steps` after those (timed apart: the profiler slows the host)."""
     import pytorch_lightning as pl
     device = image.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
     span = {}
+    marks = phase_marks(system, device, first_step=warmup + steps)
 
     class Window(pl.Callback):
         def on_train_batch_end(self, trainer, *args, **kwargs):
@@ -78,8 +83,91 @@ def profiled_steps(system, cfg, image, mask, warmup, steps):
                 prof.stop()
                 span["wall"] = time.perf_counter() - span["start"]
 
-    fit_ours(system, cfg, image, mask, warmup + steps, [Window()])
-    return prof, span["wall"]
+    fit_ours(system, cfg, image, mask, warmup + 2 * steps, [Window(), marks.callback])
+    return prof, span["wall"], marks
+
+
+# a training step's parts, between the marks phase_marks records: (from, to) -> what runs there
+PHASES = {("batch start", "encoder start"): "loop: batch into the step",
+          ("encoder start", "encoder end"): "encoder (frozen, no grad)",
+          ("encoder end", "decoder start"): "between encoder and decoder",
+          ("decoder start", "decoder end"): "decoder forward (with the masked-image branch)",
+          ("decoder end", "backward start"): "losses: L1, LPIPS, GAN fwd + grads to the output",
+          ("backward start", "backward end"): "backward: decoder and discriminator",
+          ("backward end", "batch end"): "finite check, Adam, schedulers, logs",
+          ("batch end", "batch start"): "loop: between steps"}
+
+
+class PhaseMarks:
+    """Marks (reference_steps.mark: CUDA events, else the host clock) at the start and end of the step's parts, from
+    training step `first_step` on; `durations()`: milliseconds per phase, one list entry per step."""
+
+    def __init__(self, device, first_step):
+        import pytorch_lightning as pl
+        self.device, self.first_step, self.marks, self.on = device, first_step, [], False
+        outer = self
+
+        class Boundaries(pl.Callback):
+            def on_train_batch_start(self, trainer, *args, **kwargs):
+                outer.on = trainer.global_step >= first_step
+                outer.add("batch start")
+
+            def on_train_batch_end(self, trainer, *args, **kwargs):
+                outer.add("batch end")
+
+        self.callback = Boundaries()
+
+    def add(self, name):
+        if self.on:
+            self.marks.append((name, mark(self.device)))
+
+    def wrap(self, obj, attr, name):
+        """Mark `name start` / `name end` around each call of obj.attr (an instance attribute shadows the method)."""
+        fn = getattr(obj, attr)
+
+        def marked(*args, **kwargs):
+            self.add(f"{name} start")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(f"{name} end")
+        setattr(obj, attr, marked)
+
+    def durations(self):
+        names = [n for n, _ in self.marks]
+        times = durations([m for _, m in self.marks])
+        per_step, out = {}, defaultdict(list)
+        for (a, b), t in zip(zip(names, names[1:]), times):
+            if a == "batch start" and per_step:
+                for phase, total in per_step.items():
+                    out[phase].append(total)
+                per_step = {}
+            phase = PHASES.get((a, b), f"{a} -> {b}")
+            per_step[phase] = per_step.get(phase, 0.0) + t * 1e3
+        for phase, total in per_step.items():  # the last step (without the loop after it)
+            out[phase].append(total)
+        return out
+
+
+def phase_marks(system, device, first_step):
+    marks = PhaseMarks(device, first_step)
+    marks.wrap(system, "latent", "encoder")
+    marks.wrap(system, "decode_with_features", "decoder")
+    marks.wrap(system, "manual_backward", "backward")
+    return marks
+
+
+def summarise_phases(marks):
+    """Median milliseconds per step of each phase (device time between the marks on CUDA, idle included)."""
+    per_phase = marks.durations()
+    medians = {p: statistics.median(v) for p, v in per_phase.items()}
+    total = sum(medians.values())
+    print(f"phases of a step (median of {max(map(len, per_phase.values()), default=0)} steps; CUDA: device time "
+          f"between the marks, idle included):")
+    for phase, ms in medians.items():
+        print(f"  {phase:<52}{ms:9.2f} ms {100 * ms / max(total, 1e-12):6.1f}%")
+    print(f"  {'sum':<52}{total:9.2f} ms")
+    return medians
 
 
 def summarise(prof, wall, steps, device_type, top):
@@ -113,12 +201,13 @@ def main(argv=None):
     image, mask = make_batch(cfg, device)
     torch.manual_seed(cfg.seed)
     system = build_ours(cfg)
-    prof, wall = profiled_steps(system, cfg, image, mask, args.warmup, args.steps)
+    prof, wall, marks = profiled_steps(system, cfg, image, mask, args.warmup, args.steps)
     a = cfg.model.autoencoder
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; decoder ch={a.ch}, "
           f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, {cfg.trainer.precision}, "
           f"channels_last={cfg.model.channels_last}, compile={cfg.model.compile}")
     summarise(prof, wall, args.steps, device.type, args.top)
+    summarise_phases(marks)
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
         print(f"trace: {args.trace}")

@@ -141,3 +141,8 @@ def test_profile_step_accounts_for_the_profiled_time(capsys):
     assert sum(ms for ms, _ in kinds.values()) <= wall * 1.01, (kinds, wall)  # CPU ops: within the wall time
     top = re.findall(r"^\s+[0-9.]+ ms/step\s+x\d+\s+.+$", out, re.M)
     assert len(top) == 5 and "aten::" in out, out
+    phases = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^  (\S.*?)\s+([0-9.]+) ms\s+[0-9.]+%$", out, re.M)}
+    for part in ("encoder (frozen", "decoder forward", "losses:", "backward:", "finite check"):
+        assert any(name.startswith(part) and ms > 0 for name, ms in phases.items()), (part, phases)
+    total = float(re.search(r"^  sum\s+([0-9.]+) ms$", out, re.M).group(1))
+    assert abs(total - sum(phases.values())) < 0.05 and 0 < total < 3 * wall, (total, phases, wall)

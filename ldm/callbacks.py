@@ -1,6 +1,5 @@
 """Lightning callbacks of the training run: sample grids, images/s on the progress bar, a non-finite guard, EMA."""
 import time
-import types
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -91,32 +90,31 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            average = self._average_model
-            average.update_parameters = types.MethodType(_ema_update(1.0 - self.decay), average)
+            self._average_model.update_parameters = _LerpUpdate(self._average_model, 1.0 - self.decay)
 
 
-def _ema_update(weight: float):
-    """AveragedModel.update_parameters for use_buffers=True and ema = lerp(ema, live, weight): a copy the first time
-    (the counter is read on the host once per run), then in place on the device."""
-    first = [None]
+class _LerpUpdate:
+    """AveragedModel.update_parameters (use_buffers=True) for ema = lerp(ema, live, weight): a copy the first time,
+    then the trained parameters and float buffers lerped, integer buffers copied; all on the device."""
+
+    def __init__(self, average, weight: float):
+        self.average, self.weight, self.first = average, weight, None
 
     @torch.no_grad()
-    def update_parameters(self, model):
-        if first[0] is None:
-            first[0] = int(self.n_averaged) == 0  # 0 unless resumed
-        pairs = list(zip(self.module.parameters(), model.parameters()))
-        buffers = list(zip(self.module.buffers(), model.buffers()))
-        if first[0]:
-            torch._foreach_copy_(*map(list, zip(*pairs, *buffers)))
-            first[0] = False
+    def __call__(self, model):
+        average = self.average
+        if self.first is None:  # the counter's one host read per run: 0 unless resumed
+            self.first = int(average.n_averaged) == 0
+        params = list(zip(average.module.parameters(), model.parameters()))
+        buffers = list(zip(average.module.buffers(), model.buffers()))
+        if self.first:
+            lerp, copy, self.first = [], params + buffers, False
         else:
-            moving = [(a, b) for a, b in pairs if b.requires_grad]
-            moving += [(a, b) for a, b in buffers if a.is_floating_point()]
-            if moving:
-                torch._foreach_lerp_(*map(list, zip(*moving)), weight)
-            counters = [(a, b) for a, b in buffers if not a.is_floating_point()]
-            if counters:
-                torch._foreach_copy_(*map(list, zip(*counters)))
-        self.n_averaged += 1
-
-    return update_parameters
+            lerp = [(a, m) for a, m in params if m.requires_grad]
+            lerp += [(a, m) for a, m in buffers if a.is_floating_point()]
+            copy = [(a, m) for a, m in buffers if not a.is_floating_point()]
+        if lerp:
+            torch._foreach_lerp_([a for a, _ in lerp], [m for _, m in lerp], self.weight)
+        if copy:
+            torch._foreach_copy_([a for a, _ in copy], [m for _, m in copy])
+        average.n_averaged += 1

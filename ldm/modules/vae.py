@@ -159,7 +159,7 @@ class ConditionEncoder(nn.Module):
 
 class Blend(nn.Module):
     """Mask-gated replacement h*m + f*(1-m): holes (m=1) keep the latent path, known pixels the branch.
-    A module (no weights) so that model.compile can fuse it into one kernel per direction."""
+    A module (no weights) so that model.compile can compile it (its elementwise ops fuse)."""
 
     def forward(self, h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)

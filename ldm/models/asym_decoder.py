@@ -241,7 +241,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
                 self.clip_gradients(opt_d, gradient_clip_val=self.optim_cfg.grad_clip,
                                     gradient_clip_algorithm="norm")
         if gan_on:  # not through LightningOptimizer: global_step counts decoder steps only
-            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            scaler = self.grad_scaler()
             if scaler is None:
                 self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None)
             else:  # 16-mixed: one scaler.update() per backward, in opt_g.step() below, which sees both
@@ -254,10 +254,14 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         if gan_on:
             sched_d.step()  # counts discriminator steps: its warm-up starts at disc_start
 
+    def grad_scaler(self):
+        """The precision plugin's GradScaler (16-mixed), else None."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def skips_on_device(self, *optimizers) -> bool:
         """Whether non-finite steps can be skipped by the device: fused Adam takes `found_inf`; a GradScaler
         (16-mixed) sets its own, and unfused Adam has none."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+        if self.grad_scaler() is not None:
             return False
         return all(g.get("fused") for opt in optimizers for g in opt.optimizer.param_groups)
 
@@ -267,7 +271,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         names = list(terms)
         values = [v.detach().float().reshape(()) for v in terms.values()]
         # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        if self.grad_scaler() is None:
             grads = [p.grad for p in self.parameters() if p.grad is not None]
             if grads:
                 values.append(torch.nn.utils.get_total_norm(grads).float())

@@ -135,18 +135,17 @@ class PhaseMarks:
         setattr(obj, attr, marked)
 
     def durations(self):
+        """{phase: [milliseconds in each step]}; a step runs from its batch start to the next one's."""
         names = [n for n, _ in self.marks]
-        times = durations([m for _, m in self.marks])
-        per_step, out = {}, defaultdict(list)
-        for (a, b), t in zip(zip(names, names[1:]), times):
-            if a == "batch start" and per_step:
-                for phase, total in per_step.items():
-                    out[phase].append(total)
-                per_step = {}
-            phase = PHASES.get((a, b), f"{a} -> {b}")
-            per_step[phase] = per_step.get(phase, 0.0) + t * 1e3
-        for phase, total in per_step.items():  # the last step (without the loop after it)
-            out[phase].append(total)
+        times = durations([m for _, m in self.marks])  # times[i]: from mark i to mark i + 1
+        starts = [i for i, n in enumerate(names) if n == "batch start"] + [len(times)]
+        out = defaultdict(list)
+        for lo, hi in zip(starts, starts[1:]):
+            step = defaultdict(float)
+            for a, b, t in zip(names[lo:hi], names[lo + 1:hi + 1], times[lo:hi]):
+                step[PHASES.get((a, b), f"{a} -> {b}")] += t * 1e3
+            for phase, total in step.items():
+                out[phase].append(total)
         return out
 
 

@@ -146,3 +146,15 @@ def test_profile_step_accounts_for_the_profiled_time(capsys):
         assert any(name.startswith(part) and ms > 0 for name, ms in phases.items()), (part, phases)
     total = float(re.search(r"^  sum\s+([0-9.]+) ms$", out, re.M).group(1))
     assert abs(total - sum(phases.values())) < 0.05 and 0 < total < 3 * wall, (total, phases, wall)
+
+
+def test_phase_marks_split_into_steps():
+    import profile_step
+    marks = profile_step.PhaseMarks(torch.device("cpu"), first_step=0)
+    names = ["batch start", "encoder start", "encoder end", "batch end",  # step 1: 1 + 2 + 4, then 8 to the next
+             "batch start", "encoder start", "encoder end", "batch end"]  # step 2: 16 + 32 + 64, no loop after it
+    clock = [0, 1, 3, 7, 15, 31, 63, 127]
+    marks.marks = [(n, t / 1e3) for n, t in zip(names, clock)]
+    got = {phase: [round(ms, 6) for ms in v] for phase, v in marks.durations().items()}
+    assert got == {"loop: batch into the step": [1, 16], "encoder (frozen, no grad)": [2, 32],
+                   "encoder end -> batch end": [4, 64], "loop: between steps": [8]}, got

@@ -74,9 +74,9 @@ class OfficialStep:
                  precision="32-true"):
         self.vae, self.disc, self.perceptual = vae, discriminator, perceptual
         self.disc_weight, self.sample_posterior, self.precision = disc_weight, sample_posterior, precision
-        vae.encoder.requires_grad_(False)
-        vae.quant_conv.requires_grad_(False)
-        self.gen_params = [p for p in vae.parameters() if p.requires_grad]  # decoder + post_quant_conv
+        vae.requires_grad_(False)
+        vae.decoder.requires_grad_(True)
+        self.gen_params = list(vae.decoder.parameters())
         self.opt_g = adam(self.gen_params, lr)
         self.opt_d = adam(discriminator.parameters(), lr)
         vae.train()
@@ -159,9 +159,9 @@ class NaiveStep:
         self.lpips = naive_lpips().to(device)
         self.disc = NLayerDiscriminator(ndf=ndf, n_layers=n_layers).to(device)
         self.disc_weight, self.precision = disc_weight, precision
-        self.vae.encoder.requires_grad_(False)
-        self.vae.quant_conv.requires_grad_(False)
-        self.opt_g = adam([p for p in self.vae.parameters() if p.requires_grad], lr)
+        self.vae.requires_grad_(False)
+        self.vae.decoder.requires_grad_(True)  # diffusers' MaskConditionDecoder
+        self.opt_g = adam(self.vae.decoder.parameters(), lr)
         self.opt_d = adam(self.disc.parameters(), lr)
         self.vae.train()
         self.disc.train()

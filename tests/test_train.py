@@ -187,5 +187,33 @@ def test_ema_callback_matches_lightnings_and_leaves_frozen_weights_alone():
         if key.startswith(("vae.decoder.", "vae.post_quant_conv.", "discriminator.")) and ours[key].is_floating_point():
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
     assert not torch.equal(ours["vae.decoder.conv_out.weight"], initial["vae.decoder.conv_out.weight"])
-    frozen = [k for k in ours if k.startswith(("vae.encoder.", "vae.quant_conv.", "perceptual."))]
+    frozen = [k for k in ours if k.startswith(("vae.encoder.", "vae.quant_conv.", "vae.post_quant_conv.", "perceptual."))]
     assert frozen and all(torch.equal(ours[k], initial[k]) for k in frozen)
+
+
+def test_only_the_decoder_trains_and_its_warm_started_weights_get_the_scaled_lr(tmp_path):
+    """DESIGN.md: encoder, quant_conv and post_quant_conv stay at the SD weights; SD-loaded decoder weights train at
+    lr x warm_start_lr_scale, fresh ones (here the conditional branch) at lr."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+    from ldm import AsymmetricAutoencoderKL
+    from train import build_system
+    cfg = benchmark.load([], TINY)
+    sd = {k: v for k, v in AsymmetricAutoencoderKL(**cfg.model.autoencoder).state_dict().items()
+          if not k.startswith("decoder.encoder.")}  # an SD autoencoder: no conditional branch
+    save_file(sd, tmp_path / "vae.safetensors")
+    cfg.model.vae_ckpt = str(tmp_path / "vae.safetensors")
+    system = build_system(cfg)
+    (opt_g, opt_d), _ = system.configure_optimizers()
+    lr = cfg.optim.base_lr * cfg.data.batch_size
+    names = {id(p): n for n, p in system.vae.named_parameters()}
+    groups = [(g["lr"], sorted(names[id(p)] for p in g["params"])) for g in opt_g.param_groups]
+    assert [g[0] for g in groups] == pytest.approx([lr, lr * cfg.optim.warm_start_lr_scale])
+    (_, fresh), (_, warm) = groups
+    assert fresh and all(n.startswith("decoder.encoder.") for n in fresh)
+    assert warm and all(n.startswith("decoder.") and not n.startswith("decoder.encoder.") for n in warm)
+    assert sorted(fresh + warm) == sorted(n for n, _ in system.vae.decoder.named_parameters(prefix="decoder"))
+    assert not any(p.requires_grad for n, p in system.vae.named_parameters() if not n.startswith("decoder."))
+    assert {id(p) for g in opt_d.param_groups for p in g["params"]} == {id(p) for p in system.discriminator.parameters()}

@@ -107,7 +107,7 @@ def keep_out_of_checkpoints(perceptual: nn.Module) -> None:
 
 
 class AsymmetricDecoderTraining(pl.LightningModule):
-    """Trains `vae.decoder` (and post_quant_conv) with one decoder forward per batch; the encoder stays frozen."""
+    """Trains `vae.decoder` with one decoder forward per batch; encoder, quant_conv and post_quant_conv stay frozen."""
 
     def __init__(self, vae: AsymmetricAutoencoderKL, discriminator: nn.Module, perceptual: Optional[nn.Module],
                  loss: LossConfig = LossConfig(), optim: OptimConfig = OptimConfig(), batch_size: int = 1,
@@ -121,8 +121,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
         if perceptual is not None:
             keep_out_of_checkpoints(perceptual)
-        for frozen in (vae.encoder, vae.quant_conv):
-            frozen.requires_grad_(False)
+        vae.requires_grad_(False)  # only the decoder trains (DESIGN.md): the rest stays at the SD weights
+        vae.decoder.requires_grad_(True)
         self.channels_last, self.run_config = channels_last, run_config
         self.compile_backend = "inductor" if compile is True else (compile or None)  # None: eager
         if channels_last:

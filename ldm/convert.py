@@ -40,7 +40,7 @@ class Source:
 
     @property
     def sd_only(self) -> bool:
-        """Plain SD autoencoder weights (formats 1-3 without a masked-image branch in them)."""
+        """Plain SD autoencoder weights (sd, ldm or diffusers, without a masked-image branch in them)."""
         return self.format in ("sd", "ldm", "diffusers") and not any(k.startswith("decoder.encoder.")
                                                                       for k in self.state)
 
@@ -119,12 +119,16 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if fmt == "ldm" and any(k.startswith("decoder.encoder.") for k in sub):
         fmt = "official"
     sub, dropped, more = _drop_by_name(path, sub)
+    stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
+    if stray:
+        log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
+        sub = {k: v for k, v in sub.items() if k not in stray}
     config = infer_config(sub, str(path))
     declared = top.get("config")  # run checkpoints and official exports: config["model"]["autoencoder"]
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
         config.update(declared["model"].get("autoencoder") or {})
     ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
-    return Source(path, fmt, sub, config, dropped, skipped + more, ema_state)
+    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state)
 
 
 def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:

@@ -268,6 +268,18 @@ def test_official_checkpoint_with_a_wrong_width_or_stray_key_is_refused(tmp_path
         load_autoencoder(tmp_path / "stray.ckpt")
 
 
+def test_non_autoencoder_tensors_are_reported_as_skipped(tmp_path, caplog):
+    model = ours("small")
+    ckpt = official_ckpt(model)
+    ckpt["state_dict"].update({"model_ema.decay": torch.tensor(0.999), "decoderr.conv_in.weight": torch.randn(1)})
+    torch.save(ckpt, tmp_path / "extra.ckpt")
+    with caplog.at_level(logging.WARNING, logger="ldm.convert"):
+        vae = load_autoencoder(tmp_path / "extra.ckpt")
+    assert "skipping 2 tensors that are not autoencoder weights" in caplog.text
+    assert {"model_ema.decay", "decoderr.conv_in.weight"} <= set(vae.load_report.skipped)
+    assert vae.load_report.format == "official" and not vae.load_report.fresh
+
+
 def test_official_export_reads_back(tmp_path):
     model = ours("small")
     torch.save(official_ckpt(model), tmp_path / "official.ckpt")

@@ -158,3 +158,11 @@ def test_phase_marks_split_into_steps():
     got = {phase: [round(ms, 6) for ms in v] for phase, v in marks.durations().items()}
     assert got == {"loop: batch into the step": [1, 16], "encoder (frozen, no grad)": [2, 32],
                    "encoder end -> batch end": [4, 64], "loop: between steps": [8]}, got
+
+
+def test_decoder_flops_leave_out_the_gradient_checkpointing_recompute():
+    """MFU counts model FLOPs: the same decoder forward + backward with and without recomputing."""
+    counts = {ckpt: benchmark.decoder_flops(benchmark.load([ROOT / "configs" / "x1.yaml"], [
+        *TINY, "data.resolution=16", f"model.autoencoder.gradient_checkpointing={ckpt}"]))
+        for ckpt in ("false", "true")}
+    assert counts["false"] > 0 and counts["true"] == counts["false"], counts

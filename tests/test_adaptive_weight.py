@@ -2,8 +2,8 @@
 import torch
 
 from ldm import AsymmetricAutoencoderKL
-from ldm.models.asym_decoder import adaptive_weight_from_output_grads, lr_lambda
-from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, generator_loss
+from ldm.models.asym_decoder import lr_lambda
+from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, adaptive_weight_from_output_grads, generator_loss
 
 
 def test_output_grad_adaptive_weight_matches_official_definition():

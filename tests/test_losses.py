@@ -77,13 +77,6 @@ def test_discriminator_init_statistics():
     assert torch.all(bn.bias == 0)
 
 
-def test_discriminator_actnorm_variant():
-    disc = NLayerDiscriminator(ndf=8, n_layers=2, use_actnorm=True)
-    assert "main.2.bias" in disc.state_dict() and "main.3.loc" in disc.state_dict()
-    out = disc(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, 1, 6, 6) and disc.main[3].initialized.item() == 1
-
-
 # ----------------------------------------------------------------------------- GAN losses
 
 
@@ -183,15 +176,13 @@ def test_perceptual_term_and_zero_weight_skips_it():
     assert fake_lpips.calls == 1 and "lpips" not in terms
 
 
-def test_sum_reduction_is_ldm_scale_and_fp32():
+def test_terms_are_fp32_pixel_means():
     recon = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
     target = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
-    mean = reconstruction_losses(recon, target, None, _CountingPerceptual(0.5))
-    total = reconstruction_losses(recon, target, None, _CountingPerceptual(0.5), reduction="sum")
-    assert mean["nll"].dtype == torch.float32
-    want_l1 = (recon.float() - target.float()).abs().sum() / 2  # ldm: sum / batch
-    assert total["l1"].item() == pytest.approx(want_l1.item(), rel=1e-5)
-    assert total["nll"].item() == pytest.approx(48 * mean["nll"].item(), rel=1e-5)
+    terms = reconstruction_losses(recon, target, None, _CountingPerceptual(0.5))
+    assert all(t.dtype == torch.float32 for t in terms.values())
+    want_l1 = (recon.float() - target.float()).abs().sum() / 96  # ldm's sum / batch is this x C*H*W (48)
+    assert terms["l1"].item() == pytest.approx(want_l1.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- LPIPS

@@ -2,7 +2,7 @@
 import math
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 import pytorch_lightning as pl
@@ -11,7 +11,8 @@ from torch import nn
 
 from ..metrics import region_metrics
 from ..modules.autoencoder import AsymmetricAutoencoderKL
-from ..modules.losses import discriminator_loss, generator_loss, reconstruction_losses
+from ..modules.losses import (adaptive_weight_from_output_grads, discriminator_loss, generator_loss,
+                              reconstruction_losses)
 from ..modules.vae import AttnBlock, Blend, DiagonalGaussianDistribution, Downsample, ResnetBlock, Upsample
 
 
@@ -49,24 +50,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
         progress = min(1.0, (s - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return fn
-
-
-def adaptive_weight_from_output_grads(conv_out: nn.Conv2d, features: torch.Tensor, grad_nll: torch.Tensor,
-                                      grad_g: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """||d nll/dW|| / (||d g/dW|| + 1e-4) at W = conv_out.weight, from the loss gradients w.r.t. the output.
-
-    conv_out is linear in W, so dL/dW follows from dL/d(output) and its input `features` alone: no second
-    pass through LPIPS or the discriminator (the official code backpropagates each loss to W separately).
-    """
-    out = conv_out.out_channels
-    grads = torch.cat([grad_nll, grad_g], dim=1).float()  # both in one pass over the features: rows [:out], [out:]
-    shape = (2 * out, *conv_out.weight.shape[1:])
-    dw = torch.nn.grad.conv2d_weight(features.detach().float(), shape, grads, stride=conv_out.stride,
-                                     padding=conv_out.padding)
-    norm_nll, norm_g = dw[:out].norm(), dw[out:].norm()
-    weight = (norm_nll / (norm_g + 1e-4)).clamp(0.0, max_weight)
-    finite = torch.isfinite(norm_nll) & torch.isfinite(norm_g)
-    return torch.where(finite, weight, torch.zeros_like(weight))  # no NaN from an overflowing step
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:

@@ -3,11 +3,14 @@
 Plain functions of tensors and small modules; nothing here knows the trainer, the global step or the
 batch. The official recipe (ldm LPIPSWithDiscriminator, DESIGN.md "Training recipe") composes as:
 
-    terms = reconstruction_losses(recon, x, mask, perceptual)         # L1 + 1.0 * LPIPS
+    nll = reconstruction_losses(recon, x, mask, perceptual)["nll"] * C*H*W   # L1 + 1.0 * LPIPS, ldm's sum scale
     g = generator_loss(disc(recon))
-    w = adaptive_weight(terms["nll"], g, decoder.conv_out.weight) * 0.8 * (step >= 50001)
-    total = terms["nll"] + w * g
+    w = adaptive_weight(nll, g, decoder.conv_out.weight) * 0.8 * (step >= 50001)
+    total = nll + w * g
     d_loss = hinge_d_loss(disc(x.detach()), disc(recon.detach()))   # own optimiser step
+
+AsymmetricDecoderTraining.training_step computes the same with one forward, w from
+adaptive_weight_from_output_grads.
 """
 
 import os
@@ -30,30 +33,6 @@ _TRUNK_WEIGHTS = {
 # ----------------------------------------------------------------------------- discriminator
 
 
-class ActNorm(nn.Module):
-    """Per-channel affine norm with data-dependent init (taming's ActNorm, forward only)."""
-
-    def __init__(self, num_features):
-        super().__init__()
-        # names as taming's ActNorm so `loss.discriminator.*` keys copy straight in
-        self.loc = nn.Parameter(torch.zeros(1, num_features, 1, 1))
-        self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
-
-    @torch.no_grad()
-    def _initialize(self, x):
-        """Set loc/scale so the first training batch comes out zero-mean, unit-std per channel."""
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1)  # (C, B*H*W)
-        self.loc.copy_(-flat.mean(1).view_as(self.loc))
-        self.scale.copy_(1.0 / (flat.std(1).view_as(self.scale) + 1e-6))
-        self.initialized.fill_(1)
-
-    def forward(self, x):
-        if self.training and self.initialized.item() == 0:
-            self._initialize(x)
-        return self.scale * (x + self.loc)
-
-
 def _init_discriminator_weights(module):
     """taming's weights_init: conv weights N(0, 0.02), norm weights N(1, 0.02) and bias 0."""
     if isinstance(module, nn.Conv2d):
@@ -66,22 +45,20 @@ def _init_discriminator_weights(module):
 class NLayerDiscriminator(nn.Module):
     """PatchGAN discriminator of pix2pix/taming: (B, C, H, W) -> (B, 1, h, w) patch logits."""
 
-    def __init__(self, in_channels=3, ndf=64, n_layers=3, use_actnorm=False):
+    def __init__(self, in_channels=3, ndf=64, n_layers=3):
         super().__init__()
-        norm = ActNorm if use_actnorm else nn.BatchNorm2d
-        use_bias = use_actnorm  # BatchNorm has its own shift, so its convs drop the bias
         layers = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
             layers += [
-                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=use_bias),
-                norm(ndf * mult),
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1, bias=False),  # BatchNorm shifts
+                nn.BatchNorm2d(ndf * mult),
                 nn.LeakyReLU(0.2, True),
             ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1))  # 1-channel patch logits
-        # `main.<i>` indices match taming / official checkpoints: main.0, main.2, main.3, ...
+        # `main.<i>` indices as taming's (main.0, main.2, main.3, ...)
         self.main = nn.Sequential(*layers)
         self.apply(_init_discriminator_weights)
 
@@ -122,22 +99,40 @@ def generator_loss(logits_fake):
     return -logits_fake.float().mean()
 
 
-def adaptive_weight(nll_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
-    """Balance GAN vs reconstruction: ||grad nll|| / (||grad g|| + eps) at last_layer, detached.
+def _balance(nll_norm, g_norm, max_weight, eps):
+    """nll_norm / (g_norm + eps) in [0, max_weight]; 0 when a norm is not finite (fp16 overflow), without a host
+    sync, so a bad step never injects NaN."""
+    weight = (nll_norm / (g_norm + eps)).clamp(0.0, max_weight)
+    finite = torch.isfinite(nll_norm) & torch.isfinite(g_norm)
+    return torch.where(finite, weight, torch.zeros_like(weight))
 
-    last_layer is the decoder's `conv_out.weight`. The result lies in [0, max_weight]; it is 0 when
-    either gradient norm is non-finite (e.g. fp16 overflow), so a bad step never injects NaN.
-    The caller multiplies by disc_weight (0.8) and by 0 before disc_start (50001), as DESIGN.md.
+
+def adaptive_weight(nll_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
+    """Balance GAN vs reconstruction: ||grad nll|| / (||grad g|| + eps) at last_layer, detached (taming's way).
+
+    last_layer is the decoder's `conv_out.weight`. The caller multiplies by disc_weight (0.8) and by 0 before
+    disc_start (50001), as DESIGN.md.
     """
     # retain_graph: the caller still backpropagates nll + w * g through the same graph
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     # norms in fp32: a bf16/fp16 grad's sum of squares can overflow or lose the ratio's precision
-    nll_norm = torch.linalg.vector_norm(nll_grad.detach().float())
-    g_norm = torch.linalg.vector_norm(g_grad.detach().float())
-    weight = (nll_norm / (g_norm + eps)).clamp(0.0, max_weight)
-    finite = torch.isfinite(nll_norm) & torch.isfinite(g_norm)
-    return torch.where(finite, weight, torch.zeros_like(weight))  # no host sync
+    return _balance(torch.linalg.vector_norm(nll_grad.detach().float()),
+                    torch.linalg.vector_norm(g_grad.detach().float()), max_weight, eps)
+
+
+def adaptive_weight_from_output_grads(conv_out, features, grad_nll, grad_g, max_weight=1e4, eps=1e-4):
+    """adaptive_weight at W = conv_out.weight, from the losses' gradients w.r.t. conv_out's output.
+
+    conv_out is linear in W, so dL/dW follows from dL/d(output) and its input `features` alone: no second
+    pass through LPIPS or the discriminator (taming backpropagates each loss to W separately).
+    """
+    out = conv_out.out_channels
+    grads = torch.cat([grad_nll, grad_g], dim=1).float()  # both in one pass over the features: rows [:out], [out:]
+    shape = (2 * out, *conv_out.weight.shape[1:])
+    dw = torch.nn.grad.conv2d_weight(features.detach().float(), shape, grads, stride=conv_out.stride,
+                                     padding=conv_out.padding)
+    return _balance(dw[:out].norm(), dw[out:].norm(), max_weight, eps)
 
 
 # ----------------------------------------------------------------------------- LPIPS
@@ -171,8 +166,8 @@ def _require_trunk_weights(net):
 class PerceptualLoss(lpips.LPIPS):
     """Frozen LPIPS (v0.1) on [-1, 1] images, always in fp32: (B, 3, H, W) x2 -> (B,) or mean.
 
-    Subclasses lpips.LPIPS, so its keys (`net.slice1.0.weight`, `lin0.model.1.weight`, ...) include
-    taming's, i.e. official `loss.perceptual_loss.*` keys copy in; lpips adds `lins.N.*` aliases.
+    Subclasses lpips.LPIPS: the trunk and the calibrated heads come from their own files (never from a run's
+    checkpoint; see keep_out_of_checkpoints).
     """
 
     def __init__(self, net="vgg", pretrained=True):
@@ -234,21 +229,16 @@ def reconstruction_losses(
     perceptual_weight=1.0,
     hole_weight=1.0,
     known_weight=1.0,
-    reduction="mean",
 ):
     """Decoder reconstruction terms in fp32: weighted scalars l1, l2, lpips and their sum 'nll'.
 
     recon, target: (B, C, H, W) in [-1, 1]; mask: (B, 1, H, W), 1 = hole, 0 = known (None = no
     mask). The pixel losses are weighted hole_weight in the hole and known_weight outside (1/1, the
     paper: a plain whole-image loss); LPIPS is on the whole image and is not computed at weight 0.
-    reduction 'mean' averages over pixels; 'sum' is ldm's LPIPSWithDiscriminator scale (sum over
-    C, H, W, mean over batch, LPIPS broadcast over every pixel), i.e. every term times C*H*W. Only
-    the clamp and eps of adaptive_weight see the difference; Adam and the GAN balance do not.
+    Means over pixels: ldm's LPIPSWithDiscriminator sums over C, H, W (LPIPS broadcast over every
+    pixel), i.e. every term times C*H*W; the training step applies that scale (Adam's eps sees it).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"unknown reduction {reduction!r}; use 'mean' or 'sum'")
     recon, target = recon.float(), target.float()
-    scale = recon[0].numel() if reduction == "sum" else 1  # C*H*W
     diff = recon - target  # (B, C, H, W)
     pixel_weight = torch.ones_like(diff[:, :1])  # (B, 1, H, W), broadcast over channels
     if mask is not None:
@@ -256,12 +246,12 @@ def reconstruction_losses(
         pixel_weight = hole_weight * mask + known_weight * (1.0 - mask)
     terms = {}
     if l1_weight:
-        terms["l1"] = l1_weight * scale * (pixel_weight * diff.abs()).mean()
+        terms["l1"] = l1_weight * (pixel_weight * diff.abs()).mean()
     if l2_weight:
-        terms["l2"] = l2_weight * scale * (pixel_weight * diff.square()).mean()
+        terms["l2"] = l2_weight * (pixel_weight * diff.square()).mean()
     if perceptual_weight:
         if perceptual is None:
             raise ValueError("perceptual_weight > 0 needs a perceptual module (e.g. PerceptualLoss)")
-        terms["lpips"] = perceptual_weight * scale * perceptual(recon, target).mean()
+        terms["lpips"] = perceptual_weight * perceptual(recon, target).mean()
     terms["nll"] = sum(terms.values(), torch.zeros((), device=diff.device))
     return terms

@@ -152,3 +152,26 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     z = cfg.get("latent_channels", 4)
     return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
                 encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z)
+
+
+def diffusers_config(kw: dict) -> dict:
+    """AsymmetricAutoencoderKL kwargs -> diffusers AsymmetricAutoencoderKL config.json (DESIGN.md keys); the
+    inverse of config_from_diffusers."""
+    if kw["z_channels"] != kw["embed_dim"] or not kw["use_condition"]:
+        raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
+                              f"masked-image branch (use_condition=True); got {kw}")
+    try:
+        from importlib.metadata import version
+        dversion = version("diffusers")
+    except Exception:  # diffusers absent: the folder is still valid for it
+        dversion = "0.21.0"
+    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": dversion,
+            "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * len(kw["encoder_ch_mult"]),
+            "down_block_out_channels": [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]],
+            "layers_per_down_block": kw["encoder_num_res_blocks"],
+            "up_block_types": ["UpDecoderBlock2D"] * len(kw["ch_mult"]),
+            "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
+            "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
+            "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
+            "scaling_factor": 0.18215}

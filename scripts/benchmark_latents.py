@@ -5,34 +5,26 @@ scripts/cache_latents.py gives them (float32, computed once before timing), so t
 The encoder's share of our step is measured apart (its forward alone, same precision, layout and compiling), so the
 images/s gain can be checked against it: a step without the encoder should take (1 - share) of ours.
 """
-import time
-
 import torch
 
-from reference_steps import sync
-
-
-def autocast_dtype(precision):
-    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+from reference_steps import autocast_for, durations, mark
 
 
 @torch.no_grad()
 def cache_inputs(system, image, mask, precision, steps):
-    """(the batch's cached posterior {"mean", "logvar"}, seconds of `steps` encoder forwards after a warm-up)."""
+    """(the batch's cached posterior {"mean", "logvar"}, seconds of `steps` encoder forwards after a warm-up,
+    timed as the steps are: between reference_steps.mark()s, CUDA events on the stream)."""
     system.to(image.device)
     image = system.inputs({"image": image, "mask": mask})[0]  # channels_last as the step has it
     posterior = system.vae.encode(image)
     cached = {"mean": posterior.mean.float(), "logvar": posterior.logvar.float()}
     system.configure_model()  # the encoder timed as the step would run it: compiled under model.compile
-    dtype, times = autocast_dtype(precision), []
-    for _ in range(steps + 1):  # the first is a warm-up
-        sync(image.device)
-        start = time.perf_counter()
-        with torch.autocast(image.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    marks = [mark(image.device)]
+    for _ in range(steps + 1):  # the first is a warm-up (compiling, cuDNN's autotuning)
+        with autocast_for(str(precision), image.device):
             system.latent({}, image)  # what training_step does without a cache
-        sync(image.device)
-        times.append(time.perf_counter() - start)
-    return cached, times[1:]
+        marks.append(mark(image.device))
+    return cached, durations(marks)[1:]
 
 
 def cache_report(batch_size, ours, cached, encoder, best_ratio):

@@ -19,30 +19,9 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
+from ldm.keys import diffusers_config  # noqa: E402
 
 FORMATS = ("diffusers", "official", "decoder")
-
-
-def diffusers_config(kw: dict) -> dict:
-    """AsymmetricAutoencoderKL kwargs -> diffusers AsymmetricAutoencoderKL config.json (DESIGN.md keys)."""
-    if kw["z_channels"] != kw["embed_dim"] or not kw["use_condition"]:
-        raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
-                              f"masked-image branch (use_condition=True); got {kw}")
-    try:
-        from importlib.metadata import version
-        dversion = version("diffusers")
-    except Exception:  # diffusers absent: the folder is still valid for it
-        dversion = "0.21.0"
-    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": dversion,
-            "in_channels": 3, "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * len(kw["encoder_ch_mult"]),
-            "down_block_out_channels": [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]],
-            "layers_per_down_block": kw["encoder_num_res_blocks"],
-            "up_block_types": ["UpDecoderBlock2D"] * len(kw["ch_mult"]),
-            "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
-            "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
-            "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
-            "scaling_factor": 0.18215}
 
 
 def _atomic(path: Path, write) -> Path:

@@ -16,15 +16,19 @@ import time
 import torch
 
 from ldm.config import to_container
+from ldm.keys import diffusers_config
 from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 
-PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16}
+# Lightning precision -> autocast dtype (None: fp32, no autocast); ours (cached encoder timing) and the references
+PRECISIONS = {"32": None, "32-true": None, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16,
+              "16": torch.float16, "16-mixed": torch.float16}
+REFERENCE_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16")  # no GradScaler in the reference loops: no fp16
 
 
 def autocast_for(precision: str, device: torch.device):
     """The autocast context of a Lightning precision string (32-true: none)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"reference precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
@@ -63,8 +67,8 @@ def durations(marks):
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def adam(params, lr, fused=False):
-    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=fused or None)
+def adam(params, lr):
+    return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
 
 
 class OfficialStep:
@@ -123,22 +127,6 @@ class OfficialStep:
                     d_loss=d_loss.detach())
 
 
-def diffusers_config(autoencoder: dict) -> dict:
-    """Our `model.autoencoder` widths as diffusers AsymmetricAutoencoderKL constructor arguments."""
-    a = autoencoder
-    n_down, n_up = len(a["encoder_ch_mult"]), len(a["ch_mult"])
-    return dict(
-        in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * n_down,
-        down_block_out_channels=[a["encoder_ch"] * m for m in a["encoder_ch_mult"]],
-        layers_per_down_block=a["encoder_num_res_blocks"],
-        up_block_types=["UpDecoderBlock2D"] * n_up,
-        up_block_out_channels=[a["ch"] * m for m in a["ch_mult"]],
-        layers_per_up_block=a["num_res_blocks"],
-        act_fn="silu", latent_channels=a["z_channels"], norm_num_groups=32,
-    )
-
-
 def naive_lpips():
     """lpips.LPIPS(vgg) as a user builds it; random trunk (pnet_rand) so nothing downloads."""
     import warnings
@@ -150,12 +138,13 @@ def naive_lpips():
 
 
 class NaiveStep:
-    """One forward, taming's loss (adaptive weight by autograd.grad), backward, step; disc on the detached output."""
+    """One forward, taming's loss (adaptive weight by autograd.grad), backward, step; disc on the detached output.
+    Autocast around the forwards only; the discriminator is frozen for the generator's backward."""
 
     def __init__(self, autoencoder: dict, ndf=64, n_layers=3, lr=1e-4, disc_weight=0.8, precision="32-true",
                  device="cpu"):
         from diffusers import AsymmetricAutoencoderKL as DiffusersAsymKL
-        self.vae = DiffusersAsymKL(**diffusers_config(autoencoder)).to(device)
+        self.vae = DiffusersAsymKL.from_config(diffusers_config(autoencoder)).to(device)
         self.lpips = naive_lpips().to(device)
         self.disc = NLayerDiscriminator(ndf=ndf, n_layers=n_layers).to(device)
         self.disc_weight, self.precision = disc_weight, precision
@@ -167,6 +156,7 @@ class NaiveStep:
         self.disc.train()
 
     def step(self, image, mask):
+        self.disc.requires_grad_(False)  # generator half: gradients reach the decoder, none the PatchGAN's weights
         with autocast_for(self.precision, image.device):
             with torch.no_grad():
                 z = self.vae.encode(image).latent_dist.sample()
@@ -174,16 +164,18 @@ class NaiveStep:
             rec_loss = (image - recon).abs() + self.lpips(image, recon)  # taming: per-pixel, then the mean
             nll = rec_loss.mean()
             g_loss = -self.disc(recon).mean()
-            d_weight = self.adaptive_weight(nll, g_loss) * self.disc_weight
-            self.opt_g.zero_grad()
-            (nll + d_weight * g_loss).backward()
-            self.opt_g.step()
+        d_weight = self.adaptive_weight(nll, g_loss) * self.disc_weight
+        self.opt_g.zero_grad()
+        (nll + d_weight * g_loss).backward()
+        self.opt_g.step()
+        self.disc.requires_grad_(True)
+        with autocast_for(self.precision, image.device):
             logits_real = self.disc(image)
             logits_fake = self.disc(recon.detach())
             d_loss = 0.5 * (torch.relu(1.0 - logits_real).mean() + torch.relu(1.0 + logits_fake).mean())
-            self.opt_d.zero_grad()
-            d_loss.backward()
-            self.opt_d.step()
+        self.opt_d.zero_grad()
+        d_loss.backward()
+        self.opt_d.step()
         return dict(nll=nll.detach(), g_loss=g_loss.detach(), d_loss=d_loss.detach())
 
     def adaptive_weight(self, nll, g_loss):

@@ -166,3 +166,56 @@ def test_decoder_flops_leave_out_the_gradient_checkpointing_recompute():
         *TINY, "data.resolution=16", f"model.autoencoder.gradient_checkpointing={ckpt}"]))
         for ckpt in ("false", "true")}
     assert counts["false"] > 0 and counts["true"] == counts["false"], counts
+
+
+def naive_step(cfg, precision="32-true"):
+    from ldm.config import to_container
+    from reference_steps import NaiveStep
+    return NaiveStep(to_container(cfg.model.autoencoder), ndf=cfg.discriminator.ndf,
+                     n_layers=cfg.discriminator.n_layers, precision=precision)
+
+
+def trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def test_naive_loop_trains_our_network_in_diffusers():
+    """Our weights through the ldm -> diffusers key table decode the same in NaiveStep's model; the same
+    parameters train (the decoder only) and the same PatchGAN."""
+    from ldm.keys import ldm_to_diffusers
+    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    torch.manual_seed(0)
+    system = benchmark.build_ours(cfg)
+    naive = naive_step(cfg)
+    naive.vae.load_state_dict(ldm_to_diffusers(system.vae.state_dict()))  # strict: every key has its pair
+    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    z = torch.randn(2, cfg.model.autoencoder.embed_dim, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = system.vae.eval().decode(z, image, mask)
+        theirs = naive.vae.eval().decode(z, image=image, mask=mask).sample
+    assert ours.shape == theirs.shape == image.shape
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    decoder = sum(p.numel() for p in system.vae.decoder.parameters())
+    assert trainable(naive.vae) == trainable(system.vae) == decoder > 0
+    assert trainable(naive.disc) == trainable(system.discriminator) > 0
+
+
+def test_naive_loop_backward_and_steps_outside_autocast_discriminator_frozen_for_the_generator():
+    """A clean loop: no PatchGAN weight gradients from the generator's backward; backward and the optimiser
+    steps run outside autocast (it covers the forwards)."""
+    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    torch.manual_seed(0)
+    naive = naive_step(cfg, "bf16-mixed")
+    seen = {}
+
+    def before(name):
+        def hook(opt, args, kwargs):
+            seen[name] = (torch.is_autocast_enabled("cpu"), [p.grad for p in naive.disc.parameters()])
+        return hook
+
+    naive.opt_g.register_step_pre_hook(before("g"))
+    naive.opt_d.register_step_pre_hook(before("d"))
+    naive.step(*benchmark.make_batch(cfg, torch.device("cpu")))
+    assert not seen["g"][0] and not seen["d"][0]  # the steps (after their backward) outside autocast
+    assert all(g is None for g in seen["g"][1])  # the generator half left the discriminator alone ...
+    assert all(g is not None for g in seen["d"][1])  # ... which its own half then trains

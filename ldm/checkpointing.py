@@ -129,6 +129,8 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
+            if 0 < trainer.max_steps <= trainer.global_step:  # the final step: saved before on_train_end, where
+                self._save_last_now(trainer)  # EMA has already swapped its average into the live weights
             return
         self._save_last_now(trainer)
         rank_zero_info(f"{self.received or 'a signal on another rank'}: last checkpoint {self.last_model_path} "
@@ -137,7 +139,8 @@ class RunCheckpoint(ModelCheckpoint):
         trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
-        self._save_last_now(trainer)  # ModelCheckpoint alone saves every n steps only: keep the final step
+        # a run that ends other than at max_steps (max_epochs, max_time): by now the live weights are EMA's average
+        self._save_last_now(trainer)
         super().on_train_end(trainer, pl_module)
         self._restore_handlers()
 

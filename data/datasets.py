@@ -1,9 +1,11 @@
-"""(image, mask) datasets: an endless resampled training stream and a finite, fixed validation set.
+"""(image, mask) datasets: an endless training stream dealt over readers and a finite, fixed validation set.
 
-Every random draw comes from a generator seeded by (seed, stream, rank, worker, epoch, index) for
-training and (seed, stream, sample index) for validation, never from the global numpy/torch RNG.
+Every random draw comes from a generator seeded by (seed, stream, rank, worker, epoch, step, index) for
+training samples, (seed, stream, epoch, step, lap) for the file order all readers share, and
+(seed, stream, sample index) for validation, never from the global numpy/torch RNG.
 """
 import itertools
+import multiprocessing
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -12,13 +14,20 @@ from .images import SkipCounter, load_crop
 from .masks import sample_rng
 from .sources import file_samples, shard_samples
 
-TRAIN_STREAM, ORDER_STREAM, VAL_STREAM = 0, 1, 2  # seed-sequence tags: the streams never overlap
+# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6)
+TRAIN_STREAM, ORDER_STREAM, VAL_STREAM, LAP_STREAM = 0, 1, 2, 5
 
 
 def worker_slot():
     """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def reader_slot(rank, world_size):
+    """(reader, readers): this worker among all ranks' workers; readers 0..world_size-1 are the ranks' worker 0."""
+    worker, num_workers = worker_slot()
+    return worker * world_size + rank, num_workers * world_size
 
 
 def to_image(pixels):
@@ -47,50 +56,61 @@ def shuffled(pairs, rng, size, initial=100):
 class ImageMaskTrain(IterableDataset):
     """Endless random crops with random masks; each pass yields `length` samples (full batches per worker).
 
-    Files are visited in a fresh random order per (rank, worker, epoch); shards are drawn with
-    replacement and mixed through a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
+    All readers (every worker of every rank) deal out one endless sequence of permutations of the
+    source's files or shards, drawn from (seed, epoch, step, lap): reader r takes positions r, r + readers,
+    ... Each file comes once per lap over all readers, so a pass of world_size * length samples (the
+    number of files) sees each file once; shards are dealt the same way and their samples mixed through
+    a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
     """
 
     def __init__(self, source, resolution, mask_generator, length, seed=0, rank=0, world_size=1,
                  batch_size=1, crop_min_scale=0.5, flip=True, shuffle_buffer=1000):
         if length < batch_size or length % batch_size:
             raise ValueError(f"length {length} must be a positive multiple of batch_size {batch_size}")
+        if not len(source):
+            raise ValueError(f"image source {source.name!r} has no files or shards")
         self.source, self.resolution, self.masks = source, resolution, mask_generator
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
         self.batch_size, self.crop_min_scale, self.flip = batch_size, crop_min_scale, flip
         self.shuffle_buffer = shuffle_buffer
         self.skipped = SkipCounter()
-        self.epoch = self.step = 0
+        self._pass = multiprocessing.Array("q", 2)  # (epoch, step) in shared memory: persistent workers see set_epoch
 
     def __len__(self):
         return self.length
 
     def set_epoch(self, epoch, step=0):
         """Select the random stream of this pass: (epoch, global step at its start; differs on a resume)."""
-        self.epoch, self.step = int(epoch), int(step)
+        self._pass[:] = [int(epoch), int(step)]
 
     def _worker_length(self, worker, num_workers):
         batches = self.length // self.batch_size  # dealt to workers whole, so every batch is full
         return self.batch_size * (batches // num_workers + (worker < batches % num_workers))
 
-    def _raw_stream(self, rng):
-        """Endless (key, path-or-bytes) pairs in this worker's random order."""
-        items = self.source.items
-        if self.source.kind == "files":
-            while True:
-                yield from file_samples((items[i] for i in rng.permutation(len(items))), self.source.root)
-        yield from shuffled(self._shard_pairs(rng), rng, self.shuffle_buffer)
+    def _dealt(self, epoch, step, reader, readers):
+        """Endless indices into source.items: this reader's positions in the readers' shared permutations."""
+        n = len(self.source)
+        for lap in itertools.count():  # position lap * n + i is order[i]: take i = reader - lap * n (mod readers)
+            order = sample_rng(self.seed, LAP_STREAM, epoch, step, lap).permutation(n)
+            yield from order[(reader - lap * n) % readers::readers].tolist()  # empty in some laps when n < readers
 
-    def _shard_pairs(self, rng):
-        """Endless (key, bytes) pairs from shards drawn with replacement (webdataset's resampling)."""
-        urls, empty = self.source.items, 0
-        while True:
+    def _raw_stream(self, dealt, rng):
+        """Endless (key, path-or-bytes) pairs: the dealt files in order, or the dealt shards' samples shuffled."""
+        items = (self.source.items[i] for i in dealt)
+        if self.source.kind == "files":
+            return file_samples(items, self.source.root)
+        return shuffled(self._shard_pairs(items), rng, self.shuffle_buffer)
+
+    def _shard_pairs(self, urls):
+        """(key, bytes) pairs of the shards in order; raises when many shards in a row give nothing."""
+        empty, give_up = 0, max(100, 2 * len(self.source))
+        for url in urls:
             count = 0
-            for pair in self._shard_samples([urls[rng.integers(len(urls))]], self.skipped.add):
+            for pair in self._shard_samples([url], self.skipped.add):
                 count += 1
                 yield pair
             empty = 0 if count else empty + 1
-            if empty > max(100, 2 * len(urls)):
+            if empty > give_up:
                 raise RuntimeError(f"image source {self.source.name!r}: {empty} shard reads in a row gave no sample")
 
     def _shard_samples(self, urls, on_error):
@@ -103,14 +123,13 @@ class ImageMaskTrain(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = worker_slot()
-        epoch = self.epoch
-        self.epoch += 1  # persistent workers keep this copy: the next pass gets the next epoch
-        ids = (self.rank, worker, epoch, self.step)
-        order_rng = sample_rng(self.seed, ORDER_STREAM, *ids)
+        epoch, step = self._pass[:]
+        ids = (self.rank, worker, epoch, step)
+        order_rng = sample_rng(self.seed, ORDER_STREAM, *ids)  # this reader's shuffle buffer
         give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
         misses, index = 0, 0
         todo = self._worker_length(worker, num_workers)
-        stream = self._raw_stream(order_rng)
+        stream = self._raw_stream(self._dealt(epoch, step, *reader_slot(self.rank, self.world_size)), order_rng)
         while todo > 0:
             misses += 1
             if misses > give_up:
@@ -131,9 +150,11 @@ class ImageMaskTrain(IterableDataset):
 class ImageMaskVal(IterableDataset):
     """The first `size` images of a source, centre-cropped, each with a mask fixed by (seed, its index).
 
-    Sample i goes to reader i mod (world_size * workers): over all ranks and workers every image is
-    seen exactly once, and its crop and mask never depend on the number of ranks or workers. Every
-    reader reads (not decodes) the first `size` samples, so keep val_size moderate for remote shards.
+    Sample i goes to reader i mod readers (reader_slot: samples 0..world_size-1 to the ranks' first
+    workers, so every rank gets one when size >= world_size and none idles at DDP's metric reduction):
+    over all ranks and workers every image is seen exactly once, and its crop and mask never depend on
+    the number of ranks or workers. Every reader reads (not decodes) the first `size` samples, so keep
+    val_size moderate for remote shards.
     """
 
     def __init__(self, source, resolution, mask_generator, seed=0, rank=0, world_size=1, size=None):
@@ -147,9 +168,7 @@ class ImageMaskVal(IterableDataset):
         return shard_samples(self.source.items, self.skipped.add)
 
     def __iter__(self):
-        worker, num_workers = worker_slot()
-        readers = self.world_size * num_workers
-        reader = self.rank * num_workers + worker
+        reader, readers = reader_slot(self.rank, self.world_size)
         pairs = itertools.islice(self._raw_stream(), self.size)  # sample i of the source, in order
         for i, (key, raw) in enumerate(pairs):
             if i % readers != reader:

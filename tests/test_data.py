@@ -1,4 +1,5 @@
 """Sources, bad files, shards, datasets, the datamodule and its configs."""
+import collections
 import contextlib
 import importlib.util
 import io
@@ -12,9 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data.datasets
-from data import (ImageMaskDataModule, ImageMaskTrain, ImageMaskVal, LogSkippedFiles, MaskGenerator, collect,
-                  load_crop, resolve_source)
-from data.sources import shard_samples
+from data import (EpochLoader, ImageMaskDataModule, ImageMaskTrain, ImageMaskVal, LogSkippedFiles, MaskGenerator,
+                  collect, load_crop, resolve_source)
+from data.sources import Source, shard_samples
 from ldm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,6 +169,100 @@ def test_training_stream_differs_per_rank_worker_and_epoch_and_repeats_per_seed(
     assert torch.equal(base, first())
     for other in (first(rank=1), first(worker=1), first(rank=1, worker=1), first(epoch=1), first(seed=1)):
         assert not torch.equal(base, other)
+
+
+class KeysOnly(ImageMaskTrain):
+    """The training stream's keys, with no decoding: the order logic alone (fake paths are fine)."""
+
+    def make_sample(self, key, raw, rng, mask):
+        return key
+
+
+class MasksOnly(ImageMaskTrain):
+    """The training stream's masks, with no decoding."""
+
+    def make_sample(self, key, raw, rng, mask):
+        return torch.from_numpy(mask)
+
+
+def every_reader(monkeypatch, world, workers, make_dataset):
+    """{(rank, worker): samples} as the DataLoader workers of `world` ranks read them (make_dataset(rank))."""
+    out = {}
+    for rank in range(world):
+        for worker in range(workers):
+            info = type("W", (), {"id": worker, "num_workers": workers})
+            monkeypatch.setattr(data.datasets, "get_worker_info", lambda info=info: info)
+            out[rank, worker] = collect(make_dataset(rank))
+    return out
+
+
+def fake_files(n):
+    return Source("fake", "files", [f"/fake/{i:03d}.jpg" for i in range(n)], "/fake")
+
+
+def test_one_epoch_over_all_readers_sees_every_file_once(monkeypatch):
+    def epoch_keys(epoch):
+        def make(rank):  # 2 ranks x 3 workers x 8 samples = the 48 files
+            ds = KeysOnly(fake_files(48), RES, MaskGenerator(RES), length=24, rank=rank, world_size=2, batch_size=2)
+            ds.set_epoch(epoch)
+            return ds
+
+        return every_reader(monkeypatch, 2, 3, make)
+
+    epochs = [epoch_keys(0), epoch_keys(1)]
+    for keys in epochs:
+        assert all(len(v) == 8 for v in keys.values())
+        assert sorted(k for v in keys.values() for k in v) == [f"{i:03d}.jpg" for i in range(48)]
+    assert epochs[0] != epochs[1]  # another epoch, another order
+
+
+def test_fewer_files_than_readers_still_deals_them_evenly(monkeypatch):
+    def make(rank):  # 4 readers, one sample each, 3 files
+        return KeysOnly(fake_files(3), RES, MaskGenerator(RES), length=2, rank=rank, world_size=2, batch_size=1)
+
+    counts = collections.Counter(k for v in every_reader(monkeypatch, 2, 2, make).values() for k in v)
+    assert sorted(counts.values()) == [1, 1, 2]
+
+
+def test_shards_are_split_over_readers(shard_set, monkeypatch):
+    source = resolve_source(shard_set)  # 3 shards: each of 3 readers starts on its own one
+
+    def make(rank):
+        return KeysOnly(source, RES, MaskGenerator(RES), length=2, rank=rank, world_size=3, batch_size=2,
+                        shuffle_buffer=1)
+
+    firsts = {rank: {k.split("/")[0] for k in keys} for (rank, _), keys in every_reader(monkeypatch, 3, 1, make).items()}
+    assert all(len(shards) == 1 for shards in firsts.values())  # 2 samples of one shard (shards hold 4, 4, 2)
+    assert set.union(*firsts.values()) == {Path(u).name for u in source.items}
+
+
+def test_small_validation_sets_reach_every_rank(tmp_path, monkeypatch):
+    for i in range(16):
+        photo(8, 8, i).save(tmp_path / f"{i:02d}.png")
+    source = resolve_source(str(tmp_path))
+
+    def make(rank):  # val_size 16 on 8 ranks x 4 workers: 2 per rank, never an idle rank in DDP's reduction
+        return ImageMaskVal(source, RES, MaskGenerator(RES), rank=rank, world_size=8, size=16)
+
+    keys = every_reader(monkeypatch, 8, 4, make)
+    per_rank = [sum(len(keys[rank, w]) for w in range(4)) for rank in range(8)]
+    assert per_rank == [2] * 8
+    assert sorted(s["key"] for v in keys.values() for s in v) == sorted(f"{i:02d}.png" for i in range(16))
+
+
+def test_persistent_workers_follow_set_epoch():
+    def two_passes(num_workers):
+        state = {"pass": (0, 0)}
+        ds = MasksOnly(fake_files(50), 16, MaskGenerator(16, p_full=0.0), length=4, batch_size=2)
+        loader = EpochLoader(ds, epoch_fn=lambda: state["pass"], batch_size=2, num_workers=num_workers,
+                             persistent_workers=num_workers > 0)
+        first = torch.cat(list(loader))
+        state["pass"] = (1, 2)  # the trainer's (epoch, global step) at the second pass
+        return first, torch.cat(list(loader))
+
+    here, workers = two_passes(0), two_passes(1)
+    assert not torch.equal(*here)
+    assert torch.equal(here[0], workers[0]) and torch.equal(here[1], workers[1])
 
 
 def test_datamodule_batches_follow_the_contract(messy_folder):

@@ -276,11 +276,17 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             event.record()
             check = host
         self.pending_checks.append((check, event, names))
-        self.read_pending_checks(wait=wait or len(self.pending_checks) > 8)  # the host reads at most 8 steps behind
+        if self.trainer.world_size > 1 and not wait:
+            # every rank must stop at the same step, so all read the same checks: up to the previous step's (no
+            # idle device: this step is still queued; and the signal vote of the previous batch end synced it)
+            self.read_pending_checks(keep=1)
+        else:
+            self.read_pending_checks(wait=wait or len(self.pending_checks) > 8)  # the host reads <= 8 steps behind
 
-    def read_pending_checks(self, wait: bool = True):
-        """Count the skipped steps (and the streak of them) of the checks that have arrived, in step order."""
-        while self.pending_checks:
+    def read_pending_checks(self, wait: bool = True, keep: int = 0):
+        """Count the skipped steps (and the streak of them) in step order, of all checks but the newest `keep`:
+        those that have arrived, or with `wait` all of them."""
+        while len(self.pending_checks) > keep:
             check, event, names = self.pending_checks[0]
             if event is not None and not event.query():
                 if not wait:

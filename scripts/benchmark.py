@@ -46,13 +46,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # train.py and scripts/ from a checkout
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from ldm.config import load_config  # noqa: E402
+from ldm.config import ConfigError, load_config  # noqa: E402
 from benchmark_latents import cache_inputs, cache_report  # noqa: E402
-from reference_steps import durations, mark, mark_step_end, run_reference, sync  # noqa: E402
+from reference_steps import REFERENCE_PRECISIONS, durations, mark, mark_step_end, run_reference, sync  # noqa: E402
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
 PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0)), ("H100", (989.0, 495.0, 67.0)),
          ("H200", (989.0, 495.0, 67.0)), ("A100", (312.0, 156.0, 19.5))]
+
+
+MAX_BATCH_UNUSED = ("config", "steps", "warmup", "rounds", "batch_size", "reference", "reference_precision", "compile",
+                    "cached_latents")  # the options --max-batch has no use for
 
 
 def parse_args(argv=None):
@@ -65,30 +69,54 @@ def parse_args(argv=None):
                    help="repeat the variants in turn, pooling the timed steps (evens out a shared machine's load)")
     p.add_argument("--batch-size", type=int, default=None, help="overrides data.batch_size")
     p.add_argument("--reference", action="append", default=[], choices=["official", "naive"])
-    p.add_argument("--reference-precision", default=None, help="precision of the references (default: ours)")
+    p.add_argument("--reference-precision", default=None, choices=REFERENCE_PRECISIONS,
+                   help="precision of the references (default: ours, trainer.precision)")
     p.add_argument("--compile", action="store_true", help="torch.compile our blocks (model.compile=true)")
     p.add_argument("--cached-latents", action="store_true",
                    help="also time ours with a cached posterior in the batch (the encoder skipped)")
-    p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above)")
+    p.add_argument("--max-batch", action="store_true", help="largest batch per GPU for x1.5 / x2 (see above); "
+                   "takes key=value overrides and the three options below, no other")
     p.add_argument("--presets", nargs="+", default=["x1.5", "x2"], choices=["x1.5", "x2"], help="--max-batch")
     p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], help="--max-batch")
     p.add_argument("--memory-budget-gb", type=float, default=80.0,
                    help="GiB, the CPU estimate's budget (CUDA: the card)")
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup, --steps and --rounds must be at least 1")
-    if not args.config and not args.max_batch:
+    for dest in ("warmup", "steps", "rounds", "batch_size"):
+        if getattr(args, dest) is not None and getattr(args, dest) < 1:
+            p.error(f"--{dest.replace('_', '-')} must be at least 1")
+    if args.max_batch:
+        unused = [f"--{d.replace('_', '-')}" for d in MAX_BATCH_UNUSED if getattr(args, d) != p.get_default(d)]
+        if unused:
+            p.error(f"--max-batch takes none of {', '.join(unused)} (it runs configs/x1_5.yaml and x2.yaml)")
+        return args
+    if not args.config:
         p.error("-c CONFIG is required (except with --max-batch)")
+    check_config(p, args)
     return args
 
 
+def check_config(parser, args):
+    """The config and the references' precision, as usage errors before any variant runs."""
+    try:
+        cfg = load(args.config, args.overrides, args.batch_size, args.compile)
+    except ConfigError as err:
+        parser.error(str(err))
+    if args.reference and args.reference_precision is None and str(cfg.trainer.precision) not in REFERENCE_PRECISIONS:
+        parser.error(f"--reference-precision: not given, so ours: trainer.precision={cfg.trainer.precision}, which "
+                     f"the reference loops cannot run (no GradScaler); pass one of {', '.join(REFERENCE_PRECISIONS)}")
+
+
 def load(files, overrides, batch_size=None, compile_blocks=False):
-    """The run's config, with the GAN on from step 0."""
-    extra = ["loss.disc_start=0"] + ([f"data.batch_size={batch_size}"] if batch_size else [])
+    """The run's config, with the GAN on from step 0; a value the benchmark cannot run raises ConfigError."""
+    extra = ["loss.disc_start=0"] + ([f"data.batch_size={batch_size}"] if batch_size is not None else [])
     extra += ["model.compile=true"] if compile_blocks else []
     cfg = load_config(ROOT / "configs" / "base.yaml", files, [*overrides, *extra])
     if cfg.loss.disc_weight <= 0:
-        raise SystemExit("error: loss.disc_weight must be > 0: the benchmark measures the full step with the GAN")
+        raise ConfigError("loss.disc_weight must be > 0: the benchmark measures the full step with the GAN")
+    if cfg.data.resolution < 8 or cfg.data.resolution % 8:
+        raise ConfigError(f"data.resolution={cfg.data.resolution}: must be a positive multiple of 8 (latents are 1/8)")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be at least 1")
     return cfg
 
 
@@ -172,7 +200,7 @@ def quiet():
     warnings.filterwarnings("ignore")
 
 
-def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks, warmup=0):
+def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks, warmup):
     """Child process: build and time one variant; step times, peak memory and its kind.
 
     CUDA: `peak` is the peak of the steps after the `warmup` ones, `peak_warmup` that of the warm-up (set-up,
@@ -205,19 +233,35 @@ def measure(variant, files, overrides, batch_size, n_steps, precision, compile_b
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
-def in_child(fn, *args):
+def in_child(fn, *args, preload=()):
     """fn(*args) in a fresh process: its own peak memory, no state shared between variants.
 
     CUDA: spawned (CUDA does not survive a fork). CPU: forked from this process, which has imported the
-    heavy modules once and run no torch compute (no OpenMP pool to inherit).
+    heavy modules (train, and the `preload` module names) once and run no torch compute (no OpenMP pool to inherit).
     """
     method = "spawn" if torch.cuda.is_available() else "fork"
     if method == "fork":
-        import diffusers.models.autoencoders.autoencoder_asym_kl  # noqa: F401
-        import reference_steps  # noqa: F401
+        import importlib
+
         import train  # noqa: F401
+        for name in preload:
+            importlib.import_module(name)
     with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
         return pool.submit(fn, *args).result()
+
+
+class VariantFailed(Exception):
+    """A variant's process raised; the message names the variant."""
+
+
+def run_variant(name, args, precision, n_steps):
+    """measure() of one variant in its own process (see in_child)."""
+    naive = ["diffusers.models.autoencoders.autoencoder_asym_kl"] if "naive" in args.reference else []  # a dev extra
+    try:
+        return in_child(measure, name, args.config, args.overrides, args.batch_size, n_steps, precision,
+                        args.compile and name.startswith("ours"), args.warmup, preload=naive)
+    except Exception as err:  # the child's error, re-raised here (or the process died: BrokenProcessPool)
+        raise VariantFailed(f"{name}: {type(err).__name__}: {err}") from err
 
 
 # ----------------------------------------------------------------------------- FLOPs and MFU
@@ -270,7 +314,7 @@ def report(cfg, args, results, flops):
     print(f"decoder ch={a.ch} ch_mult={list(a.ch_mult)} num_res_blocks={a.num_res_blocks}, "
           f"{cfg.data.resolution} px, batch {cfg.data.batch_size}, channels_last={cfg.model.channels_last}, "
           f"gradient_checkpointing={a.gradient_checkpointing}, compile={cfg.model.compile or False}")
-    print("GAN on from step 0 (loss.disc_start=0) for every variant: the full step is measured")
+    print(f"GAN on from step 0 (loss.disc_start={cfg.loss.disc_start}) for every variant: the full step is measured")
     print(f"timing: median of {args.steps} steps after {args.warmup} warm-up, x {args.rounds} round(s) of the "
           f"variants in turn, each in its own process; one fixed in-memory batch")
     print(f"decoder model FLOPs per step (1 fwd+bwd, FlopCounterMode): {flops / 1e12:.4f} TFLOP")
@@ -312,9 +356,7 @@ def run_benchmark(args):
     results = {}
     for _ in range(args.rounds):
         for name in ["ours", *(["ours-cached"] if args.cached_latents else []), *dict.fromkeys(args.reference)]:
-            precision = None if name.startswith("ours") else ref_precision
-            r = in_child(measure, name, args.config, args.overrides, args.batch_size, n, precision,
-                         args.compile and name.startswith("ours"), args.warmup)
+            r = run_variant(name, args, None if name.startswith("ours") else ref_precision, n)
             r["times"] = r["times"][args.warmup:]
             if name in results:
                 r["times"] = results[name]["times"] + r["times"]
@@ -332,8 +374,12 @@ def main(argv=None):
     if args.max_batch:
         from benchmark_memory import run_max_batch
         run_max_batch(args)
-    else:
+        return 0
+    try:
         run_benchmark(args)
+    except VariantFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

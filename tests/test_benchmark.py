@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def test_benchmark_prints_figures_and_speedups():
     for name in ("ours", "ours-cached", "official", "naive"):
         rate = re.search(rf"^{name}\s+images/s=([0-9.]+)\s+s/step=([0-9.]+)", out, re.M)
         assert rate and float(rate.group(1)) > 0 and float(rate.group(2)) > 0, out
-    assert "loss.disc_start=0" in out
+    assert "GAN on from step 0 (loss.disc_start=0)" in out  # the loaded config's value
     assert re.search(r"^latent cache: ours [0-9.]+ images/s -> ours-cached [0-9.]+ images/s", out, re.M), out
     share = re.search(r"^encoder alone: [0-9.]+ s per batch = ([0-9.]+) % of our step", out, re.M)
     assert share and 0 < float(share.group(1)) < 100, out
@@ -219,3 +220,58 @@ def test_naive_loop_backward_and_steps_outside_autocast_discriminator_frozen_for
     assert not seen["g"][0] and not seen["d"][0]  # the steps (after their backward) outside autocast
     assert all(g is None for g in seen["g"][1])  # the generator half left the discriminator alone ...
     assert all(g is not None for g in seen["d"][1])  # ... which its own half then trains
+
+
+def test_the_benchmark_config_turns_the_gan_on_from_step_zero():
+    """load() overrides any loss.disc_start: the discriminator trains and the adaptive weight is used at step 0."""
+    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16", "loss.disc_start=50001",
+                                                          "optim.warmup_steps=0"])
+    assert cfg.loss.disc_start == 0
+    torch.manual_seed(0)
+    system = benchmark.build_ours(cfg)
+    before = [p.detach().clone() for p in system.discriminator.parameters()]
+    metrics = benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), 1).callback_metrics
+    assert metrics["train/d_weight"] > 0 and metrics["train/d_loss"] > 0, metrics
+    assert any(not torch.equal(a, b) for a, b in zip(before, system.discriminator.parameters()))
+
+
+BASE = ["-c", str(ROOT / "configs" / "x1.yaml"), *TINY, "data.resolution=16"]
+
+
+def test_bad_arguments_and_config_values_are_usage_errors_naming_them(capsys):
+    cases = [([*BASE, "--reference", "naive", "--reference-precision", "bf16mixed"],
+              "--reference-precision: invalid choice: 'bf16mixed'"),
+             ([*BASE, "trainer.precision=16-mixed", "--reference", "official"],
+              "--reference-precision: not given, so ours: trainer.precision=16-mixed"),
+             ([*BASE, "data.resolution=12"], "data.resolution=12: must be a positive multiple of 8"),
+             ([*BASE, "data.batch_size=0"], "data.batch_size=0: must be at least 1"),
+             ([*BASE, "--batch-size", "0"], "--batch-size must be at least 1"),
+             (["--max-batch", *BASE[:2], "--steps", "3"], "--max-batch takes none of --config, --steps")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            benchmark.parse_args(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err, (argv, err)
+    args = benchmark.parse_args([*BASE, "trainer.precision=16-mixed", "--reference", "official",
+                                 "--reference-precision", "bf16-mixed"])
+    assert args.reference_precision == "bf16-mixed"
+
+
+def test_a_failing_variant_is_named_and_exits_2(monkeypatch, capsys):
+    def in_child(fn, variant, *args, preload=()):
+        raise RuntimeError(f"out of memory in {variant}")
+    monkeypatch.setattr(benchmark, "in_child", in_child)
+    assert benchmark.main(BASE) == 2
+    assert "error: ours: RuntimeError: out of memory in ours" in capsys.readouterr().err
+
+
+def test_cpu_children_import_diffusers_only_for_the_naive_loop(monkeypatch):
+    """diffusers is a dev extra: forking a child must not need it unless the naive loop runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # children forked
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it raises ImportError
+    assert benchmark.in_child(os.getpid) != os.getpid()
+    preloads = {}
+    monkeypatch.setattr(benchmark, "in_child", lambda fn, name, *a, preload: preloads.setdefault(name, preload))
+    for reference in ("official", "naive"):
+        benchmark.run_variant(reference, benchmark.parse_args([*BASE, "--reference", reference]), "32-true", 3)
+    assert not any("diffusers" in m for m in preloads["official"]) and preloads["naive"], preloads

@@ -27,15 +27,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
+from ldm.config import ConfigError  # noqa: E402
 from reference_steps import durations, mark, sync  # noqa: E402
 
-# kernel kind by name, first match wins (cuDNN / CUTLASS / ATen kernel names). Inductor's kernels come first:
-# they are named after the ops they fuse (triton_red_fused_native_group_norm_..., ..._convolution_backward_...)
+# kernel kind by name, first match wins (cuDNN / cuBLAS / CUTLASS / ATen kernel names). Inductor's kernels come
+# first: they are named after the ops they fuse (triton_red_fused_native_group_norm_..., ..._convolution_backward_...).
+# cuDNN's convolutions say how they run (sm90_xmma_fprop_implicit_gemm_...): matched before cuBLAS's plain
+# matmuls (sm90_xmma_gemm_..., ampere_sgemm_...). Normalisation layers by name, so that a vector norm (the
+# adaptive weight's, NormTwoOps) is a reduction.
 KINDS = [("compiled (inductor)", r"^triton_"),
          ("layout (cuDNN's own)", r"nchwToNhwc|nhwcToNchw"),
-         ("convolution", r"conv|cudnn|implicit|wgrad|dgrad|fprop|xmma|sm90_"),
-         ("gemm / attention", r"gemm|flash|fmha|attention|cutlass"),
-         ("normalisation", r"norm|welford|moments|ComputeInternalGradients|ComputeFusedParams"),
+         ("convolution", r"conv|cudnn|implicit|wgrad|dgrad|fprop|winograd"),
+         ("matmul / attention", r"gemm|matmul|aten::(add|b|baddb)?mm\b|flash|fmha|attention|cutlass"),
+         ("normalisation", r"(group|layer|batch)_?norm|welford|moments|GammaBeta|InternalGradients|FusedParams"),
          ("optimiser", r"adam|multi_tensor|foreach"),
          ("copy (layout, dtype)", r"copy|contiguous|transpose|permute"),
          ("reduction", r"reduce|sum|norm"),
@@ -60,6 +64,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1")
+    try:
+        args.cfg = load(args.config, args.overrides)
+    except ConfigError as err:  # a bad key or value: named, before any step runs
+        p.error(str(err))
     return args
 
 
@@ -194,7 +202,7 @@ def summarise(prof, wall, steps, device_type, top):
 def main(argv=None):
     args = parse_args(argv)
     quiet()
-    cfg = load(args.config, args.overrides)
+    cfg = args.cfg
     device = pick_device(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

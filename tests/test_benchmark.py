@@ -252,6 +252,10 @@ def test_bad_arguments_and_config_values_are_usage_errors_naming_them(capsys):
             benchmark.parse_args(argv)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err, (argv, err)
+    import profile_step  # the same load(): the same errors
+    with pytest.raises(SystemExit) as stop:
+        profile_step.parse_args([*BASE, "data.resolution=12"])
+    assert stop.value.code == 2 and "data.resolution=12: must be" in capsys.readouterr().err
     args = benchmark.parse_args([*BASE, "trainer.precision=16-mixed", "--reference", "official",
                                  "--reference-precision", "bf16-mixed"])
     assert args.reference_precision == "bf16-mixed"
@@ -275,3 +279,24 @@ def test_cpu_children_import_diffusers_only_for_the_naive_loop(monkeypatch):
     for reference in ("official", "naive"):
         benchmark.run_variant(reference, benchmark.parse_args([*BASE, "--reference", reference]), "32-true", 3)
     assert not any("diffusers" in m for m in preloads["official"]) and preloads["naive"], preloads
+
+
+def test_kernel_kinds_tell_matmuls_from_convolutions_and_vector_norms_from_normalisation():
+    from profile_step import kind_of
+    kinds = {"sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel__5x_cublas":
+             "matmul / attention",
+             "ampere_sgemm_128x64_tn": "matmul / attention",
+             "aten::bmm": "matmul / attention",
+             "aten::addmm": "matmul / attention",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+             "sm90_xmma_wgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+             "aten::convolution_backward": "convolution",
+             "void cudnn::engines_precompiled::nchwToNhwcKernel<float>": "layout (cuDNN's own)",
+             "aten::native_group_norm_backward": "normalisation",
+             "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "normalisation",
+             "void at::native::(anonymous namespace)::Compute1dBackwardFusedParamsCUDAKernel<float>": "normalisation",
+             "aten::linalg_vector_norm": "reduction",
+             "aten::sum": "reduction",
+             "aten::add_": "elementwise",
+             "triton_per_fused_native_group_norm_0": "compiled (inductor)"}
+    assert {name: kind_of(name) for name in kinds} == kinds

@@ -93,10 +93,12 @@ def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False, with_crop=Fa
         if img.format == "JPEG" and side > 2 * resolution:
             # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= R pixels: big photos
             # decode several times faster; draft never goes below the requested size
-            img.draft(img.mode, (math.ceil(width * resolution / side), math.ceil(height * resolution / side)))
-            sx, sy = img.size[0] / width, img.size[1] / height
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-            side = box[2] - box[0]
+            size = (math.ceil(width * resolution / side), math.ceil(height * resolution / side))
+            drafted = img.draft(img.mode, size)  # (mode, the source's extent in decoded pixels), None if not reduced
+            if drafted is not None:
+                scale = drafted[1][2] / width  # exactly 1/s (img.size is rounded up: ceil(width / s) pixels)
+                box = tuple(v * scale for v in box)
+                side = box[2] - box[0]
         img.load()  # the actual decode: raises on truncated or corrupt data
         rgb = to_rgb(img)
     # area averaging to shrink (PIL BOX); bilinear to enlarge, which is what cv2.INTER_AREA does there

@@ -92,6 +92,24 @@ def test_large_jpegs_decode_reduced_but_match_a_full_decode():
     assert np.abs(fast - full).mean() < 3.0
 
 
+def ramp(w, h):
+    """Grey levels rising linearly along the long side: a crop taken from the wrong place shows as a mean offset."""
+    t = (np.arange(max(w, h)) + 0.5) * 255 / max(w, h)
+    levels = np.broadcast_to(t, (h, w)) if w >= h else np.broadcast_to(t[:, None], (h, w))
+    return Image.fromarray(levels.round().astype(np.uint8), "L")
+
+
+@pytest.mark.parametrize("w, h, resolution", [(401, 136, 16), (136, 401, 16), (1001, 273, 32)])
+def test_reduced_jpeg_decodes_of_odd_sizes_crop_in_place(w, h, resolution):
+    # decoded at 1/8 scale: 401 px become 51, for the source's 50.125 (the crop is scaled by the latter)
+    image = ramp(w, h)
+    fast = load_crop(jpeg_bytes(image), resolution).astype(float)
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    full = np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BOX, box=box), float)
+    assert abs((fast - full).mean()) < 0.3  # scaled by 51/401 instead: 2.3 grey levels (1.0 at 1001 px)
+
+
 def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_folder):
     bad = tmp_path / "bad"
     bad.mkdir()

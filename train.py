@@ -10,6 +10,7 @@ Exit codes: 2 = a config, file or checkpoint error (one line naming it), 1 = the
 """
 import argparse
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -137,7 +138,8 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
     callbacks = [*extra_callbacks,
         RunCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:08d}", auto_insert_metric_name=False,
                       every_n_train_steps=cfg.run.checkpoint_every_n_steps, save_last=True,
-                      save_top_k=cfg.run.keep_last_k, monitor="step", mode="max"),
+                      save_top_k=cfg.run.keep_last_k, monitor="step", mode="max",
+                      enable_version_counter=False),  # names as newest_readable_checkpoint looks for them
         StopOnNonFinite(cfg.run.max_nonfinite_steps),
         SampleGrids(run_dir / "samples", cfg.run.sample_images),
         ImagesPerSecond(),
@@ -163,6 +165,13 @@ def _several_processes(kwargs) -> bool:
     return many or int(kwargs.get("num_nodes", 1)) > 1
 
 
+def clear_checkpoints(run_dir: Path) -> None:
+    """run.overwrite=true: delete the old run's checkpoints (and Lightning's SLURM hpc_ckpt_*.ckpt)."""
+    shutil.rmtree(run_dir / "checkpoints")
+    for path in run_dir.glob("hpc_ckpt_*.ckpt"):
+        path.unlink()
+
+
 def fit(argv=None, extra_callbacks=()) -> None:
     """Parse, check, build and train; errors are raised (main turns them into exit codes)."""
     args = parse_args(argv)
@@ -171,9 +180,11 @@ def fit(argv=None, extra_callbacks=()) -> None:
     name = args.name or Path(files[-1]).stem
     run_dir = Path(cfg.run.log_dir) / name
     resume = resolve_resume(args.resume, run_dir)
-    if is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists() and not cfg.run.overwrite:
-        raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
-                          f"--name NAME for a new run, or run.overwrite=true to start over")
+    if is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists():
+        if not cfg.run.overwrite:
+            raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
+                              f"--name NAME for a new run, or run.overwrite=true to start over")
+        clear_checkpoints(run_dir)  # else --resume auto would later pick the old run's newest step
     check_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     system = build_system(cfg)

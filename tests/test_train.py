@@ -90,10 +90,16 @@ def _equal(a, b) -> bool:
     return a == b
 
 
-def test_existing_run_is_not_overwritten(tmp_path):
-    run_train(tmp_path, "trainer.max_steps=1", "trainer.val_check_interval=1")
+def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
+    run_train(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=1")
     proc = run_train(tmp_path, "trainer.max_steps=1", check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    run_train(tmp_path, "trainer.max_steps=1", "trainer.val_check_interval=1", "run.checkpoint_every_n_steps=1",
+              "run.overwrite=true")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step00000001.ckpt"]  # the old run's are gone
+    from train import resolve_resume
+    assert torch.load(resolve_resume("auto", tmp_path / "run"), weights_only=False)["global_step"] == 1
 
 
 def test_config_errors_stop_before_any_work(tmp_path):

@@ -1,6 +1,6 @@
 """The paper's core claim at demo scale: the masked-image branch keeps the known region; a plain decoder does not.
 
-    python scripts/compare_condition.py [--steps 400] [--out logs/compare_condition] [--log-dir logs] \
+    python scripts/compare_condition.py [--steps N] [--out logs/compare_condition] [--log-dir logs] \\
         [--set key=value ...] [--skip-train]
 
 Trains configs/demo.yaml (run demo_asym) and the same recipe without the branch
@@ -29,7 +29,7 @@ RUNS = {  # run name -> (table label, config files over configs/base.yaml)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each run (default: configs/demo.yaml's trainer.max_steps)")
     p.add_argument("--out", default=None, help="eval output folder (default: <log-dir>/compare_condition)")
     p.add_argument("--log-dir", default="logs", help="where the two run folders go (run.log_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

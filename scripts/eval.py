@@ -1,7 +1,7 @@
 """Evaluate decoders side by side on fixed masks: the paper's table (FID, LPIPS, PSNR, SSIM, pre_error).
 
-    python scripts/eval.py --decoder A [--decoder B ...] [--name LABEL ...] --data SOURCE \
-        --masks thick|medium|thin|mixed|MASK_DIR --out DIR [--vae SD_WEIGHTS] [--resolution 256] \
+    python scripts/eval.py --decoder A [--decoder B ...] [--name LABEL ...] --data SOURCE \\
+        --masks thick|medium|thin|mixed|MASK_DIR --out DIR [--vae SD_WEIGHTS] [--resolution 256] \\
         [--num-images N] [--batch-size 16] [--seed 0] [--max-area 0.5] [--no-lpips-pretrained] [--device auto]
 
 A decoder is a run checkpoint (logs/<run>/checkpoints/last.ckpt), an exported or diffusers folder/file, or
@@ -41,6 +41,19 @@ class EvalError(ValueError):
     """A command-line value that cannot work; the message says which and why."""
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= low (a bad one is a usage error naming the flag, exit code 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", action="append", required=True, help="checkpoint, folder or 'vanilla' (repeat)")
@@ -51,8 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--vae", default=None, help="SD autoencoder weights: the shared encoder, and 'vanilla'")
     p.add_argument("--resolution", type=int, default=256, help="square side in pixels, a multiple of 8")
-    p.add_argument("--num-images", type=int, default=None, help="the first N images (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-images", type=at_least(1), default=None, help="the first N images (default: all)")
+    p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--seed", type=int, default=0, help="generated masks are fixed by it")
     p.add_argument("--max-area", type=float, default=0.5, help="generated masks: redraw above this hole area")
     p.add_argument("--save-masks", default=None, help="write the generated masks here (reuse: --masks DIR)")
@@ -61,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", default=None, help="FID weights file (default: the torch hub cache)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="run checkpoints: use the EMA decoder (default: when present)")
-    p.add_argument("--grid-images", type=int, default=4, help="images shown in grid.png")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--grid-images", type=at_least(1), default=4, help="images shown in grid.png")
+    p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images (0: none)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
@@ -70,7 +83,13 @@ def parse_args(argv=None):
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:  # "gpu", "cuda:x": torch's message lists the device types
+        raise EvalError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 # ---- images and masks ------------------------------------------------------------------------------------
@@ -104,7 +123,7 @@ class EvalImages(IterableDataset):
 def image_count(source, num_images):
     """Images to evaluate (None: unknown, a shard source read to its end)."""
     if source.kind == "files":
-        return min(len(source), num_images or len(source))
+        return len(source) if num_images is None else min(len(source), num_images)
     return num_images
 
 

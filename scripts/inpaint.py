@@ -1,6 +1,6 @@
 """Inpaint with Stable Diffusion and our decoder: diffusers' StableDiffusionInpaintPipeline, our VAE as pipe.vae.
 
-    python scripts/inpaint.py --vae EXPORTED_DIFFUSERS_FOLDER --pipeline SD_INPAINT_FOLDER \
+    python scripts/inpaint.py --vae EXPORTED_DIFFUSERS_FOLDER --pipeline SD_INPAINT_FOLDER \\
         --image IMG --mask MASK --prompt "..." --out OUT.png [--steps 50] [--seed 0] [--device auto]
 
 --vae is a folder written by `scripts/export.py --format diffusers`; --pipeline a local SD inpainting pipeline

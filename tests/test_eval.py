@@ -126,6 +126,30 @@ def test_bad_decoder_arguments_exit_2_with_a_message(models, tmp_path, capsys):
     assert "1 --name for 4 --decoder" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("flag, value", [("--num-images", "0"), ("--num-images", "-1"), ("--batch-size", "0"),
+                                         ("--grid-images", "0"), ("--workers", "-1"), ("--batch-size", "two")])
+def test_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value):
+    argv = ["--decoder", str(tmp_path / "none.ckpt"), "--data", "sample", "--masks", "medium",
+            "--out", str(tmp_path / "out"), flag, value]
+    with pytest.raises(SystemExit) as stop:
+        eval_script.main(argv)
+    assert stop.value.code == 2 and f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_a_bad_device_exits_2_naming_the_flag(models, tmp_path, capsys):
+    for device in ("gpu", f"cuda:{torch.cuda.device_count()}"):
+        assert eval_script.main(cli_args(models, tmp_path / "x", "--device", device)) == 2
+        assert f"eval: --device {device}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["eval", "inpaint", "compare_condition"])
+def test_usage_lines_stay_apart_in_help(name):
+    """A usage line continued with a backslash keeps it: a single one in the docstring would join the lines."""
+    usage = [line for line in script(name).__doc__.splitlines() if line.startswith("    python scripts/")]
+    assert usage and usage[0].endswith(" \\"), usage
+
+
 # ---- identical images, undefined regions, FID ------------------------------------------------------------
 class Identity(torch.nn.Module):
     """A "decoder" whose output is the input image exactly (latent = image)."""

@@ -23,7 +23,8 @@ CACHE_MEMBERS = ("png", "mean.npy", "logvar.npy", "json")
 
 
 class LatentCacheError(ValueError):
-    """A latent cache that does not fit the run (resolution, encoder weights, flip); the message names it."""
+    """A latent cache that does not fit the run (resolution, encoder weights, flip) or cannot be read; the message
+    names it."""
 
 
 def encoder_fingerprint(vae) -> str:
@@ -65,18 +66,44 @@ def cache_samples(urls, on_error):
 
 
 def is_latent_cache(source) -> bool:
-    """True when the source's first shard sample carries a posterior (a cache from scripts/cache_latents.py)."""
+    """True when the source's first shard sample carries a posterior (a cache from scripts/cache_latents.py).
+
+    LatentCacheError, naming the shard, if that shard cannot be read or holds no sample: the source's
+    kind is then unknown, and a cache must not be read as image shards.
+    """
     if source.kind != "shards":
         return False
-    for sample in wds.tarfile_samples([{"url": source.items[0]}], handler=lambda exc: True):
-        return "mean.npy" in sample
-    return False
+    url = source.items[0]
+    samples = wds.tarfile_samples([{"url": url}])
+    try:
+        sample = next(samples, None)
+    except Exception as error:  # unreadable, truncated, not a tar
+        raise LatentCacheError(f"image source {source.name!r}: cannot read its first shard {url} to tell a latent "
+                               f"cache from image shards ({type(error).__name__}: {error})") from error
+    finally:
+        samples.close()
+    if sample is None:
+        raise LatentCacheError(f"image source {source.name!r}: its first shard {url} holds no sample")
+    return "mean.npy" in sample
+
+
+def cache_meta(sample, name):
+    """The sample's json as a dict with "resolution" and "encoder"; else LatentCacheError naming it and the key."""
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as error:  # not UTF-8 or not JSON
+        raise LatentCacheError(f"latent cache {name}: its json member is not JSON ({error})") from error
+    missing = [key for key in ("resolution", "encoder") if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise LatentCacheError(f"latent cache {name}: its json member has no {' or '.join(map(repr, missing))} key; "
+                               f"re-run scripts/cache_latents.py")
+    return meta
 
 
 def check_cache_sample(sample, resolution, encoder=None):
     """Raise LatentCacheError, naming the file and both values, if the sample was made for another run's settings."""
-    meta = json.loads(sample["json"])
     name = f"{sample['__url__']} (sample {sample['__key__']})"
+    meta = cache_meta(sample, name)
     if meta["resolution"] != resolution:
         raise LatentCacheError(f"latent cache {name}: made at resolution {meta['resolution']}, this run's "
                                f"data.resolution is {resolution}; re-run scripts/cache_latents.py with the run's "

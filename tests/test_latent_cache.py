@@ -16,6 +16,7 @@ from PIL import Image
 
 from data import ImageMaskDataModule, LatentCacheError, LatentCacheTrain, MaskGenerator, collect, encoder_fingerprint
 from data.datasets import to_image
+from data.latents import check_cache, is_latent_cache
 from data.sources import resolve_source, sample_image_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +148,30 @@ def test_datamodule_reads_the_cache_and_refuses_a_mismatch(cache):
     ds = LatentCacheTrain(resolve_source(cache), RES, MaskGenerator(RES), 8, encoder="0123456789abcdef")
     with pytest.raises(LatentCacheError, match="0123456789abcdef"):
         collect(ds, 1)
+
+
+def write_tar(path, samples):
+    with wds.TarWriter(str(path)) as tar:
+        for sample in samples:
+            tar.write(sample)
+    return str(path)
+
+
+def test_unreadable_first_shards_and_broken_json_are_errors_naming_the_shard(cache, tmp_path):
+    garbage = tmp_path / "garbage-000000.tar"
+    garbage.write_bytes(b"not a tar file" * 100)
+    empty = write_tar(tmp_path / "empty-000000.tar", [])
+    for url in (str(garbage), empty):  # the source's kind is unknown: never read as image shards
+        with pytest.raises(LatentCacheError, match=re.escape(url)):
+            is_latent_cache(resolve_source(url))
+    good = read_samples(cache)[0]
+    members = {k: good[k] for k in ("png", "mean.npy", "logvar.npy")}
+    for name, meta, match in (("notjson", b"{resolution: 32", "not JSON"),
+                              ("nokey", json.dumps({"encoder": "x"}).encode(), "'resolution'")):
+        url = write_tar(tmp_path / f"{name}-000000.tar", [{"__key__": "s0", **members, "json": meta}])
+        assert is_latent_cache(resolve_source(url))
+        with pytest.raises(LatentCacheError, match=rf"{re.escape(url)} \(sample s0\).*{match}"):
+            check_cache(resolve_source(url), RES, flip=False)
 
 
 def test_train_py_runs_on_a_cache_and_refuses_another_encoder(cache, tmp_path, capsys):

@@ -18,7 +18,10 @@ from PIL import Image
 from .datasets import ImageMaskTrain, to_sample
 from .images import open_image
 
-CACHE_STREAM = 4  # seed-sequence tag of the cache's crops (datasets: 0-2, evaluation masks: 3)
+# seed-sequence tags of the cache's crops and of its folder order (datasets: 0-2 and 5, evaluation masks: 3).
+# Not one tag: SeedSequence pads entropy shorter than 4 words with zeros, so (seed, tag) == (seed, tag, 0, 0),
+# the ids of image 0's first crop.
+CACHE_STREAM, CACHE_ORDER_STREAM = 4, 6
 CACHE_MEMBERS = ("png", "mean.npy", "logvar.npy", "json")
 
 

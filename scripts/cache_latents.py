@@ -3,17 +3,18 @@
     python scripts/cache_latents.py -c CONFIG [key=value ...] --out DIR [--shard-size 1000] [--crops-per-image 1]
         [--batch-size 16] [--workers N] [--limit N] [--prefix latents]
 
-Reads `data.source` (sample photographs, a folder, or image shards; folder files in a seeded shuffled order,
-as make_shards.py) and builds the frozen encoder as train.py does: `model.vae_ckpt` in any format, null = the
-random init that `seed` gives. Each image gets K square crops drawn as training draws them (data.crop_min_scale,
-data.flip, resized to data.resolution) from (data.seed, image index, k): the same command writes the same
-shards. A sample holds the crop as lossless PNG, the posterior "mean.npy" / "logvar.npy" (float32
+Reads `data.source` (sample photographs, a folder, or image shards; a folder's files in an order shuffled by
+data.seed, shards in their own order) and builds the frozen encoder as train.py does: `model.vae_ckpt` in any
+format, null = the random init that `seed` gives. Each image gets K square crops drawn as training draws them
+(data.crop_min_scale, data.flip, resized to data.resolution) from (data.seed, image index, k): the same command
+writes the same shards. A sample holds the crop as lossless PNG, the posterior "mean.npy" / "logvar.npy" (float32
 (4, R/8, R/8), encoded in fp32 with TF32 off, so a cache does not depend on the GPU it was made on) and
 "json" (crop box in source pixels, flip, source key, resolution, encoder fingerprint). Train on it with
     python train.py -c CONFIG data.source='DIR/latents-{000000..000NNN}.tar' data.flip=false
 A cache made at another resolution or with other encoder weights is refused, naming the file and both values.
 """
 import argparse
+import collections
 import itertools
 import json
 import multiprocessing
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))  # data/ and ldm/ from a checkout
 
 from data.datasets import to_image  # noqa: E402
 from data.images import load_crop  # noqa: E402
-from data.latents import CACHE_STREAM, encoder_fingerprint, is_latent_cache, npy_bytes, png_bytes  # noqa: E402
+from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, encoder_fingerprint, is_latent_cache,  # noqa: E402
+                          npy_bytes, png_bytes)
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import AsymmetricAutoencoderKL, load_into  # noqa: E402
@@ -61,7 +63,7 @@ def source_items(data):
     if is_latent_cache(source):
         raise SystemExit(f"cache_latents: data.source {data.source!r} is already a latent cache")
     if source.kind == "files":
-        order = sample_rng(data.seed, CACHE_STREAM).permutation(len(source.items))
+        order = sample_rng(data.seed, CACHE_ORDER_STREAM).permutation(len(source.items))
         pairs = file_samples([source.items[i] for i in order], source.root)
     else:
         pairs = shard_samples(source.items, lambda name, error: print(f"skipped {name}: {error}", file=sys.stderr))
@@ -80,6 +82,18 @@ def draw_crops(job):
         return index, key, out, None
     except Exception as error:  # corrupt, truncated, not an image: skipped and listed
         return index, key, None, f"{type(error).__name__}: {error}"
+
+
+def in_order(pool, fn, jobs, ahead):
+    """fn(job) for each job, in order, with at most `ahead` jobs in the pool (Pool.imap reads every job at once and
+    queues all finished crops in this process while the encoder is slower)."""
+    in_flight = collections.deque()
+    for job in jobs:
+        in_flight.append(pool.apply_async(fn, (job,)))
+        if len(in_flight) >= ahead:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
 def build_encoder(cfg, device):
@@ -145,7 +159,7 @@ def main(argv=None):
     writer = CacheWriter(vae, fingerprint, cfg, args.out, args.prefix, args.shard_size, args.batch_size)
     skipped = []
     try:
-        results = pool.imap(draw_crops, jobs, chunksize=4) if pool else map(draw_crops, jobs)  # in order
+        results = in_order(pool, draw_crops, jobs, 4 * args.workers) if pool else map(draw_crops, jobs)
         for index, key, crops, error in tqdm(results, desc="cache", unit="img", file=sys.stderr):
             if error is None:
                 writer.add(index, key, crops)

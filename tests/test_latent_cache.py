@@ -6,6 +6,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,41 @@ def test_datamodule_reads_the_cache_and_refuses_a_mismatch(cache):
     ds = LatentCacheTrain(resolve_source(cache), RES, MaskGenerator(RES), 8, encoder="0123456789abcdef")
     with pytest.raises(LatentCacheError, match="0123456789abcdef"):
         collect(ds, 1)
+
+
+def test_cache_latents_keeps_few_images_in_flight(tmp_path, monkeypatch):
+    taken, lead = [], []
+
+    def items(data):  # 200 zero-byte images: each worker job fails fast, and is listed as skipped
+        for i in range(200):
+            taken.append(i)
+            yield i, f"img{i}", b""
+
+    def slow_consumer(results, **kwargs):  # the encoder: slower than the workers
+        for n, result in enumerate(results):
+            time.sleep(0.3 if n == 0 else 0.0)
+            lead.append(len(taken) - n - 1)  # images read from the source but not yet consumed
+            yield result
+
+    monkeypatch.setattr(cache_latents, "source_items", items)
+    monkeypatch.setattr(cache_latents, "tqdm", slow_consumer)
+    args = ["-c", str(ROOT / "configs" / "base.yaml"), *TINY, "--out", str(tmp_path), "--workers", "1"]
+    assert cache_latents.main(args) == 1  # nothing readable
+    assert len(lead) == 200 and max(lead) <= 4  # 4 jobs per worker in flight (Pool.imap: all 200 at once)
+
+
+def test_seed_streams_of_data_and_caches_are_distinct():
+    # SeedSequence pads entropy shorter than 4 words with zeros: (seed, tag) is (seed, tag, 0, 0)
+    from data.datasets import LAP_STREAM, ORDER_STREAM, TRAIN_STREAM, VAL_STREAM
+    from data.latents import CACHE_ORDER_STREAM, CACHE_STREAM
+    from data.masks import EVAL_STREAM, sample_rng
+    live = {  # every call's ids at their first values
+        "train sample": (TRAIN_STREAM, 0, 0, 0, 0, 0), "reader buffer": (ORDER_STREAM, 0, 0, 0, 0),
+        "lap order": (LAP_STREAM, 0, 0, 0), "validation": (VAL_STREAM, 0), "eval masks": (EVAL_STREAM, 0),
+        "cache crop": (CACHE_STREAM, 0, 0), "cache order": (CACHE_ORDER_STREAM,),
+    }
+    draws = {name: tuple(sample_rng(0, *ids).integers(2**32, size=4)) for name, ids in live.items()}
+    assert len(set(draws.values())) == len(draws), draws
 
 
 def write_tar(path, samples):

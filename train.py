@@ -107,8 +107,8 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
         except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder
             raise ConfigError(f"model.vae_ckpt: {err}") from None
         warm_keys = [k for k in report.loaded if k.startswith("decoder.")]
-    try:  # built after the VAE: random-init order (hence the demo's numbers) stays as it was
-        perceptual = PerceptualLoss(**cfg.perceptual) if cfg.loss.perceptual_weight > 0 else None
+    try:  # built after the VAE: random-init order (hence the demo's numbers) stays as it was; at
+        perceptual = PerceptualLoss(**cfg.perceptual)  # loss.perceptual_weight=0 validation still reports LPIPS
     except FileNotFoundError as err:  # its weights file: the message names it and where it goes
         raise ConfigError(f"perceptual: {err}") from None
     return AsymmetricDecoderTraining(

@@ -21,6 +21,32 @@ def test_every_config_loads_and_builds_its_autoencoder(path):
     assert len(model.decoder.up[0].block) == cfg.model.autoencoder.num_res_blocks + 1
 
 
+REDUCED = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "model.autoencoder.encoder_ch=32",
+           "model.autoencoder.encoder_num_res_blocks=1", "perceptual.pretrained=false", "discriminator.ndf=8",
+           "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.val_size=2",
+           "model.vae_ckpt=null"]  # the SD weights are the user's file (and of full width)
+
+
+@pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(ROOT / "configs")) for p in ALL])
+def test_every_config_instantiates_and_validates_at_reduced_size(path):
+    """The whole run of each YAML at reduced widths: system, data and masks, one validation batch with LPIPS."""
+    from data import ImageMaskDataModule
+    from train import build_system
+    cfg = load_config(BASE, [path], REDUCED)
+    torch.manual_seed(0)
+    system = build_system(cfg)
+    data = ImageMaskDataModule(**cfg.data)
+    data.setup("fit")
+    batch = next(iter(data.val_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["mask"].shape == (2, 1, 32, 32)
+    system.eval()
+    with torch.no_grad():
+        system.on_validation_epoch_start()
+        system.validation_step(batch, 0)
+    assert {"l1", "psnr_hole", "lpips_whole"} <= set(system.val_sums)  # LPIPS reported whatever its loss weight
+    assert system.vae.decoder.use_condition == cfg.model.autoencoder.use_condition
+
+
 @pytest.mark.parametrize("name,ch,blocks,params", [
     ("x1", 128, 2, 60_276_227), ("x1_5", 192, 3, 160_136_835), ("x2", 256, 5, 371_966_467)])
 def test_width_presets_select_the_paper_widths(name, ch, blocks, params):

@@ -4,7 +4,8 @@
 
 Without --folder/--shards it builds ImageNet-like data in a temporary folder: the bundled sample photos,
 randomly cropped and resized to 500 px on the long side (ImageNet's typical 500x375), saved as JPEG
-(quality 90), and the same files packed as webdataset shards. The loop is a DataLoader with
+(quality 90), and the same files packed as webdataset shards by make_shards.py's writer (a --folder is
+searched recursively, as training does). The loop is a DataLoader with
 num_workers=0 and one torch thread, i.e. the work each DataLoader worker does (decode, crop, resize,
 flip, mask, tensor conversion, collation). Masks: the paper's recipe (p_full 0.5, thick/medium/thin).
 Each source is timed in 3 rounds; the best round is reported (other processes only slow rounds down).
@@ -16,11 +17,10 @@ import time
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader
+from make_shards import prefix_range, write_shards
 
-from data import ImageMaskTrain, MaskGenerator, resolve_source, sample_image_files
+from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
 
 
 def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):
@@ -45,22 +45,20 @@ def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):
 
 
 def make_shards(folder, out_dir, per_shard=24):
-    """The folder's files, bytes unchanged, as shards; returns the brace pattern."""
-    files = sorted(os.listdir(folder))
-    pattern = os.path.join(out_dir, "bench-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as writer:
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as f:
-                writer.write({"__key__": os.path.splitext(name)[0], "jpg": f.read()})
-        last = writer.shard - 1
-    return os.path.join(out_dir, f"bench-{{000000..{last:06d}}}.tar")
+    """The folder's image files (recursively, sorted), bytes unchanged, as shards; returns the brace pattern."""
+    written, shards, _skipped = write_shards(list_image_files(folder), folder, out_dir, per_shard, "bench")
+    if not written:
+        raise SystemExit(f"benchmark_data: no readable image under {folder!r}")
+    return os.path.join(out_dir, prefix_range("bench", shards - 1))
 
 
 def samples_per_second(source, resolution, n_samples, rounds=3, batch_size=32):
-    """Samples/s of one process producing collated batches from `source`: each round's rate."""
+    """Samples/s of one process producing collated batches from `source` (n_samples rounded up to whole
+    batches): each round's rate."""
+    n_batches = -(-n_samples // batch_size) + 2  # + 2 warm-up batches
     dataset = ImageMaskTrain(resolve_source(source), resolution, MaskGenerator(resolution, p_full=0.5),
-                             length=n_samples + 2 * batch_size, batch_size=batch_size, shuffle_buffer=100)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0)
+                             length=n_batches * batch_size, batch_size=batch_size, shuffle_buffer=100)
+    loader = EpochLoader(dataset, batch_size=batch_size, num_workers=0)  # each round another epoch's stream
     rates = []
     for _ in range(rounds):  # best of several rounds: other processes on the machine only slow a round down
         batches = iter(loader)
@@ -74,8 +72,12 @@ def samples_per_second(source, resolution, n_samples, rounds=3, batch_size=32):
 
 
 def describe_jpegs(folder):
-    sizes = [Image.open(os.path.join(folder, f)).size for f in os.listdir(folder)]
-    kb = np.mean([os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)]) / 1024
+    files = list_image_files(folder)
+    sizes = []
+    for path in files:
+        with Image.open(path) as img:
+            sizes.append(img.size)
+    kb = np.mean([os.path.getsize(path) for path in files]) / 1024
     width, height = np.mean(sizes, axis=0)
     return f"{len(sizes)} JPEGs, mean {width:.0f}x{height:.0f} px, {kb:.0f} KB"
 
@@ -83,7 +85,8 @@ def describe_jpegs(folder):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--samples", type=int, default=1024, help="samples timed per round (3 rounds per source)")
+    parser.add_argument("--samples", type=int, default=1024,
+                        help="samples timed per round, rounded up to batches of 32 (3 rounds per source)")
     parser.add_argument("--folder", help="benchmark this image folder instead of the generated one")
     parser.add_argument("--shards", help="benchmark these shards (pattern/URL) instead of the generated ones")
     args = parser.parse_args()

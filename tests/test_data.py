@@ -126,14 +126,19 @@ def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_fo
         collect(train)
 
 
-def make_shards(src, out, *extra):
-    """Run scripts/make_shards.py's main in this process (a subprocess would re-import torch: ~10 s)."""
-    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "scripts" / "make_shards.py")
+def load_script(name):
+    """scripts/<name>.py as a module, in this process (a subprocess would re-import torch: ~10 s)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def make_shards(src, out, *extra):
+    """Run scripts/make_shards.py's main; returns what it prints."""
     out_text = io.StringIO()
     with contextlib.redirect_stdout(out_text):
-        assert script.main([str(src), str(out), *extra]) == 0
+        assert load_script("make_shards").main([str(src), str(out), *extra]) == 0
     return out_text.getvalue()
 
 
@@ -156,6 +161,20 @@ def shard_set(tmp_path):
         photo(48 + 4 * i, 40, i).save(src / f"img{i:02d}.jpg", quality=90)
     out = make_shards(src, tmp_path / "shards", "--shard-size", "4")
     return out.strip().splitlines()[-1].split("source: ")[1]
+
+
+def test_benchmark_data_reads_nested_folders_and_any_sample_count(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when run: it imports make_shards
+    bench = load_script("benchmark_data")
+    for i, sub in enumerate(["a", "a/b", "c"]):
+        (tmp_path / "src" / sub).mkdir(parents=True, exist_ok=True)
+        photo(40, 30, i).save(tmp_path / "src" / sub / f"{i}.jpg", quality=90)
+    pattern = bench.make_shards(str(tmp_path / "src"), str(tmp_path), per_shard=2)
+    keys = [k.split("/", 1)[1] for k, _ in shard_samples(resolve_source(pattern).items, pytest.fail)]
+    assert pattern.endswith("bench-{000000..000001}.tar") and keys == ["a/0", "a/b/1", "c/2"]
+    assert bench.describe_jpegs(str(tmp_path / "src")).startswith("3 JPEGs, mean 40x30 px")
+    rates = bench.samples_per_second(pattern, 16, 5, rounds=2, batch_size=4)  # 5 samples: 2 batches of 4
+    assert len(rates) == 2 and min(rates) > 0
 
 
 def test_validation_sees_every_sample_once_over_2_ranks_x_2_workers(shard_set):

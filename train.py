@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import CSVLogger
@@ -24,7 +25,8 @@ from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
 from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
-from ldm.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_readable_checkpoint, remove_partial_saves
+from ldm.checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
+                               remove_partial_saves)
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss
@@ -56,6 +58,10 @@ def resolve_resume(resume, run_dir: Path):
     if resume != "auto":
         if not Path(resume).is_file():
             raise ConfigError(f"--resume: checkpoint not found: {resume}")
+        try:
+            checkpoint_step(resume)
+        except Exception as err:  # truncated, not a Lightning checkpoint
+            raise ConfigError(f"--resume: unreadable checkpoint {resume} ({str(err).splitlines()[0][:160]})") from None
         return resume
     ckpt_dir = run_dir / "checkpoints"
     best, skipped = newest_readable_checkpoint(ckpt_dir, hpc_dir=run_dir)
@@ -69,6 +75,30 @@ def resolve_resume(resume, run_dir: Path):
     if best is None and skipped:
         raise ConfigError(f"--resume auto: no readable checkpoint in {ckpt_dir} ({len(skipped)} unreadable)")
     return None if best is None else str(best)
+
+
+def _flat(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def check_resume_config(cfg, resume) -> None:
+    """The run resumes with the checkpoint's model: a changed model.* key is an error naming it; other changes
+    (trainer.max_steps to extend a run, data paths, logging) are allowed and listed."""
+    saved = torch.load(resume, map_location="cpu", mmap=True, weights_only=False).get("config")
+    if not isinstance(saved, dict):
+        return  # not written by train.py: nothing to compare
+    old, new = _flat(saved), _flat(to_container(cfg))
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+    for key in changed:
+        if key.startswith("model."):
+            raise ConfigError(f"--resume {resume}: {key} was {old.get(key, '(absent)')!r} in that run, now "
+                              f"{new.get(key, '(absent)')!r}; resume with the run's config (-c <run>/config.yaml)")
+    if changed and is_rank_zero():
+        print("resuming with changed config: " + ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> "
+                                                          f"{new.get(k, '(absent)')!r}" for k in changed),
+              file=sys.stderr)
 
 
 def check_inputs(cfg) -> None:
@@ -160,7 +190,6 @@ def _several_processes(kwargs) -> bool:
     devices = kwargs.get("devices", "auto")
     many = devices not in ("auto", 1, "1", [0]) and not (isinstance(devices, list) and len(devices) == 1)
     if devices == "auto":
-        import torch
         many = torch.cuda.device_count() > 1
     return many or int(kwargs.get("num_nodes", 1)) > 1
 
@@ -180,6 +209,8 @@ def fit(argv=None, extra_callbacks=()) -> None:
     name = args.name or Path(files[-1]).stem
     run_dir = Path(cfg.run.log_dir) / name
     resume = resolve_resume(args.resume, run_dir)
+    if resume is not None:
+        check_resume_config(cfg, resume)
     if is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists():
         if not cfg.run.overwrite:
             raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "

@@ -63,9 +63,16 @@ def test_resume_restores_every_state(tmp_path):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["config"]["model"]["autoencoder"]["ch"] == 32
     assert not any(k.startswith("perceptual.") for k in ckpt["state_dict"])
+    bad = run_train(tmp_path, "trainer.max_steps=5", *common, "model.autoencoder.num_res_blocks=2", resume="auto",
+                    check=False)
+    assert bad.returncode == 2 and "model.autoencoder.num_res_blocks was 1 in that run, now 2" in bad.stderr
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
+    bad = run_train(tmp_path, *common, resume=str(tmp_path / "garbage.ckpt"), check=False)
+    assert bad.returncode == 2 and "unreadable checkpoint" in bad.stderr and "Traceback" not in bad.stderr
     probe = tmp_path / "probe.pt"
-    run_train(tmp_path, "trainer.max_steps=5", *common, f"+probe={probe}", resume="auto",
-              script="tests/resume_probe.py")
+    proc = run_train(tmp_path, "trainer.max_steps=5", *common, f"+probe={probe}", resume="auto",
+                     script="tests/resume_probe.py")
+    assert "resuming with changed config: trainer.max_steps: 3 -> 5" in proc.stderr
     seen = torch.load(probe, weights_only=False)
     assert seen["global_step"] == 3
     for name in ("optimizer_states", "lr_schedulers"):

@@ -204,11 +204,14 @@ def load_mask_files(paths, resolution=None):
     Colour or grey files are thresholded at 50 % grey; with `resolution` they are resized (nearest).
     """
     if isinstance(paths, (str, Path)) and Path(paths).is_dir():
-        paths = sorted(p for p in Path(paths).rglob("*") if p.suffix.lower() in MASK_SUFFIXES)
+        folder = paths
+        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in MASK_SUFFIXES)
+        if not paths:
+            raise FileNotFoundError(f"no mask files ({', '.join(sorted(MASK_SUFFIXES))}) under {str(folder)!r}")
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
-        raise FileNotFoundError("no mask files found")
+        raise FileNotFoundError("no mask files: the list of mask paths is empty")
     masks = []
     for path in paths:
         with Image.open(path) as img:

@@ -137,3 +137,12 @@ def test_load_mask_files_white_is_hole_and_resizes(tmp_path):
     mask = load_mask_files(tmp_path / "m.png")
     assert mask.shape == (1, 1, 40, 40) and mask.sum() == 200 and mask[0, 0, 15, 15] == 1 and mask[0, 0, 0, 0] == 0
     assert load_mask_files([tmp_path / "m.png"], resolution=80).sum() == 800
+
+
+def test_load_mask_files_errors_name_the_folder(tmp_path):
+    (tmp_path / "masks_here").mkdir()
+    (tmp_path / "masks_here" / "notes.txt").write_text("not a mask")
+    with pytest.raises(FileNotFoundError, match="masks_here"):
+        load_mask_files(tmp_path / "masks_here")
+    with pytest.raises(FileNotFoundError, match="empty"):
+        load_mask_files([])

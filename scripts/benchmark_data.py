@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from make_shards import prefix_range, write_shards
 
 from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
+from make_shards import prefix_range, write_shards  # the sibling script (scripts/ is on the path when run)
 
 
 def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):

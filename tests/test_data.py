@@ -268,7 +268,8 @@ def test_shards_are_split_over_readers(shard_set, monkeypatch):
         return KeysOnly(source, RES, MaskGenerator(RES), length=2, rank=rank, world_size=3, batch_size=2,
                         shuffle_buffer=1)
 
-    firsts = {rank: {k.split("/")[0] for k in keys} for (rank, _), keys in every_reader(monkeypatch, 3, 1, make).items()}
+    readers = every_reader(monkeypatch, 3, 1, make)
+    firsts = {rank: {key.split("/")[0] for key in keys} for (rank, _), keys in readers.items()}
     assert all(len(shards) == 1 for shards in firsts.values())  # 2 samples of one shard (shards hold 4, 4, 2)
     assert set.union(*firsts.values()) == {Path(u).name for u in source.items}
 

@@ -125,11 +125,11 @@ class ImageMaskTrain(IterableDataset):
         worker, num_workers = worker_slot()
         epoch, step = self._pass[:]
         ids = (self.rank, worker, epoch, step)
-        order_rng = sample_rng(self.seed, ORDER_STREAM, *ids)  # this reader's shuffle buffer
+        buffer_rng = sample_rng(self.seed, ORDER_STREAM, *ids)  # this reader's shard shuffle buffer
         give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
         misses, index = 0, 0
         todo = self._worker_length(worker, num_workers)
-        stream = self._raw_stream(self._dealt(epoch, step, *reader_slot(self.rank, self.world_size)), order_rng)
+        stream = self._raw_stream(self._dealt(epoch, step, *reader_slot(self.rank, self.world_size)), buffer_rng)
         while todo > 0:
             misses += 1
             if misses > give_up:

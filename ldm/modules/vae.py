@@ -135,8 +135,9 @@ class ConditionEncoder(nn.Module):
 
     def __init__(self, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 4), in_channels: int = 3):
         super().__init__()
-        # one feature per decoder injection point: up.i's input width at H/2^i, then up.0's output width
-        # ((1,2,4,4): ch, 2ch, 4ch, 4ch, 4ch as the official branch)
+        # one feature per decoder injection point: widths[0] is up.0's output (blended before norm_out);
+        # widths[n], n >= 1, feeds up.(n-1)'s input, i.e. up.n's output (the mid block's for n = len(ch_mult)).
+        # (1,2,4,4): ch, 2ch, 4ch, 4ch, 4ch, as the official branch
         widths = [ch * m for m in ch_mult] + [ch * ch_mult[-1]]
         layers, c_in = [], in_channels
         for n, c_out in enumerate(widths):
@@ -196,8 +197,9 @@ class AsymmetricDecoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
-        # named `encoder` like the official checkpoints (diffusers: `condition_encoder`)
-        self.encoder = ConditionEncoder(ch, ch_mult, out_channels) if use_condition else None
+        # named `encoder` like the official checkpoints (diffusers: `condition_encoder`); its input is the
+        # masked image, which has the output's channels
+        self.encoder = ConditionEncoder(ch, ch_mult, in_channels=out_channels) if use_condition else None
         self.blend = Blend()
 
     @property

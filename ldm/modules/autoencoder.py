@@ -66,13 +66,6 @@ class AsymmetricAutoencoderKL(nn.Module):
             return self.decoder(h)
         return self.decoder(h, (1 - mask) * image, mask)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
-        """Reconstruct x (conditioned on the known region of x when a mask is given)."""
-        posterior = self.encode(x)
-        z = posterior.sample() if sample_posterior else posterior.mode()
-        return self.decode(z, x if mask is not None else None, mask), posterior
-
     def _check_condition(self, z, image, mask, check_values):
         """Validate shapes (and, optionally, mask values); broadcast batch-1 image/mask to z's batch."""
         f = self.downsample_factor

@@ -107,7 +107,6 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 level.block.append(ResnetBlock(block_in, ch * mult))
                 block_in = ch * mult
-            level.attn = nn.ModuleList()  # empty: SD has no attention in the down path
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
             self.down.append(level)
@@ -190,7 +189,6 @@ class AsymmetricDecoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 level.block.append(ResnetBlock(block_in, ch * ch_mult[i]))
                 block_in = ch * ch_mult[i]
-            level.attn = nn.ModuleList()  # empty: no attention in the up path
             if i != 0:
                 level.upsample = Upsample(block_in)
             up.insert(0, level)
@@ -244,7 +242,6 @@ class DiagonalGaussianDistribution:
         self.mean, logvar = torch.chunk(moments, 2, dim=1)
         self.logvar = torch.clamp(logvar, -30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
@@ -252,7 +249,3 @@ class DiagonalGaussianDistribution:
 
     def mode(self) -> torch.Tensor:
         return self.mean
-
-    def kl(self) -> torch.Tensor:
-        """KL to N(0, I) per sample, (B,)."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])

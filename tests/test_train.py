@@ -231,3 +231,43 @@ def test_only_the_decoder_trains_and_its_warm_started_weights_get_the_scaled_lr(
     assert sorted(fresh + warm) == sorted(n for n, _ in system.vae.decoder.named_parameters(prefix="decoder"))
     assert not any(p.requires_grad for n, p in system.vae.named_parameters() if not n.startswith("decoder."))
     assert {id(p) for g in opt_d.param_groups for p in g["params"]} == {id(p) for p in system.discriminator.parameters()}
+
+
+def test_accumulated_micro_batches_step_as_their_whole_batch_across_epochs():
+    """optim.accumulate_grad_batches=2 over micro-batches of 1 steps with the gradients of batches of 2, counted
+    over the run: with 3 micro-batches per epoch the second step takes the last of epoch 1 and the first of epoch
+    2. lr 0 (the weights stay, so both steps' gradients depend on the data alone), GAN off and the posterior mean:
+    nothing depends on how a batch is split (GroupNorm is per sample)."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from ldm.config import load_config
+    from train import build_system
+    g = torch.Generator().manual_seed(0)
+    micro = [{"image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
+              "mask": (torch.rand(1, 1, 32, 32, generator=g) < 0.5).float()} for _ in range(3)]
+    whole = [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in ((micro[0], micro[1]), (micro[2], micro[0]))]
+
+    class DecoderGrads(pl.Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if optimizer is trainer.optimizers[0]:
+                self.steps.append(torch.cat([p.grad.flatten() for p in pl_module.vae.decoder.parameters()]))
+
+    def train(batches, batch_size, accumulate):
+        cfg = load_config(ROOT / "configs" / "base.yaml", [], [
+            *TINY, f"data.batch_size={batch_size}", f"optim.accumulate_grad_batches={accumulate}",
+            "optim.base_lr=0", "model.sample_posterior=false", "loss.disc_start=1000"])
+        torch.manual_seed(0)
+        grads = DecoderGrads()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                             limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[grads])
+        trainer.fit(build_system(cfg), train_dataloaders=DataLoader(batches, batch_size=None))
+        assert trainer.global_step == 2 and len(grads.steps) == 2
+        return grads.steps
+
+    for ours, want in zip(train(micro, 1, 2), train(whole, 2, 1)):
+        assert (ours - want).norm() < 1e-4 * want.norm()  # fp32 sums in another order

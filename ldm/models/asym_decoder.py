@@ -1,4 +1,5 @@
 """The training recipe: frozen SD encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN."""
+import contextlib
 import math
 import re
 from collections import deque
@@ -170,7 +171,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             terms.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
         # one backward: the decoder receives grad (L1 + LPIPS + weighted GAN), the discriminator d_loss only
         surrogate = (recon.float() * grad).sum() + (d_loss if gan_on else 0.0)
-        self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, batch_idx, gan_on, terms)
+        self.optimizer_update(surrogate / self.optim_cfg.accumulate_grad_batches, gan_on, terms)
         # No host sync for logging: device tensors go to the logger, which reads them every log_every_n_steps;
         # what Lightning reads every batch (the progress bar) or would copy to the device (a Python number:
         # torch.tensor(x, device=...) waits for the queue) is a CPU tensor.
@@ -196,7 +197,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
                                      l2_weight=c.l2_weight, perceptual_weight=c.perceptual_weight,
                                      hole_weight=c.hole_weight, known_weight=c.known_weight)
 
-    def optimizer_update(self, loss, batch_idx, gan_on, terms):
+    def optimizer_update(self, loss, gan_on, terms):
         """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator.
 
         A step whose loss terms or gradients are not finite changes no weights and is counted. With fused Adam
@@ -206,9 +207,12 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         loss scaling. Otherwise (optim.fused=false, 16-mixed) the host waits for the check and skips the step.
         """
         opt_g, opt_d = self.optimizers()
-        self.manual_backward(loss)
-        if (batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
+        # micro-batches counted over the whole run (batch_idx restarts each epoch); DDP reduces the last one's only
+        if (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
+            with getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)():
+                self.manual_backward(loss)
             return
+        self.manual_backward(loss)
         bad, check, names = self.finite_check(terms)
         on_device = self.skips_on_device(opt_g, opt_d)
         if on_device:

@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from torchvision.utils import make_grid
 
-from .metrics import AREA_EDGES, area_buckets, nanmean_by_bucket, nanmean_dict, paste_back, region_metrics, save_grid
+from .metrics import bucket_labels, concat_dicts, nanmean_by_bucket, nanmean_dict, paste_back, region_metrics, save_grid
 
 OUTPUTS = ("raw", "pasted")  # the decoder output itself, and it pasted into the original through the mask
 ALL = "all"  # the bucket name of the overall means
-BUCKETS = area_buckets(torch.tensor([(lo + hi) / 2 for lo, hi in zip(AREA_EDGES[:-1], AREA_EDGES[1:])]))
+BUCKETS = bucket_labels()  # the mask-area buckets, in order: '0-10%', ..., '60-100%'
 # (key, column title, format); the order of the markdown columns
 COLUMNS = [("fid", "FID", "{:.2f}"), ("lpips_whole", "LPIPS", "{:.4f}"), ("lpips_known", "LPIPS known", "{:.4f}"),
            ("lpips_hole", "LPIPS hole", "{:.4f}"), ("psnr_whole", "PSNR", "{:.2f}"),
@@ -120,24 +120,20 @@ class Records:
     """Per-sample metrics of every (decoder, output), kept with the samples' source indices."""
 
     def __init__(self):
-        self.batches = {}  # (decoder, output) -> list of {metric: (B,)} with "index"
+        self.batches = {}  # (decoder, output) -> list of {metric: (B,)}
+        self.indices = {}  # (decoder, output) -> list of (B,) source indices (apart: concat_dicts makes float32)
 
     def add(self, key, metrics: dict, index: torch.Tensor) -> None:
-        self.batches.setdefault(key, []).append({**{k: v.cpu() for k, v in metrics.items()}, "index": index.cpu()})
+        self.batches.setdefault(key, []).append({k: v.cpu() for k, v in metrics.items()})
+        self.indices.setdefault(key, []).append(index.cpu())
 
     def summary(self) -> dict:
         """{decoder: {output: {bucket: {metric: value}}}}; bucket "all" and each non-empty area bucket, with n."""
         out = {}
         for (name, output), batches in self.batches.items():
-            merged = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-            order = torch.argsort(merged.pop("index"))  # source order: results do not depend on loader order
-            merged = {k: v[order] for k, v in merged.items()}
-            table = {ALL: {**nanmean_dict([merged]), "n": float(len(order))}}
-            counts = {}
-            for label in area_buckets(merged["mask_area"]):
-                counts[label] = counts.get(label, 0) + 1
-            for label, means in nanmean_by_bucket([merged]).items():
-                table[label] = {**means, "n": float(counts[label])}
+            order = torch.argsort(torch.cat(self.indices[name, output]))  # source order, whatever the loader's
+            merged = {k: v[order] for k, v in concat_dicts(batches).items()}
+            table = {ALL: {**nanmean_dict([merged]), "n": float(len(order))}, **nanmean_by_bucket([merged])}
             out.setdefault(name, {})[output] = table
         return out
 

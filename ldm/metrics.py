@@ -137,9 +137,9 @@ def nanmean_dict(batches):
     return {k: torch.nanmean(v).item() for k, v in concat_dicts(batches).items()}
 
 
-def _bucket_label(lo, hi):
-    """'10-20%' for (0.1, 0.2)."""
-    return f"{round(lo * 100):g}-{round(hi * 100):g}%"
+def bucket_labels(edges=AREA_EDGES):
+    """One label per bucket, in order: '10-20%' for the bucket [0.1, 0.2)."""
+    return [f"{round(lo * 100):g}-{round(hi * 100):g}%" for lo, hi in zip(edges[:-1], edges[1:])]
 
 
 def area_buckets(mask_area, edges=AREA_EDGES):
@@ -155,19 +155,21 @@ def area_buckets(mask_area, edges=AREA_EDGES):
     # inner edges in the area's own dtype, so a float32 area of 0.7 matches an edge of 0.7
     inner = torch.tensor(edges[1:-1], dtype=area.dtype if area.is_floating_point() else torch.float64)
     index = torch.bucketize(area.to(inner.dtype), inner, right=True)  # i: edges[i] <= a < edges[i+1]
-    labels = [_bucket_label(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]
+    labels = bucket_labels(edges)
     return [labels[i] for i in index.tolist()]
 
 
 def nanmean_by_bucket(batches, edges=AREA_EDGES):
-    """{bucket label: {key: nan-mean}} over samples grouped by mask_area; empty buckets are left out."""
+    """{bucket label: {key: nan-mean, ..., "n": sample count}} over samples grouped by mask_area; empty buckets
+    are left out."""
     metrics = concat_dicts(batches)
     labels = area_buckets(metrics["mask_area"], edges)
     out = {}
-    for label in [_bucket_label(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]:
+    for label in bucket_labels(edges):
         keep = torch.tensor([lab == label for lab in labels], dtype=torch.bool)
         if keep.any():
-            out[label] = {k: torch.nanmean(v[keep]).item() for k, v in metrics.items()}
+            out[label] = {**{k: torch.nanmean(v[keep]).item() for k, v in metrics.items()},
+                          "n": float(keep.sum())}
     return out
 
 

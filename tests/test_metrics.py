@@ -10,6 +10,7 @@ from PIL import Image
 
 from ldm.metrics import (
     area_buckets,
+    bucket_labels,
     nanmean_by_bucket,
     nanmean_dict,
     paste_back,
@@ -154,6 +155,11 @@ def test_nanmean_dict_ignores_nan_and_keeps_all_nan():
         nanmean_dict([{"a": torch.ones(1)}, {"b": torch.ones(1)}])
 
 
+def test_bucket_labels():
+    assert bucket_labels() == ["0-10%", "10-20%", "20-30%", "30-40%", "40-50%", "50-60%", "60-100%"]
+    assert bucket_labels((0, 0.7, 1.0)) == ["0-70%", "70-100%"]
+
+
 def test_area_buckets():
     areas = torch.tensor([0.0, 0.05, 0.1, 0.35, 0.59, 0.6, 0.7, 0.99, 1.0])
     assert area_buckets(areas) == [
@@ -173,6 +179,7 @@ def test_nanmean_by_bucket_groups_samples():
     assert list(out) == ["0-10%", "60-100%"]
     assert out["0-10%"]["psnr_whole"] == pytest.approx(20.0)
     assert out["60-100%"]["psnr_whole"] == pytest.approx(20.0)
+    assert (out["0-10%"]["n"], out["60-100%"]["n"]) == (2.0, 1.0)
 
 
 def test_sample_grid_shape_and_panel_order():

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torchvision.utils import make_grid
 
-from .metrics import bucket_labels, concat_dicts, nanmean_by_bucket, nanmean_dict, paste_back, region_metrics, save_grid
+from .metrics import (bucket_labels, concat_dicts, grid_panels, nanmean_by_bucket, nanmean_dict, panel_grid, paste_back,
+                      region_metrics, save_grid)
 
 OUTPUTS = ("raw", "pasted")  # the decoder output itself, and it pasted into the original through the mask
 ALL = "all"  # the bucket name of the overall means
@@ -190,14 +190,9 @@ def grid(shown, n_decoders, error_gain=4.0) -> Optional[torch.Tensor]:
     and |output - image| * error_gain (known-region drift shows there)."""
     if not shown:
         return None
-    tiles = []
-    for _, image, mask, outputs in shown:
-        image01 = (image + 1) / 2  # (3,H,W) in [0,1]
-        tiles += [image01, image01 * (1 - mask) + 0.5 * mask]
-        for out in outputs:
-            tiles += [(out + 1) / 2, ((out - image).abs() / 2 * error_gain).clamp(0, 1)]
-    grid01 = make_grid(torch.stack(tiles), nrow=2 + 2 * n_decoders, padding=2, pad_value=1.0)
-    return (grid01.clamp(0, 1) * 255).round().to(torch.uint8)
+    image, mask = (torch.stack([s[i] for s in shown]) for i in (1, 2))  # (n,3,H,W), (n,1,H,W)
+    outputs = [torch.stack([s[3][d] for s in shown]) for d in range(n_decoders)]  # per decoder (n,3,H,W)
+    return panel_grid(grid_panels(image, mask, outputs, error_gain))
 
 
 # ---- reports ------------------------------------------------------------------------------------------

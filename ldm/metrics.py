@@ -173,6 +173,30 @@ def nanmean_by_bucket(batches, edges=AREA_EDGES):
     return out
 
 
+def _to01(x):
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def grid_panels(image, mask, outputs, error_gain=4.0):
+    """Columns of a comparison grid, each (n,3,H,W) in [0,1]: image, masked image (holes grey), then per output
+    the output and |output - image| * error_gain on the [0,1] scale (known-region drift shows there).
+
+    image and each output (n,3,H,W) in [-1,1]; mask (n,1,H,W) with 1 = hole.
+    """
+    panels = [_to01(image), _to01(image) * (1 - mask) + 0.5 * mask]
+    for out in outputs:
+        panels += [_to01(out), ((out - image).abs() / 2 * error_gain).clamp(0, 1)]
+    return panels
+
+
+def panel_grid(panels):
+    """uint8 (3,H',W') of a list of (n,3,H,W) columns in [0,1]: a row per sample, a column per panel."""
+    tiles = torch.stack(panels, dim=1).flatten(0, 1)  # (n*columns, 3, H, W), sample-major
+    grid = make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)  # (3, H', W') in [0,1]
+    return (grid * 255).round().to(torch.uint8)
+
+
 @torch.no_grad()
 def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
     """uint8 (3, H', W') grid; rows = samples, columns = image, masked image (holes grey),
@@ -183,21 +207,9 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
     m = _check_inputs(recon, image, mask)
     n = min(max_images, image.shape[0])
     image, recon, m = (t[:n].detach().float().cpu() for t in (image, recon, m))
-
-    def to01(x):  # [-1, 1] -> [0, 1]
-        return ((x + 1) / 2).clamp(0, 1)
-
-    panels = [
-        to01(image),
-        to01(image) * (1 - m) + 0.5 * m,  # holes shown mid-grey
-        m.expand(-1, 3, -1, -1),
-        to01(recon),
-        to01(recon * m + image * (1 - m)),
-        ((recon - image).abs() / 2 * error_gain).clamp(0, 1),
-    ]
-    tiles = torch.stack(panels, dim=1).flatten(0, 1)  # (n*6, 3, H, W), sample-major
-    grid = make_grid(tiles, nrow=len(panels), padding=2, pad_value=1.0)  # (3, H', W') in [0,1]
-    return (grid * 255).round().to(torch.uint8)
+    image01, masked, recon01, error = grid_panels(image, m, [recon], error_gain)
+    pasted = _to01(recon * m + image * (1 - m))
+    return panel_grid([image01, masked, m.expand(-1, 3, -1, -1), recon01, pasted, error])
 
 
 def save_grid(grid, path):

@@ -1,4 +1,4 @@
-"""train.py with a callback that saves each rank's first mask batch (for test_train.py's DDP test)."""
+"""train.py with a callback that saves each rank's first mask batch and final weights (for test_train.py's DDP test)."""
 import sys
 
 import pytorch_lightning as pl
@@ -15,6 +15,9 @@ class SaveFirstMasks(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
             torch.save(batch["mask"].cpu(), f"{self.prefix}{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), f"{self.prefix}-weights{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Configs merge over configs/base.yaml in order, then the key=value overrides; wit
 (configs/demo.yaml) runs. The run folder is <run.log_dir>/<name>/ with config.yaml, metrics.csv,
 checkpoints/ and samples/. SIGTERM or SIGUSR1 save last.ckpt at the current step and stop (exit 0);
 `--resume auto` continues from the newest readable checkpoint (put it in SLURM scripts: a no-op at first).
-Exit codes: 2 = a config, file or checkpoint error (one line naming it), 1 = the loss stayed non-finite.
+Exit codes: 2 = a config, file or checkpoint error (one line naming it), 3 = the loss stayed non-finite
+(1: any other failure, with its traceback).
 """
 import argparse
 import os
@@ -35,6 +36,9 @@ ROOT = Path(__file__).resolve().parent
 # expected here: the frozen encoder and LPIPS stay in eval mode; manual optimisation checkpoints post-step
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+# configure_model only compiles (shards nothing); validation metrics are reduced over ranks before they are logged
+warnings.filterwarnings("ignore", message=r".*WeightAveraging doesn't support sharding.*")
+warnings.filterwarnings("ignore", message=r".*recommended to use `self.log\(.*sync_dist=True`.*")
 
 
 def parse_args(argv=None):
@@ -229,7 +233,7 @@ def fit(argv=None, extra_callbacks=()) -> None:
 
 
 def main(argv=None, extra_callbacks=()) -> int:
-    """Exit code of a run: 0 done (or stopped by a signal, checkpoint saved), 2 config error, 1 non-finite loss."""
+    """Exit code of a run: 0 done (or stopped by a signal, checkpoint saved), 2 config error, 3 non-finite loss."""
     try:
         fit(argv, extra_callbacks)
     except (ConfigError, LatentCacheError) as err:
@@ -237,7 +241,7 @@ def main(argv=None, extra_callbacks=()) -> int:
         return 2
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 3
     return 0
 
 

@@ -16,7 +16,7 @@ class SampleGrids(pl.Callback):
         self.out_dir, self.max_images = Path(out_dir), max_images
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        example = getattr(pl_module, "val_example", None)
+        example = pl_module.val_example
         if example is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         image, recon, mask = (t.float().cpu() for t in example)

@@ -24,6 +24,7 @@ def test_fp16_scaler_updates_once_per_step_and_steps_both_networks():
     update = scaler.update
     scaler.update = lambda *a, **k: (updates.append(scaler.get_scale()), update(*a, **k))[1]
     before = [p.detach().clone() for p in system.discriminator.parameters()]
+    conv_out = system.vae.decoder.conv_out.weight.detach().clone()
     image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
@@ -32,4 +33,5 @@ def test_fp16_scaler_updates_once_per_step_and_steps_both_networks():
     assert trainer.global_step == 3  # decoder steps only: the discriminator's step does not count
     assert len(updates) == 3  # one update per backward, after both optimisers (two would rescale between them)
     assert any(not torch.equal(a, b) for a, b in zip(before, system.discriminator.parameters()))
+    assert not torch.equal(conv_out, system.vae.decoder.conv_out.weight)  # the scaler did not skip every step
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -94,13 +94,13 @@ class AsymmetricDecoderTraining(pl.LightningModule):
     """Trains `vae.decoder` with one decoder forward per batch; encoder, quant_conv and post_quant_conv stay frozen."""
 
     def __init__(self, vae: AsymmetricAutoencoderKL, discriminator: nn.Module, perceptual: Optional[nn.Module],
-                 loss: LossConfig = LossConfig(), optim: OptimConfig = OptimConfig(), batch_size: int = 1,
+                 loss: Optional[LossConfig] = None, optim: Optional[OptimConfig] = None, batch_size: int = 1,
                  sample_posterior: bool = True, warm_start_keys: Iterable[str] = (), channels_last: bool = False,
                  compile: Union[bool, str, None] = None, run_config: Optional[dict] = None):
         super().__init__()
         self.automatic_optimization = False
         self.vae, self.discriminator, self.perceptual = vae, discriminator, perceptual
-        self.loss_cfg, self.optim_cfg = loss, optim
+        self.loss_cfg, self.optim_cfg = loss or LossConfig(), optim or OptimConfig()
         self.batch_size, self.sample_posterior = batch_size, sample_posterior
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
         if perceptual is not None:
@@ -112,6 +112,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         if channels_last:
             self.to(memory_format=torch.channels_last)
         self.val_sums = {}
+        self.val_example = None  # (image, recon, mask) of the first validation batch, for SampleGrids
         self.skipped_nonfinite = 0  # optimiser steps skipped for a non-finite loss or gradient, in all
         self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
         self.host_loss = None  # the loss of the last finite check read, for the progress bar

@@ -87,22 +87,35 @@ def _flat(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
 
 
-def check_resume_config(cfg, resume) -> None:
-    """The run resumes with the checkpoint's model: a changed model.* key is an error naming it; other changes
-    (trainer.max_steps to extend a run, data paths, logging) are allowed and listed."""
-    saved = torch.load(resume, map_location="cpu", mmap=True, weights_only=False).get("config")
-    if not isinstance(saved, dict):
-        return  # not written by train.py: nothing to compare
-    old, new = _flat(saved), _flat(to_container(cfg))
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
-    for key in changed:
-        if key.startswith("model."):
-            raise ConfigError(f"--resume {resume}: {key} was {old.get(key, '(absent)')!r} in that run, now "
-                              f"{new.get(key, '(absent)')!r}; resume with the run's config (-c <run>/config.yaml)")
-    if changed and is_rank_zero():
-        print("resuming with changed config: " + ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> "
-                                                          f"{new.get(k, '(absent)')!r}" for k in changed),
-              file=sys.stderr)
+SHAPING = ("model.autoencoder.", "discriminator.")  # config keys that shape the saved weights
+
+
+def check_resume(cfg, system, resume, hint) -> None:
+    """The run resumes the checkpoint's networks and optimiser state: a changed key that shapes their weights
+    (model.autoencoder.* but gradient_checkpointing, discriminator.*), or other trained tensors than the
+    checkpoint's optimiser holds, is an error naming it; other changes (a larger trainer.max_steps, data
+    paths, model.compile) are listed."""
+    ckpt = torch.load(resume, map_location="cpu", mmap=True, weights_only=False)
+    saved = ckpt.get("config")
+    if isinstance(saved, dict):  # written by train.py
+        old, new = _flat(saved), _flat(to_container(cfg))
+        changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
+        for key in changed:
+            if key.startswith(SHAPING) and key != "model.autoencoder.gradient_checkpointing":
+                raise ConfigError(f"--resume {resume}: {key} was {old.get(key, '(absent)')!r} in that run, now "
+                                  f"{new.get(key, '(absent)')!r}; {hint}")
+        if changed and is_rank_zero():
+            print("resuming with changed config: " + ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> "
+                                                              f"{new.get(k, '(absent)')!r}" for k in changed),
+                  file=sys.stderr)
+    groups = [len(g["params"]) for g in (ckpt.get("optimizer_states") or [{}])[0].get("param_groups", [])]
+    trained = [name for name, p in system.vae.named_parameters() if p.requires_grad]
+    warm = sum(name in system.warm_start_keys for name in trained)
+    want = [len(trained) - warm] + ([warm] if warm else [])  # configure_optimizers' groups: fresh, warm
+    if groups and groups != want:
+        raise ConfigError(f"--resume {resume}: its decoder optimiser's groups hold {groups} tensors, this run "
+                          f"trains {want} (a checkpoint from before post_quant_conv was frozen? see CHANGELOG.md; "
+                          f"its weights still export and evaluate)")
 
 
 def check_inputs(cfg) -> None:
@@ -213,19 +226,21 @@ def fit(argv=None, extra_callbacks=()) -> None:
     name = args.name or Path(files[-1]).stem
     run_dir = Path(cfg.run.log_dir) / name
     resume = resolve_resume(args.resume, run_dir)
-    if resume is not None:
-        check_resume_config(cfg, resume)
-    if is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists():
-        if not cfg.run.overwrite:
-            raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
-                              f"--name NAME for a new run, or run.overwrite=true to start over")
-        clear_checkpoints(run_dir)  # else --resume auto would later pick the old run's newest step
+    start_over = is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists()
+    if start_over and not cfg.run.overwrite:
+        raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
+                          f"--name NAME for a new run, or run.overwrite=true to start over")
     check_inputs(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     system = build_system(cfg)
+    if resume is not None:
+        check_resume(cfg, system, resume, hint=f"resume with that run's config: -c {run_dir / 'config.yaml'} "
+                                               f"--name {name}")
     # a latent cache (scripts/cache_latents.py) must come from this run's frozen encoder
     datamodule = ImageMaskDataModule(**cfg.data, encoder_fingerprint=encoder_fingerprint(system.vae))
     trainer = build_trainer(cfg, run_dir, name, extra_callbacks)
+    if start_over:  # only now that everything is built: a config error must not cost the old run
+        clear_checkpoints(run_dir)  # else --resume auto would later pick the old run's newest step
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

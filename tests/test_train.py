@@ -66,6 +66,12 @@ def test_resume_restores_every_state(tmp_path):
     bad = run_train(tmp_path, "trainer.max_steps=5", *common, "model.autoencoder.num_res_blocks=2", resume="auto",
                     check=False)
     assert bad.returncode == 2 and "model.autoencoder.num_res_blocks was 1 in that run, now 2" in bad.stderr
+    assert "--name run" in bad.stderr  # the hint resumes this run, not one named after config.yaml
+    old = dict(ckpt, optimizer_states=[dict(ckpt["optimizer_states"][0], param_groups=[
+        dict(g, params=[*g["params"], 10**6]) for g in ckpt["optimizer_states"][0]["param_groups"]])])
+    torch.save(old, tmp_path / "old.ckpt")  # as from before post_quant_conv was frozen: a tensor more per group
+    bad = run_train(tmp_path, *common, resume=str(tmp_path / "old.ckpt"), check=False)
+    assert bad.returncode == 2 and "decoder optimiser's groups hold" in bad.stderr, bad.stderr[-2000:]
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     bad = run_train(tmp_path, *common, resume=str(tmp_path / "garbage.ckpt"), check=False)
     assert bad.returncode == 2 and "unreadable checkpoint" in bad.stderr and "Traceback" not in bad.stderr
@@ -101,6 +107,8 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
     run_train(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=1")
     proc = run_train(tmp_path, "trainer.max_steps=1", check=False)
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
+    proc = run_train(tmp_path, "run.overwrite=true", "model.vae_ckpt=nowhere.ckpt", check=False)
+    assert proc.returncode == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # kept: bad config
     run_train(tmp_path, "trainer.max_steps=1", "trainer.val_check_interval=1", "run.checkpoint_every_n_steps=1",
               "run.overwrite=true")
     ckpts = tmp_path / "run" / "checkpoints"

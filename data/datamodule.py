@@ -111,9 +111,6 @@ class ImageMaskDataModule(pl.LightningDataModule):
                 self.train_set = ImageMaskTrain(source, self.resolution, masks, batches * self.batch_size,
                                                 flip=self.flip, **kwargs)
         if stage in (None, "fit", "validate") and self.val_set is None:
-            if self.val_size is not None and self.val_size < world:  # a rank without one would hang DDP's reduction
-                raise ValueError(f"data.val_size={self.val_size}: every one of the {world} processes needs a "
-                                 f"validation image; use at least {world}")
             source = resolve_source(self.val_source)
             check_readable(source, self.resolution)
             self.val_set = ImageMaskVal(source, self.resolution, masks, seed=self.seed, rank=rank,

@@ -127,9 +127,12 @@ def test_config_errors_stop_before_any_work(tmp_path):
 def test_two_process_ddp_on_cpu(tmp_path):
     probe = tmp_path / "masks"
     run_train(tmp_path, "trainer.max_steps=2", "trainer.devices=2", "trainer.val_check_interval=2",
-              "run.checkpoint_every_n_steps=1", "loss.disc_start=1", f"+probe={probe}", script="tests/ddp_probe.py")
+              "run.checkpoint_every_n_steps=1", "loss.disc_start=1", "data.val_size=1", f"+probe={probe}",
+              script="tests/ddp_probe.py")  # one validation image: rank 1 has none, and must not hang the reduction
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "last.ckpt" in ckpts and len([c for c in ckpts if c.startswith("step")]) == 2, ckpts
+    rows = val_rows(tmp_path / "run")
+    assert rows and math.isfinite(rows[-1]["val/lpips_whole"])  # rank 0's one image, reduced with rank 1's none
     masks = {r: torch.load(probe.with_name(f"masks{r}.pt")) for r in (0, 1)}
     assert masks[0].shape == masks[1].shape and not torch.equal(masks[0], masks[1])
     weights = [torch.load(probe.with_name(f"masks-weights{r}.pt")) for r in (0, 1)]  # GAN on from step 1

@@ -326,10 +326,13 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.val_sums = {}  # metric name -> (sum, count) of per-sample values on this rank
 
     def on_validation_epoch_end(self):
-        reduce = self.trainer.strategy.reduce
-        for name in sorted(self.val_sums):  # same order on every rank: the reductions pair up
-            total, count = (reduce(torch.as_tensor(t, device=self.device, dtype=torch.float64), reduce_op="sum")
-                            for t in self.val_sums[name])
+        strategy = self.trainer.strategy
+        names = sorted(self.val_sums)  # same order on every rank: the reductions pair up
+        if self.trainer.world_size > 1:  # a rank without validation images has none: rank 0's (it has image 0)
+            names = strategy.broadcast(names, src=0)
+        for name in names:
+            total, count = (strategy.reduce(torch.as_tensor(t, device=self.device, dtype=torch.float64),
+                                            reduce_op="sum") for t in self.val_sums.get(name, (0.0, 0)))
             self.log(f"val/{name}", (total / count).float() if count > 0 else torch.tensor(float("nan")),
                      rank_zero_only=True)
 

@@ -59,7 +59,9 @@ class ImageMaskTrain(IterableDataset):
     All readers (every worker of every rank) deal out one endless sequence of permutations of the
     source's files or shards, drawn from (seed, epoch, step, lap): reader r takes positions r, r + readers,
     ... Each file comes once per lap over all readers, so a pass of world_size * length samples (the
-    number of files) sees each file once; shards are dealt the same way and their samples mixed through
+    number of files) sees each file about once: exactly once when every reader takes the same number
+    (batches per rank divisible by the workers), else the readers with a batch more reach into the next
+    lap while others leave a few unread. Shards are dealt the same way and their samples mixed through
     a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
     """
 
@@ -74,7 +76,8 @@ class ImageMaskTrain(IterableDataset):
         self.batch_size, self.crop_min_scale, self.flip = batch_size, crop_min_scale, flip
         self.shuffle_buffer = shuffle_buffer
         self.skipped = SkipCounter()
-        self._pass = multiprocessing.Array("q", 2)  # (epoch, step) in shared memory: persistent workers see set_epoch
+        # (epoch, step) in shared memory: persistent workers see set_epoch; no lock (only the main process writes)
+        self._pass = multiprocessing.Array("q", 2, lock=False)
 
     def __len__(self):
         return self.length

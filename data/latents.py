@@ -68,26 +68,30 @@ def cache_samples(urls, on_error):
         yield key, sample
 
 
-def is_latent_cache(source) -> bool:
-    """True when the source's first shard sample carries a posterior (a cache from scripts/cache_latents.py).
+def is_latent_cache(source, shards=3) -> bool:
+    """True when the first sample of the source's first readable shard (of its first `shards`) carries a
+    posterior: a cache from scripts/cache_latents.py.
 
-    LatentCacheError, naming the shard, if that shard cannot be read or holds no sample: the source's
-    kind is then unknown, and a cache must not be read as image shards.
+    LatentCacheError, naming them, if none of those shards can be read or holds a sample: the source's kind
+    is then unknown, and a cache must not be read as image shards.
     """
     if source.kind != "shards":
         return False
-    url = source.items[0]
-    samples = wds.tarfile_samples([{"url": url}])
-    try:
-        sample = next(samples, None)
-    except Exception as error:  # unreadable, truncated, not a tar
-        raise LatentCacheError(f"image source {source.name!r}: cannot read its first shard {url} to tell a latent "
-                               f"cache from image shards ({type(error).__name__}: {error})") from error
-    finally:
-        samples.close()
-    if sample is None:
-        raise LatentCacheError(f"image source {source.name!r}: its first shard {url} holds no sample")
-    return "mean.npy" in sample
+    problems = []
+    for url in source.items[:shards]:
+        samples = wds.tarfile_samples([{"url": url}])
+        try:
+            sample = next(samples, None)
+        except Exception as error:  # unreadable, truncated, not a tar
+            problems.append(f"{url}: {type(error).__name__}: {error}")
+            continue
+        finally:
+            samples.close()
+        if sample is not None:
+            return "mean.npy" in sample
+        problems.append(f"{url}: no sample")
+    raise LatentCacheError(f"image source {source.name!r}: no sample in its first shards to tell a latent cache "
+                           f"from image shards ({'; '.join(problems)})")
 
 
 def cache_meta(sample, name):

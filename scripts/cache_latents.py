@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))  # data/ and ldm/ from a checkout
 
 from data.datasets import to_image  # noqa: E402
 from data.images import load_crop  # noqa: E402
-from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, encoder_fingerprint, is_latent_cache,  # noqa: E402
-                          npy_bytes, png_bytes)
+from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, LatentCacheError, encoder_fingerprint,  # noqa: E402
+                          is_latent_cache, npy_bytes, png_bytes)
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import AsymmetricAutoencoderKL, load_into  # noqa: E402
@@ -150,7 +150,11 @@ def main(argv=None):
     cfg = load_config(ROOT / "configs" / "base.yaml", args.config, args.overrides)
     d = cfg.data
     settings = (d.seed, d.resolution, d.crop_min_scale, d.flip, args.crops_per_image)
-    jobs = ((item, settings) for item in itertools.islice(source_items(d), args.limit))
+    try:
+        jobs = ((item, settings) for item in itertools.islice(source_items(d), args.limit))
+    except LatentCacheError as err:  # no shard of the source could be read
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     pool = multiprocessing.Pool(args.workers) if args.workers > 0 else None  # before CUDA
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full fp32

@@ -202,6 +202,13 @@ def test_unreadable_first_shards_and_broken_json_are_errors_naming_the_shard(cac
             is_latent_cache(resolve_source(url))
     good = read_samples(cache)[0]
     members = {k: good[k] for k in ("png", "mean.npy", "logvar.npy")}
+    shards = tmp_path / "mixed"
+    shards.mkdir()
+    (shards / "s-000000.tar").write_bytes(garbage.read_bytes())  # a broken first shard does not decide the kind
+    write_tar(shards / "s-000001.tar", [{"__key__": "s0", **members, "json": good["json"]}])
+    assert is_latent_cache(resolve_source(str(shards / "s-{000000..000001}.tar")))
+    write_tar(shards / "s-000001.tar", [{"__key__": "s0", "png": good["png"]}])
+    assert not is_latent_cache(resolve_source(str(shards / "s-{000000..000001}.tar")))
     for name, meta, match in (("notjson", b"{resolution: 32", "not JSON"),
                               ("nokey", json.dumps({"encoder": "x"}).encode(), "'resolution'")):
         url = write_tar(tmp_path / f"{name}-000000.tar", [{"__key__": "s0", **members, "json": meta}])
@@ -227,3 +234,11 @@ def test_train_py_runs_on_a_cache_and_refuses_another_encoder(cache, tmp_path, c
     err = capsys.readouterr().err
     assert re.search(r"error: latent cache .*latents-000000\.tar.*made with encoder weights [0-9a-f]{16}, this run's "
                      r"\(model\.vae_ckpt\) are [0-9a-f]{16}", err), err[-2000:]
+
+
+def test_cache_latents_names_an_unreadable_source(tmp_path, capsys):
+    garbage = tmp_path / "g-000000.tar"
+    garbage.write_bytes(b"not a tar file" * 100)
+    args = ["-c", str(ROOT / "configs" / "base.yaml"), *TINY, f"data.source={garbage}", "--out", str(tmp_path / "o")]
+    assert cache_latents.main(args) == 2
+    assert f"error: image source '{garbage}'" in capsys.readouterr().err

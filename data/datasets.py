@@ -57,12 +57,10 @@ class ImageMaskTrain(IterableDataset):
     """Endless random crops with random masks; each pass yields `length` samples (full batches per worker).
 
     All readers (every worker of every rank) deal out one endless sequence of permutations of the
-    source's files or shards, drawn from (seed, epoch, step, lap): reader r takes positions r, r + readers,
-    ... Each file comes once per lap over all readers, so a pass of world_size * length samples (the
-    number of files) sees each file about once: exactly once when every reader takes the same number
-    (batches per rank divisible by the workers), else the readers with a batch more reach into the next
-    lap while others leave a few unread. Shards are dealt the same way and their samples mixed through
-    a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
+    source's files or shards, drawn from (seed, epoch, step, lap). Files: sample j of a rank's batch b takes
+    position (b * world_size + rank) * batch_size + j, so a pass of world_size * length samples (the number
+    of files) sees each file once (unreadable files aside). Shards: reader r takes positions r, r + readers,
+    ..., and their samples are mixed through a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
     """
 
     def __init__(self, source, resolution, mask_generator, length, seed=0, rank=0, world_size=1,
@@ -90,7 +88,19 @@ class ImageMaskTrain(IterableDataset):
         batches = self.length // self.batch_size  # dealt to workers whole, so every batch is full
         return self.batch_size * (batches // num_workers + (worker < batches % num_workers))
 
-    def _dealt(self, epoch, step, reader, readers):
+    def _dealt_files(self, epoch, step, worker, num_workers):
+        """Endless indices into source.items for this worker: sample j of the rank's batch b (the DataLoader takes
+        batch b from worker b mod num_workers) is position (b * world_size + rank) * batch_size + j of the laps'
+        shared permutations, so a pass covers positions 0 .. world_size * length - 1 once each."""
+        n, lap, order = len(self.source), -1, None
+        for b in itertools.count(worker, num_workers):
+            for j in range(self.batch_size):
+                here, i = divmod((b * self.world_size + self.rank) * self.batch_size + j, n)
+                if here != lap:  # positions only grow: one lap's permutation at a time
+                    lap, order = here, sample_rng(self.seed, LAP_STREAM, epoch, step, here).permutation(n)
+                yield int(order[i])
+
+    def _dealt_shards(self, epoch, step, reader, readers):
         """Endless indices into source.items: this reader's positions in the readers' shared permutations."""
         n = len(self.source)
         for lap in itertools.count():  # position lap * n + i is order[i]: take i = reader - lap * n (mod readers)
@@ -132,7 +142,11 @@ class ImageMaskTrain(IterableDataset):
         give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
         misses, index = 0, 0
         todo = self._worker_length(worker, num_workers)
-        stream = self._raw_stream(self._dealt(epoch, step, *reader_slot(self.rank, self.world_size)), buffer_rng)
+        if self.source.kind == "files":
+            dealt = self._dealt_files(epoch, step, worker, num_workers)
+        else:  # a shard holds many samples: shards are dealt to readers, their samples mixed in a buffer
+            dealt = self._dealt_shards(epoch, step, *reader_slot(self.rank, self.world_size))
+        stream = self._raw_stream(dealt, buffer_rng)
         while todo > 0:
             misses += 1
             if misses > give_up:

@@ -253,6 +253,17 @@ def test_one_epoch_over_all_readers_sees_every_file_once(monkeypatch):
     assert epochs[0] != epochs[1]  # another epoch, another order
 
 
+@pytest.mark.parametrize("files,world,workers,batch", [(100, 1, 3, 4), (130, 2, 4, 5)])
+def test_an_epoch_sees_every_file_once_when_workers_get_unequal_batches(monkeypatch, files, world, workers, batch):
+    """25 batches on 3 workers (9, 8, 8); 13 per rank on 4 workers (4, 3, 3, 3) on 2 ranks: every file once."""
+    def make(rank):
+        return KeysOnly(fake_files(files), RES, MaskGenerator(RES), length=files // world, rank=rank,
+                        world_size=world, batch_size=batch)
+
+    keys = every_reader(monkeypatch, world, workers, make)
+    assert sorted(k for v in keys.values() for k in v) == [f"{i:03d}.jpg" for i in range(files)]
+
+
 def test_fewer_files_than_readers_still_deals_them_evenly(monkeypatch):
     def make(rank):  # 4 readers, one sample each, 3 files
         return KeysOnly(fake_files(3), RES, MaskGenerator(RES), length=2, rank=rank, world_size=2, batch_size=1)

@@ -99,19 +99,16 @@ def check_resume(cfg, system, resume, hint) -> None:
     saved = ckpt.get("config")
     if isinstance(saved, dict):  # written by train.py
         old, new = _flat(saved), _flat(to_container(cfg))
-        changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, "(absent)") != new.get(k, "(absent)")]
-        for key in changed:
+        changed = {k: (old.get(k, "(absent)"), new.get(k, "(absent)")) for k in sorted(old.keys() | new.keys())}
+        changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}  # key: (then, now)
+        for key, (then, now) in changed.items():
             if key.startswith(SHAPING) and key != "model.autoencoder.gradient_checkpointing":
-                raise ConfigError(f"--resume {resume}: {key} was {old.get(key, '(absent)')!r} in that run, now "
-                                  f"{new.get(key, '(absent)')!r}; {hint}")
+                raise ConfigError(f"--resume {resume}: {key} was {then!r} in that run, now {now!r}; {hint}")
         if changed and is_rank_zero():
-            print("resuming with changed config: " + ", ".join(f"{k}: {old.get(k, '(absent)')!r} -> "
-                                                              f"{new.get(k, '(absent)')!r}" for k in changed),
-                  file=sys.stderr)
+            print("resuming with changed config: " + ", ".join(f"{k}: {then!r} -> {now!r}"
+                                                              for k, (then, now) in changed.items()), file=sys.stderr)
     groups = [len(g["params"]) for g in (ckpt.get("optimizer_states") or [{}])[0].get("param_groups", [])]
-    trained = [name for name, p in system.vae.named_parameters() if p.requires_grad]
-    warm = sum(name in system.warm_start_keys for name in trained)
-    want = [len(trained) - warm] + ([warm] if warm else [])  # configure_optimizers' groups: fresh, warm
+    want = [len(g["params"]) for g in system.decoder_param_groups(lr=0.0)]
     if groups and groups != want:
         raise ConfigError(f"--resume {resume}: its decoder optimiser's groups hold {groups} tensors, this run "
                           f"trains {want} (a checkpoint from before post_quant_conv was frozen? see CHANGELOG.md; "
@@ -154,8 +151,10 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
         except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder
             raise ConfigError(f"model.vae_ckpt: {err}") from None
         warm_keys = [k for k in report.loaded if k.startswith("decoder.")]
-    try:  # built after the VAE: random-init order (hence the demo's numbers) stays as it was; at
-        perceptual = PerceptualLoss(**cfg.perceptual)  # loss.perceptual_weight=0 validation still reports LPIPS
+    # built after the VAE: random-init order (hence the demo's numbers) stays as it was; built whatever
+    # loss.perceptual_weight, as validation reports LPIPS
+    try:
+        perceptual = PerceptualLoss(**cfg.perceptual)
     except FileNotFoundError as err:  # its weights file: the message names it and where it goes
         raise ConfigError(f"perceptual: {err}") from None
     return AsymmetricDecoderTraining(

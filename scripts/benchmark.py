@@ -279,8 +279,7 @@ def decoder_flops(cfg) -> int:
         b, r = cfg.data.batch_size, cfg.data.resolution
         z = torch.empty(b, cfg.model.autoencoder.embed_dim, r // 8, r // 8)
         image, mask = torch.empty(b, 3, r, r), torch.empty(b, 1, r, r)
-    vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
+    vae.freeze_all_but_decoder()
     with FlopCounterMode(display=False) as counter:
         vae.decode(z, image, mask, check=False).sum().backward()
     return counter.get_total_flops()

@@ -78,8 +78,7 @@ class OfficialStep:
                  precision="32-true"):
         self.vae, self.disc, self.perceptual = vae, discriminator, perceptual
         self.disc_weight, self.sample_posterior, self.precision = disc_weight, sample_posterior, precision
-        vae.requires_grad_(False)
-        vae.decoder.requires_grad_(True)
+        vae.freeze_all_but_decoder()
         self.gen_params = list(vae.decoder.parameters())
         self.opt_g = adam(self.gen_params, lr)
         self.opt_d = adam(discriminator.parameters(), lr)

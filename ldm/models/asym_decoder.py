@@ -105,8 +105,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
         if perceptual is not None:
             keep_out_of_checkpoints(perceptual)
-        vae.requires_grad_(False)  # only the decoder trains (DESIGN.md): the rest stays at the SD weights
-        vae.decoder.requires_grad_(True)
+        vae.freeze_all_but_decoder()
         self.channels_last, self.run_config = channels_last, run_config
         self.compile_backend = "inductor" if compile is True else (compile or None)  # None: eager
         if channels_last:
@@ -341,13 +340,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         o = self.optim_cfg
         world = self.trainer.world_size if self._trainer is not None else 1
         lr = o.base_lr * world * self.batch_size * o.accumulate_grad_batches  # never typed in by hand
-        warm, new = [], []
-        for name, p in self.vae.named_parameters():
-            if p.requires_grad:
-                (warm if name in self.warm_start_keys else new).append(p)
-        groups = [{"params": new, "lr": lr}]
-        if warm:
-            groups.append({"params": warm, "lr": lr * o.warm_start_lr_scale})
+        groups = self.decoder_param_groups(lr)
         fused = o.fused if o.fused is not None else self.device.type in ("cuda", "cpu")  # one kernel per step
         opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(o.betas), fused=fused)
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=tuple(o.betas), fused=fused)
@@ -356,6 +349,18 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         d_total = max(1, total - self.loss_cfg.disc_start)  # the discriminator trains from disc_start to the end
         sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda(o.warmup_steps, d_total, o.min_lr_ratio))
         return [opt_g, opt_d], [sched_g, sched_d]
+
+    def decoder_param_groups(self, lr):
+        """The decoder optimiser's groups: fresh weights at lr, then (if any) those warm-started from SD at
+        lr x optim.warm_start_lr_scale."""
+        warm, new = [], []
+        for name, p in self.vae.named_parameters():
+            if p.requires_grad:
+                (warm if name in self.warm_start_keys else new).append(p)
+        groups = [{"params": new, "lr": lr}]
+        if warm:
+            groups.append({"params": warm, "lr": lr * self.optim_cfg.warm_start_lr_scale})
+        return groups
 
     def on_save_checkpoint(self, checkpoint):
         self.read_pending_checks()  # the count saved is exact

@@ -39,6 +39,12 @@ class AsymmetricAutoencoderKL(nn.Module):
                                          gradient_checkpointing=gradient_checkpointing)
         self.downsample_factor = 2 ** (len(encoder_ch_mult) - 1)
 
+    def freeze_all_but_decoder(self) -> "AsymmetricAutoencoderKL":
+        """Only the decoder trains (DESIGN.md): encoder, quant_conv and post_quant_conv keep the SD weights."""
+        self.requires_grad_(False)
+        self.decoder.requires_grad_(True)
+        return self
+
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """(B,3,H,W) in [-1,1] -> posterior over (B, embed_dim, H/8, W/8)."""
         f = self.downsample_factor

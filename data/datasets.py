@@ -88,6 +88,10 @@ class ImageMaskTrain(IterableDataset):
         batches = self.length // self.batch_size  # dealt to workers whole, so every batch is full
         return self.batch_size * (batches // num_workers + (worker < batches % num_workers))
 
+    def _lap_order(self, epoch, step, lap):
+        """The permutation of source.items that every reader shares for this lap of the pass."""
+        return sample_rng(self.seed, LAP_STREAM, epoch, step, lap).permutation(len(self.source))
+
     def _dealt_files(self, epoch, step, worker, num_workers):
         """Endless indices into source.items for this worker: sample j of the rank's batch b (the DataLoader takes
         batch b from worker b mod num_workers) is position (b * world_size + rank) * batch_size + j of the laps'
@@ -97,14 +101,14 @@ class ImageMaskTrain(IterableDataset):
             for j in range(self.batch_size):
                 here, i = divmod((b * self.world_size + self.rank) * self.batch_size + j, n)
                 if here != lap:  # positions only grow: one lap's permutation at a time
-                    lap, order = here, sample_rng(self.seed, LAP_STREAM, epoch, step, here).permutation(n)
+                    lap, order = here, self._lap_order(epoch, step, here)
                 yield int(order[i])
 
     def _dealt_shards(self, epoch, step, reader, readers):
         """Endless indices into source.items: this reader's positions in the readers' shared permutations."""
         n = len(self.source)
         for lap in itertools.count():  # position lap * n + i is order[i]: take i = reader - lap * n (mod readers)
-            order = sample_rng(self.seed, LAP_STREAM, epoch, step, lap).permutation(n)
+            order = self._lap_order(epoch, step, lap)
             yield from order[(reader - lap * n) % readers::readers].tolist()  # empty in some laps when n < readers
 
     def _raw_stream(self, dealt, rng):

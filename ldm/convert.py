@@ -122,7 +122,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
     if stray:
         log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
-        sub = {k: v for k, v in sub.items() if k not in stray}
+        sub = {k: v for k, v in sub.items() if k.split(".")[0] in PARTS}
     config = infer_config(sub, str(path))
     declared = top.get("config")  # run checkpoints and official exports: config["model"]["autoencoder"]
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):

@@ -3,7 +3,7 @@
     python scripts/benchmark.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--rounds R] [--batch-size B]
         [--reference official|naive ...] [--reference-precision 32-true|bf16-mixed] [--compile] [--cached-latents]
     python scripts/benchmark.py --max-batch [key=value ...] [--presets x1.5 x2] [--resolutions 256 512]
-        [--memory-budget-gb 80]
+        [--memory-budget-gb GIB]
 
 Each variant runs in its own process on the same batch (random image in [-1, 1], a mask with holes),
 resolution and precision; the GAN is on from step 0 (loss.disc_start=0) so the full step is measured.
@@ -78,8 +78,9 @@ def parse_args(argv=None):
                    "takes key=value overrides and the three options below, no other")
     p.add_argument("--presets", nargs="+", default=["x1.5", "x2"], choices=["x1.5", "x2"], help="--max-batch")
     p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], help="--max-batch")
-    p.add_argument("--memory-budget-gb", type=float, default=80.0,
-                   help="GiB, the CPU estimate's budget (CUDA: the card)")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="GiB per GPU (default: CUDA the whole card, the CPU estimate 80); on CUDA a cap below the "
+                        "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an H100 80GB on a larger card")
     args = p.parse_args(argv)
     for dest in ("warmup", "steps", "rounds", "batch_size"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:

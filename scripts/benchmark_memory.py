@@ -33,17 +33,21 @@ def largest_fitting(fits, first_guess, tolerance: float = 0.05):
     return lo, hi
 
 
-def search_max_batch(files, overrides, resolutions):
+def search_max_batch(files, overrides, resolutions, budget_gib=None):
     """Child process on CUDA, one preset: for each resolution and gradient checkpointing off / on, the largest
     batch whose training step of ours fits next to the Adam states. Each try is one short fit: a batch-1
-    step (which creates the Adam states) then the step at batch b; out of memory is caught."""
+    step (which creates the Adam states) then the step at batch b; out of memory is caught. `budget_gib`
+    below the card caps PyTorch's allocator there (the figure for a smaller card)."""
     import gc
     quiet()
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = False  # no algorithm search for each new batch size
+    total = card = torch.cuda.mem_get_info(device)[1]
+    if budget_gib is not None and budget_gib * 2**30 < card:
+        total = int(budget_gib * 2**30)
+        torch.cuda.set_per_process_memory_fraction(total / card, device)
     cfg = load(files, overrides, 1)
     system = build_ours(cfg)
-    total = torch.cuda.mem_get_info(device)[1]
     results = []
     for res in resolutions:
         for ckpt in (False, True):
@@ -75,7 +79,8 @@ def search_max_batch(files, overrides, resolutions):
 
             lo, hi = largest_fitting(fits, first_guess)
             results.append(dict(resolution=res, checkpointing=ckpt, lo=lo, hi=hi))
-    return dict(device=f"{torch.cuda.get_device_name(device)} ({gib(total)})", results=results)
+    capped = f", capped at {gib(total)}" if total < card else ""
+    return dict(device=f"{torch.cuda.get_device_name(device)} ({gib(card)}{capped})", results=results)
 
 
 def meta_system(cfg):
@@ -154,13 +159,15 @@ def run_max_batch(args):
         print("largest batch per GPU: per try, a batch-1 training step of ours (creating the Adam states) then one "
               "at the batch tried, OOM caught; 'max batch B' fits, 'B+k: out of memory' does not")
     else:
-        print(f"CPU estimate of the largest batch per GPU in {args.memory_budget_gb:g} GiB: weights + grads + Adam "
+        budget = 80.0 if args.memory_budget_gb is None else args.memory_budget_gb
+        print(f"CPU estimate of the largest batch per GPU in {budget:g} GiB: weights + grads + Adam "
               f"(fp32) + saved activations counted on the meta device (fp32: bf16-mixed holds less)")
     for preset, file in MAX_BATCH_PRESETS:
         if preset not in args.presets:
             continue
         if cuda:
-            found = in_child(search_max_batch, [str(ROOT / file)], list(args.overrides), list(args.resolutions))
+            found = in_child(search_max_batch, [str(ROOT / file)], list(args.overrides), list(args.resolutions),
+                             args.memory_budget_gb)
             for r in found["results"]:
                 print(f"{preset:<5} {r['resolution']} px  gradient_checkpointing={str(r['checkpointing']).lower():<5}  "
                       f"max batch {r['lo']} (batch {r['hi']}: out of memory) on {found['device']}")
@@ -169,6 +176,6 @@ def run_max_batch(args):
             for ckpt in (False, True):
                 overrides = [*args.overrides, f"data.resolution={res}",
                              f"model.autoencoder.gradient_checkpointing={str(ckpt).lower()}"]
-                n, fixed, per = estimate_max_batch([str(ROOT / file)], overrides, args.memory_budget_gb * 2**30)
+                n, fixed, per = estimate_max_batch([str(ROOT / file)], overrides, budget * 2**30)
                 print(f"{preset:<5} {res} px  gradient_checkpointing={str(ckpt).lower():<5}  estimated max batch {n}  "
                       f"(fixed {gib(fixed)}, per image {gib(per)})")

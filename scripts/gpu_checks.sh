@@ -20,8 +20,9 @@ PY=${PYTHON:-python3}
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.log"
 T0=$(date +%s)
-part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout also ends the benchmark's children
+part() {  # part NAME SECONDS CMD... (SECONDS: LIMIT_<NAME> overrides): in its own process group, so a timeout also ends the benchmark's children
     local name=$1 limit=$2 waited=0; shift 2
+    local override="LIMIT_$name"; limit=${!override:-$limit}
     echo "=== [$(( $(date +%s) - T0 )) s] $name (limit $limit s)"
     setsid "$@" > "$OUT/$name.log" 2>&1 &
     local pid=$!
@@ -33,16 +34,17 @@ part() {  # part NAME SECONDS CMD...: in its own process group, so a timeout als
     grep -v -i -E "warn|tip|tensor cores|LOCAL_RANK|available:" "$OUT/$name.log" | tail -n 12
 }
 RANDOM_INIT="model.vae_ckpt=null perceptual.pretrained=false"
+BUDGET="--memory-budget-gb ${MEMORY_BUDGET_GB:-79.18}"  # what torch sees of an H100 80GB: the same figure on larger cards
 X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
 run_part() {
     case $1 in
     bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
         --reference naive --reference-precision 32-true --steps 60 --warmup 10 ;;
-    tests) part "$1" 360 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py ;;
+    tests) part "$1" 360 "$PY" -m pytest -v -rs --durations=0 -p no:cacheprovider tests/test_gpu.py ;;
     max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
-        model.channels_last=true --presets x1.5 x2 --resolutions 256 512 ;;
+        model.channels_last=true --presets x1.5 x2 --resolutions 256 512 $BUDGET ;;
     max_batch_x15) part "$1" 150 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
-        model.channels_last=true --presets x1.5 --resolutions 256 512 ;;
+        model.channels_last=true --presets x1.5 --resolutions 256 512 $BUDGET ;;
     train_x15) part "$1" 200 "$PY" train.py $X15 model.compile=true trainer.max_steps=300 \
             trainer.val_check_interval=150 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
             trainer.enable_progress_bar=false run.checkpoint_every_n_steps=300 loss.disc_start=100 \

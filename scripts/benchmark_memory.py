@@ -45,7 +45,7 @@ def search_max_batch(files, overrides, resolutions, budget_gib=None):
     total = card = torch.cuda.mem_get_info(device)[1]
     if budget_gib is not None and budget_gib * 2**30 < card:
         total = int(budget_gib * 2**30)
-        torch.cuda.set_per_process_memory_fraction(total / card, device)
+        torch.cuda.set_per_process_memory_fraction(total / card)  # the current device
     cfg = load(files, overrides, 1)
     system = build_ours(cfg)
     results = []

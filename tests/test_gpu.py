@@ -100,36 +100,45 @@ def test_gpu_compiled_blocks_are_as_close_to_fp32_as_eager_bf16():
 
 def test_gpu_compiled_losses_match_eager():
     """model.compile compiles LPIPS (fp32) and the discriminator (bf16 autocast, BatchNorm in training mode)
-    whole: same loss, input gradient, discriminator gradients and BatchNorm statistics as eager."""
+    whole: the same LPIPS distance as eager, and loss, input gradient, discriminator gradients and BatchNorm
+    statistics as close to an fp32 run as eager bf16's. (The discriminator's gradients differ from fp32 by
+    about 10 % in bf16 either way, and compiled from eager by a few %: H200 and CPU, random weights.)"""
     import copy
 
     from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss, generator_loss, hinge_d_loss
     torch.manual_seed(0)
-    lpips_eager = PerceptualLoss(pretrained=False).cuda().to(memory_format=torch.channels_last)
-    disc_eager = NLayerDiscriminator().cuda().to(memory_format=torch.channels_last)
-    lpips_compiled, disc_compiled = copy.deepcopy(lpips_eager), copy.deepcopy(disc_eager)
-    lpips_compiled.compile(dynamic=False)
-    disc_compiled.compile(dynamic=False)
+    lpips_net = PerceptualLoss(pretrained=False).cuda().to(memory_format=torch.channels_last)
+    disc_net = NLayerDiscriminator().cuda().to(memory_format=torch.channels_last)
     image, _ = batch(b=4, h=128, w=128)
     image = image.contiguous(memory_format=torch.channels_last)
+    noise = 0.3 * torch.randn(image.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
     runs = {}
-    for name, lp, disc in (("eager", lpips_eager, disc_eager), ("compiled", lpips_compiled, disc_compiled)):
-        recon = (image + 0.3 * torch.randn(image.shape, generator=torch.Generator("cuda").manual_seed(1),
-                                           device="cuda")).requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for name, bf16, compiled in (("fp32", False, False), ("eager", True, False), ("compiled", True, True)):
+        lp, disc = copy.deepcopy(lpips_net), copy.deepcopy(disc_net)  # the same weights and BatchNorm state
+        if compiled:
+            lp.compile(dynamic=False)
+            disc.compile(dynamic=False)
+        recon = (image + noise).requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             dist = lp(recon, image)
             g_loss = generator_loss(disc(recon))
             d_loss = hinge_d_loss(disc(image), disc(recon.detach()))
         grad = torch.autograd.grad(dist.mean() + g_loss, recon)[0]  # through LPIPS and the discriminator
         d_loss.backward()
-        runs[name] = dict(dist=dist.detach(), grad=grad, d_loss=d_loss.detach(),
-                          d_grads=torch.cat([p.grad.flatten() for p in disc.parameters()]),
+        runs[name] = dict(dist=dist.detach(), grad=grad, d_loss=d_loss.detach().float(),
+                          d_grads=torch.cat([p.grad.flatten().float() for p in disc.parameters()]),
                           stats=torch.cat([b.flatten().float() for b in disc.buffers()]))
     assert runs["eager"]["dist"].dtype == torch.float32  # LPIPS stays fp32 under autocast
-    for key in runs["eager"]:
-        ref, out = runs["eager"][key], runs["compiled"][key]
-        err = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
-        assert err < (1e-4 if key == "dist" else 2e-2), (key, err)
+
+    def rel(name, key):
+        ref, out = runs["fp32"][key], runs[name][key]
+        return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+    dist_err = ((runs["compiled"]["dist"] - runs["eager"]["dist"]).norm() / runs["eager"]["dist"].norm()).item()
+    assert dist_err < 1e-4, dist_err
+    for key in runs["fp32"]:
+        err = {name: rel(name, key) for name in ("eager", "compiled")}
+        assert err["compiled"] < max(1.5 * err["eager"], 1e-3) and err["compiled"] < 0.3, (key, err)
 
 
 TINY = [*CPU_TINY,  # tests/test_train.py's tiny model, on the GPU, with the GAN from step 2
@@ -227,8 +236,11 @@ def test_gpu_benchmark_marks_time_the_device_and_add_no_sync():
     sys.path.insert(0, str(ROOT / "scripts"))
     from reference_steps import durations, mark
     device = torch.device("cuda")
+    torch.cuda._sleep(1000)  # load the sleep kernel now: its first launch (lazy loading) left the device idle
+    torch.cuda.synchronize()  # for milliseconds inside the first interval (H200: 8.2 ms against the long 5.1 ms)
     torch.cuda.set_sync_debug_mode("error")
     try:
+        torch.cuda._sleep(10**8)  # about 50 ms: the host queues all below while the device is still busy
         marks = [mark(device)]
         for cycles in (10**6, 10**7):  # about 0.5 ms, then 5 ms of device time
             torch.cuda._sleep(cycles)

@@ -57,6 +57,7 @@ PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0))
 
 MAX_BATCH_UNUSED = ("config", "steps", "warmup", "rounds", "batch_size", "reference", "reference_precision", "compile",
                     "cached_latents")  # the options --max-batch has no use for
+MAX_BATCH_ONLY = ("presets", "resolutions", "memory_budget_gb")  # and those only it uses
 
 
 def parse_args(argv=None):
@@ -90,6 +91,9 @@ def parse_args(argv=None):
         if unused:
             p.error(f"--max-batch takes none of {', '.join(unused)} (it runs configs/x1_5.yaml and x2.yaml)")
         return args
+    only = [f"--{d.replace('_', '-')}" for d in MAX_BATCH_ONLY if getattr(args, d) != p.get_default(d)]
+    if only:
+        p.error(f"{', '.join(only)}: only with --max-batch")
     if not args.config:
         p.error("-c CONFIG is required (except with --max-batch)")
     check_config(p, args)

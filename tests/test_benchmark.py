@@ -246,7 +246,9 @@ def test_bad_arguments_and_config_values_are_usage_errors_naming_them(capsys):
              ([*BASE, "data.resolution=12"], "data.resolution=12: must be a positive multiple of 8"),
              ([*BASE, "data.batch_size=0"], "data.batch_size=0: must be at least 1"),
              ([*BASE, "--batch-size", "0"], "--batch-size must be at least 1"),
-             (["--max-batch", *BASE[:2], "--steps", "3"], "--max-batch takes none of --config, --steps")]
+             (["--max-batch", *BASE[:2], "--steps", "3"], "--max-batch takes none of --config, --steps"),
+             ([*BASE, "--resolutions", "512", "--memory-budget-gb", "40"],
+              "--resolutions, --memory-budget-gb: only with --max-batch")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as stop:
             benchmark.parse_args(argv)

@@ -94,8 +94,10 @@ def newest_readable_checkpoint(ckpt_dir, hpc_dir=None):
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes last.ckpt at the final step and, on SIGTERM/SIGUSR1, at the current step.
 
-    A signal only sets a flag; at the next batch end every rank agrees to stop (one all-reduce per step
-    under DDP, as Lightning's own SIGTERM check), last.ckpt is saved and the trainer stops without validating.
+    A signal only sets a flag; at the next batch end that steps the optimisers (with gradient accumulation,
+    the cycle's last micro-batch: a save in mid-cycle would lose the gradients summed so far) every rank agrees
+    to stop (one all-reduce per step under DDP, as Lightning's own SIGTERM check), last.ckpt is saved and the
+    trainer stops without validating.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -125,6 +127,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the periodic save
+        if not getattr(pl_module, "completes_a_step", lambda: True)():
+            return  # mid-way through an accumulation cycle: the same on every rank
         stop = self.received is not None
         if trainer.world_size > 1:
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -1,5 +1,6 @@
 """train.py with injected faults (for test_reliability.py): `+nan_batches=1,4,5` makes the LPIPS term NaN at
-those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3;
+those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3 (`@batch7`: at the end of
+micro-batch 7 of the run, counted from 0);
 `+min_step_seconds=0.3` makes each batch last at least that long (a window to kill the run in, on fast machines)."""
 import os
 import signal
@@ -26,11 +27,14 @@ def inject_nan(batches):
 
 
 class SignalSelf(pl.Callback):
-    def __init__(self, signum, step):
-        self.signum, self.step = signum, step
+    """At a batch end: once global_step reaches `step`, or (`micro_batch`) at that micro-batch of the run."""
+
+    def __init__(self, signum, step, micro_batch=False):
+        self.signum, self.step, self.micro_batch = signum, step, micro_batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
+        now = trainer.fit_loop.total_batch_idx if self.micro_batch else trainer.global_step
+        if now == self.step:
             os.kill(os.getpid(), self.signum)
 
 
@@ -58,6 +62,7 @@ if __name__ == "__main__":
     if nan_batches:
         inject_nan({int(b) for b in nan_batches.split(",")})
     if sig:
-        name, step = sig.split("@")
-        callbacks.append(SignalSelf(getattr(signal, name), int(step)))
+        name, at = sig.split("@")
+        micro_batch = at.startswith("batch")
+        callbacks.append(SignalSelf(getattr(signal, name), int(at.removeprefix("batch")), micro_batch))
     sys.exit(train.main(argv, extra_callbacks=callbacks))

@@ -129,6 +129,16 @@ def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):
     assert not list((tmp_path / "run").glob("samples/*.png"))  # no validation on the way out
 
 
+def test_a_signal_mid_accumulation_saves_once_the_cycle_has_stepped(tmp_path):
+    """optim.accumulate_grad_batches=2: a signal after micro-batch 6 (step 3 done, micro-batch 7 to come) saves
+    at step 4, once micro-batch 7 has stepped; a save at step 3 would resume without micro-batch 6's gradients."""
+    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=100", "+signal=SIGUSR1@batch6",
+                     "optim.accumulate_grad_batches=2", *NO_VAL, script="tests/fault_probe.py")
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert step_of(ckpt_dir / "last.ckpt") == 4
+    assert "at step 4; stopping" in proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------- non-finite losses
 @pytest.mark.parametrize("fused", [True, False])
 def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path, fused):

@@ -197,6 +197,11 @@ class AsymmetricDecoderTraining(pl.LightningModule):
                                      l2_weight=c.l2_weight, perceptual_weight=c.perceptual_weight,
                                      hole_weight=c.hole_weight, known_weight=c.known_weight)
 
+    def completes_a_step(self) -> bool:
+        """Whether the current micro-batch is the last of its optim.accumulate_grad_batches, so steps the optimisers
+        (micro-batches counted over the whole run: batch_idx restarts each epoch)."""
+        return (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.optim_cfg.accumulate_grad_batches == 0
+
     def optimizer_update(self, loss, gan_on, terms):
         """Backward once, then step the decoder (counted as the global step) and, once on, the discriminator.
 
@@ -207,8 +212,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         loss scaling. Otherwise (optim.fused=false, 16-mixed) the host waits for the check and skips the step.
         """
         opt_g, opt_d = self.optimizers()
-        # micro-batches counted over the whole run (batch_idx restarts each epoch); DDP reduces the last one's only
-        if (self.trainer.fit_loop.epoch_loop.total_batch_idx + 1) % self.optim_cfg.accumulate_grad_batches:
+        if not self.completes_a_step():  # DDP reduces the last micro-batch's gradients only
             with getattr(self.trainer.strategy, "block_backward_sync", contextlib.nullcontext)():
                 self.manual_backward(loss)
             return

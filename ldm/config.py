@@ -6,14 +6,28 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
+NULLABLE = ("data.val_size", "ema.decay")  # keys set in the base whose null means something (all images, EMA off)
 
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message names it."""
 
 
-def _check_types(base, override, prefix: str = "") -> None:
-    """Reject an override whose type differs from the base value (ints may stand for floats; null is free)."""
+def _null_keys(cfg, prefix: str = "") -> set:
+    """Dotted names of the null values in `cfg`."""
+    found = set()
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if node._is_none():
+            found.add(f"{prefix}{key}")
+        elif isinstance(node, DictConfig):
+            found |= _null_keys(node, f"{prefix}{key}.")
+    return found
+
+
+def _check_types(base, override, nullable=frozenset(NULLABLE), prefix: str = "") -> None:
+    """Reject an override whose type differs from the base value (ints may stand for floats). Null overrides
+    only a `nullable` key (NULLABLE and those null in the base file), a null value or a Trainer argument."""
     if not isinstance(override, DictConfig):
         return
     for key in override.keys():
@@ -21,9 +35,11 @@ def _check_types(base, override, prefix: str = "") -> None:
         if key not in base:
             raise ConfigError(f"unknown config key '{name}'")
         b, o = base._get_node(key), override._get_node(key)
+        if o._is_none() and not (b._is_none() or name in nullable or name.startswith(PASSTHROUGH)):
+            raise ConfigError(f"config key '{name}' cannot be null: it expects {_kind(b)}")
         if isinstance(b, DictConfig) or isinstance(o, DictConfig):
             if isinstance(b, DictConfig) and isinstance(o, DictConfig):
-                _check_types(b, o, name + ".")
+                _check_types(b, o, nullable, name + ".")
             elif not (b._is_none() or o._is_none()):
                 raise ConfigError(f"config key '{name}' expects {_kind(b)}, got {_kind(o)}")
             continue
@@ -36,12 +52,15 @@ def _check_types(base, override, prefix: str = "") -> None:
 
 
 def _kind(node) -> str:
-    return "a section" if isinstance(node, DictConfig) else f"a value ({node._value()!r})"
+    if isinstance(node, DictConfig):
+        return "a section"
+    return "a list" if isinstance(node, ListConfig) else f"a value ({node._value()!r})"
 
 
 def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> DictConfig:
     """Merge `files` then `key=value` overrides over `base`; unknown keys and wrong types raise ConfigError."""
     cfg = _load(base)
+    nullable = _null_keys(cfg) | set(NULLABLE)
     layers = [(str(f), _load(f)) for f in files]
     overrides = list(overrides)
     for item in overrides:
@@ -54,7 +73,7 @@ def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: I
             raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
     for source, layer in layers:
         try:
-            _check_types(cfg, layer)
+            _check_types(cfg, layer, nullable)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         cfg = OmegaConf.merge(cfg, layer)

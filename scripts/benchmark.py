@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], help="--max-batch")
     p.add_argument("--memory-budget-gb", type=float, default=None,
                    help="GiB per GPU (default: CUDA the whole card, the CPU estimate 80); on CUDA a cap below the "
-                        "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.6 for an H100 80GB on a larger card")
+                        "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.18 for an H100 80GB on a larger "
+                        "card")
     args = p.parse_args(argv)
     for dest in ("warmup", "steps", "rounds", "batch_size"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:

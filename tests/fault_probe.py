@@ -1,6 +1,6 @@
 """train.py with injected faults (for test_reliability.py): `+nan_batches=1,4,5` makes the LPIPS term NaN at
-those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3 (`@batch7`: at the end of
-micro-batch 7 of the run, counted from 0);
+those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3 (`@batch7`:
+at the end of micro-batch 7 of the run, counted from 0);
 `+min_step_seconds=0.3` makes each batch last at least that long (a window to kill the run in, on fast machines)."""
 import os
 import signal

@@ -73,6 +73,9 @@ def test_later_files_and_overrides_win(tmp_path):
     (["model.autoencoder.use_condition=1"], "config key 'model.autoencoder.use_condition' expects bool"),
     (["model.autoencoder=3"], "config key 'model.autoencoder' expects a section"),
     (["model.autoencoder.ch"], "not of the form key=value"),
+    (["optim.base_lr=null"], r"config key 'optim.base_lr' cannot be null: it expects a value \(4\.5e-06\)"),
+    (["model.autoencoder.ch_mult=null"], "config key 'model.autoencoder.ch_mult' cannot be null: it expects a list"),
+    (["loss=null"], "config key 'loss' cannot be null: it expects a section"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,6 +96,15 @@ def test_missing_and_broken_files(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot parse config file .*broken.yaml"):
         load_config(BASE, [broken])
+
+
+def test_null_overrides_only_null_and_nullable_keys():
+    nulls = ["data.val_size=null", "ema.decay=null", "model.vae_ckpt=null", "model.compile=null",
+             "trainer.limit_val_batches=null"]
+    cfg = load_config(BASE, [ROOT / "configs" / "x1.yaml"], nulls)
+    assert cfg.data.val_size is None and cfg.ema.decay is None and cfg.model.compile is None
+    assert cfg.model.vae_ckpt is None  # null in base.yaml: nullable though x1.yaml sets it
+    assert cfg.trainer.limit_val_batches is None  # Lightning checks its own arguments
 
 
 def test_float_keys_accept_ints_and_merged_config_is_strict():

@@ -25,7 +25,7 @@ def _null_keys(cfg, prefix: str = "") -> set:
     return found
 
 
-def _check_types(base, override, nullable=frozenset(NULLABLE), prefix: str = "") -> None:
+def _check_types(base, override, nullable: set, prefix: str = "") -> None:
     """Reject an override whose type differs from the base value (ints may stand for floats). Null overrides
     only a `nullable` key (NULLABLE and those null in the base file), a null value or a Trainer argument."""
     if not isinstance(override, DictConfig):

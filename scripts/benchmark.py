@@ -84,16 +84,21 @@ def parse_args(argv=None):
                         "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.18 for an H100 80GB on a larger "
                         "card")
     args = p.parse_args(argv)
+
+    def flag(dest):
+        return f"--{dest.replace('_', '-')}"
+
+    def given(dests):  # the flags among dests set to other than their default
+        return [flag(d) for d in dests if getattr(args, d) != p.get_default(d)]
+
     for dest in ("warmup", "steps", "rounds", "batch_size"):
         if getattr(args, dest) is not None and getattr(args, dest) < 1:
-            p.error(f"--{dest.replace('_', '-')} must be at least 1")
+            p.error(f"{flag(dest)} must be at least 1")
     if args.max_batch:
-        unused = [f"--{d.replace('_', '-')}" for d in MAX_BATCH_UNUSED if getattr(args, d) != p.get_default(d)]
-        if unused:
+        if unused := given(MAX_BATCH_UNUSED):
             p.error(f"--max-batch takes none of {', '.join(unused)} (it runs configs/x1_5.yaml and x2.yaml)")
         return args
-    only = [f"--{d.replace('_', '-')}" for d in MAX_BATCH_ONLY if getattr(args, d) != p.get_default(d)]
-    if only:
+    if only := given(MAX_BATCH_ONLY):
         p.error(f"{', '.join(only)}: only with --max-batch")
     if not args.config:
         p.error("-c CONFIG is required (except with --max-batch)")

@@ -10,6 +10,7 @@ Exit codes: 2 = a config, file or checkpoint error (one line naming it), 3 = the
 (1: any other failure, with its traceback).
 """
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -25,12 +26,14 @@ from pytorch_lightning.loggers import CSVLogger
 from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
-from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
+from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StepProgressBar, StopOnNonFinite
+from ldm.checks import pointless
 from ldm.checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
                                remove_partial_saves)
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss
+from ldm.summary import summarize
 
 ROOT = Path(__file__).resolve().parent
 # expected here: the frozen encoder and LPIPS stay in eval mode; manual optimisation checkpoints post-step
@@ -39,6 +42,14 @@ warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimi
 # configure_model only compiles (shards nothing); validation metrics are reduced over ranks before they are logged
 warnings.filterwarnings("ignore", message=r".*WeightAveraging doesn't support sharding.*")
 warnings.filterwarnings("ignore", message=r".*recommended to use `self.log\(.*sync_dist=True`.*")
+# notes that say nothing to a user of this codebase: Lightning's own deprecations, its IterableDataset __len__
+# caution (each worker reads its own share, data/datamodule.py), the CSV logger's "directory not empty" (--resume
+# and run.overwrite decide that) and its litlogger tip
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(pytorch_lightning|lightning_fabric)\.")
+warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
 
 
 def parse_args(argv=None):
@@ -191,6 +202,7 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
         ImagesPerSecond(),
         LogSkippedFiles(),
         LearningRateMonitor(logging_interval="step"),
+        *([StepProgressBar()] if cfg.trainer.enable_progress_bar else []),
     ]
     if cfg.ema.decay is not None:
         callbacks.append(EMA(decay=cfg.ema.decay))
@@ -230,6 +242,8 @@ def fit(argv=None, extra_callbacks=()) -> None:
         raise ConfigError(f"run folder {run_dir} already holds checkpoints: pass --resume auto to continue, "
                           f"--name NAME for a new run, or run.overwrite=true to start over")
     check_inputs(cfg)
+    for note in pointless(cfg) if is_rank_zero() else ():
+        print(f"warning: {note}", file=sys.stderr)
     pl.seed_everything(cfg.seed, workers=True)
     system = build_system(cfg)
     if resume is not None:
@@ -244,6 +258,9 @@ def fit(argv=None, extra_callbacks=()) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
+    if trainer.is_global_zero:  # the result: steps, validation metrics, where everything is, how to export
+        signal = next((c.received for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+        print(summarize(run_dir, trainer.global_step, trainer.max_steps, stopped_by=signal), flush=True)
 
 
 def main(argv=None, extra_callbacks=()) -> int:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import EMAWeightAveraging, TQDMProgressBar
 
 from .metrics import sample_grid, save_grid
 
@@ -28,6 +28,24 @@ class SampleGrids(pl.Callback):
                 logger.experiment.add_image("val/samples", grid, trainer.global_step)  # uint8 (3, H, W)
             elif hasattr(logger, "log_image"):  # wandb
                 logger.log_image("val/samples", [str(path)], step=trainer.global_step)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar counts optimiser steps of trainer.max_steps over the whole run, from the resumed step
+    (Lightning's counts each epoch's batches under 'Epoch N', and the stream's epochs mean nothing here)."""
+
+    def on_train_epoch_start(self, trainer, *_):
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # once per run: the bar is not reset at each epoch
+            bar.reset(total=trainer.max_steps)
+            bar.n = bar.initial = trainer.global_step
+            bar.set_description("step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, step = self.train_progress_bar, trainer.global_step
+        if not bar.disable and self._should_update(step, trainer.max_steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes
 
 
 class ImagesPerSecond(pl.Callback):

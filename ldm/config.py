@@ -4,6 +4,8 @@ from typing import Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from .checks import check_values
+
 
 PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
 NULLABLE = ("data.val_size", "ema.decay")  # keys set in the base whose null means something (all images, EMA off)
@@ -58,7 +60,8 @@ def _kind(node) -> str:
 
 
 def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> DictConfig:
-    """Merge `files` then `key=value` overrides over `base`; unknown keys and wrong types raise ConfigError."""
+    """Merge `files` then `key=value` overrides over `base`; unknown keys, wrong types and values out of their
+    domain (ldm/checks.py) raise ConfigError."""
     cfg = _load(base)
     nullable = _null_keys(cfg) | set(NULLABLE)
     layers = [(str(f), _load(f)) for f in files]
@@ -78,6 +81,7 @@ def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: I
             raise ConfigError(f"{source}: {err}") from None
         cfg = OmegaConf.merge(cfg, layer)
     OmegaConf.set_struct(cfg, True)  # later reads of a misspelt key fail loudly too
+    check_values(cfg)
     return cfg
 
 

@@ -11,8 +11,9 @@ or inf), so aggregate with `nanmean_dict`. Plain functions of tensors: no Lightn
 import os
 import tempfile
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 
@@ -197,10 +198,30 @@ def panel_grid(panels):
     return (grid * 255).round().to(torch.uint8)
 
 
+LABEL_HEIGHT = 12  # pixels of the header row that names a grid's columns
+
+
+def label_columns(grid, labels, padding=2):
+    """uint8 (3, LABEL_HEIGHT + H, W): `grid` (from panel_grid) under a white row naming its columns."""
+    _, _, width = grid.shape
+    header = Image.new("RGB", (width, LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(header)
+    column = (width - padding) / len(labels)
+    for i, label in enumerate(labels):
+        while label and draw.textlength(label) > column - 2:  # cut to its column at small tile sizes
+            label = label[:-1]
+        draw.text((padding + i * column + 1, 0), label, fill="black")  # PIL's built-in font, ~6 px a letter
+        if i:
+            draw.line([(padding + i * column - 1, 0), (padding + i * column - 1, LABEL_HEIGHT)], fill="grey")
+    header = torch.from_numpy(np.array(header)).permute(2, 0, 1)  # (3, LABEL_HEIGHT, W)
+    return torch.cat([header, grid], dim=1)
+
+
 @torch.no_grad()
 def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
-    """uint8 (3, H', W') grid; rows = samples, columns = image, masked image (holes grey),
-    mask (white = hole), reconstruction, reconstruction pasted back, |recon - image| * error_gain.
+    """uint8 (3, LABEL_HEIGHT + H', W') grid under a row of column names; rows = samples, columns = image,
+    masked image (holes grey), mask (white = hole), reconstruction, reconstruction pasted back,
+    |recon - image| * error_gain.
 
     The error map uses the raw reconstruction (so known-region drift shows), on the [0,1] scale.
     """
@@ -209,7 +230,8 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
     image, recon, m = (t[:n].detach().float().cpu() for t in (image, recon, m))
     image01, masked, recon01, error = grid_panels(image, m, [recon], error_gain)
     pasted = _to01(recon * m + image * (1 - m))
-    return panel_grid([image01, masked, m.expand(-1, 3, -1, -1), recon01, pasted, error])
+    grid = panel_grid([image01, masked, m.expand(-1, 3, -1, -1), recon01, pasted, error])
+    return label_columns(grid, ["image", "masked", "mask", "recon", "pasted", f"error x{error_gain:g}"])
 
 
 def save_grid(grid, path):

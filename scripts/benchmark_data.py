@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
+from ldm.cli import at_least, existing_folder, multiple_of_8
 from make_shards import prefix_range, write_shards  # the sibling script (scripts/ is on the path when run)
 
 
@@ -84,10 +85,10 @@ def describe_jpegs(folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--samples", type=int, default=1024,
+    parser.add_argument("--resolution", type=multiple_of_8, default=256)
+    parser.add_argument("--samples", type=at_least(1), default=1024,
                         help="samples timed per round, rounded up to batches of 32 (3 rounds per source)")
-    parser.add_argument("--folder", help="benchmark this image folder instead of the generated one")
+    parser.add_argument("--folder", type=existing_folder, help="benchmark this image folder instead of the generated one")
     parser.add_argument("--shards", help="benchmark these shards (pattern/URL) instead of the generated ones")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a DataLoader worker

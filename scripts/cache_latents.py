@@ -36,6 +36,7 @@ from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, LatentCacheError, en
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import AsymmetricAutoencoderKL, load_into  # noqa: E402
+from ldm.cli import at_least  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 
 
@@ -44,17 +45,14 @@ def parse_args(argv=None):
     p.add_argument("-c", "--config", action="append", default=[], help="YAML merged over configs/base.yaml")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.resolution=256")
     p.add_argument("--out", required=True, help="output folder for the .tar shards")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--crops-per-image", type=int, default=1, help="random crops cached per image (default 1)")
-    p.add_argument("--batch-size", type=int, default=16, help="crops per encoder forward (default 16)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--shard-size", type=at_least(1), default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--crops-per-image", type=at_least(1), default=1, help="random crops cached per image (default 1)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="crops per encoder forward (default 16)")
+    p.add_argument("--workers", type=at_least(0), default=min(4, os.cpu_count() or 1),
                    help="processes decoding and cropping images (0 = in this process)")
-    p.add_argument("--limit", type=int, default=None, help="cache the first N images only")
+    p.add_argument("--limit", type=at_least(1), default=None, help="cache the first N images only")
     p.add_argument("--prefix", default="latents", help="shard file name prefix (default latents)")
-    args = p.parse_args(argv)
-    if min(args.shard_size, args.crops_per_image, args.batch_size) < 1:
-        p.error("--shard-size, --crops-per-image and --batch-size must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def source_items(data):

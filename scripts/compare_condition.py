@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "scripts"))
 import eval as eval_script  # noqa: E402  (scripts/eval.py)
+from ldm.cli import at_least, multiple_of_8  # noqa: E402
 from ldm.modules.losses import trunk_weights_path  # noqa: E402
 
 RUNS = {  # run name -> (table label, config files over configs/base.yaml)
@@ -29,14 +30,14 @@ RUNS = {  # run name -> (table label, config files over configs/base.yaml)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="training steps of each run (default: configs/demo.yaml's trainer.max_steps)")
+    p.add_argument("--steps", type=at_least(1), default=None, help="training steps of each run (default: configs/demo.yaml's trainer.max_steps)")
     p.add_argument("--out", default=None, help="eval output folder (default: <log-dir>/compare_condition)")
     p.add_argument("--log-dir", default="logs", help="where the two run folders go (run.log_dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both runs, e.g. data.resolution=32 (repeat)")
-    p.add_argument("--resolution", type=int, default=64, help="eval resolution (the demo trains at 64 px)")
+    p.add_argument("--resolution", type=multiple_of_8, default=64, help="eval resolution (the demo trains at 64 px)")
     p.add_argument("--masks", default="medium", help="eval mask preset or folder")
-    p.add_argument("--num-images", type=int, default=None, help="eval images (default: all sample images)")
+    p.add_argument("--num-images", type=at_least(1), default=None, help="eval images (default: all sample images)")
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing last checkpoints")
     return p.parse_args(argv)
 

@@ -31,6 +31,7 @@ from data import (PRESETS, SkipCounter, load_crop, load_mask_files, make_eval_ma
                   resolve_source, save_masks)
 from data.sources import shard_samples  # noqa: E402
 from ldm import CheckpointError, load_autoencoder  # noqa: E402
+from ldm.cli import at_least, existing, fraction, multiple_of_8  # noqa: E402
 from ldm.evaluation import Decoder, FidTracker, evaluate, inception_weights, write_reports  # noqa: E402
 
 log = logging.getLogger("eval")
@@ -41,19 +42,6 @@ class EvalError(ValueError):
     """A command-line value that cannot work; the message says which and why."""
 
 
-def at_least(low: int):
-    """An argparse type: an integer >= low (a bad one is a usage error naming the flag, exit code 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
-        return value
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", action="append", required=True, help="checkpoint, folder or 'vanilla' (repeat)")
@@ -62,16 +50,16 @@ def parse_args(argv=None):
     p.add_argument("--masks", required=True, help=f"preset ({'|'.join([*PRESETS, MIXED])}) or a folder of mask "
                                                   "PNGs (white = hole)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--vae", default=None, help="SD autoencoder weights: the shared encoder, and 'vanilla'")
-    p.add_argument("--resolution", type=int, default=256, help="square side in pixels, a multiple of 8")
+    p.add_argument("--vae", type=existing, default=None, help="SD autoencoder weights: the shared encoder, and 'vanilla'")
+    p.add_argument("--resolution", type=multiple_of_8, default=256, help="square side in pixels, a multiple of 8")
     p.add_argument("--num-images", type=at_least(1), default=None, help="the first N images (default: all)")
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--seed", type=int, default=0, help="generated masks are fixed by it")
-    p.add_argument("--max-area", type=float, default=0.5, help="generated masks: redraw above this hole area")
+    p.add_argument("--max-area", type=fraction, default=0.5, help="generated masks: redraw above this hole area")
     p.add_argument("--save-masks", default=None, help="write the generated masks here (reuse: --masks DIR)")
     p.add_argument("--lpips-pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="LPIPS with the ImageNet VGG (--no-lpips-pretrained: untrained, offline smoke tests)")
-    p.add_argument("--inception-weights", default=None, help="FID weights file (default: the torch hub cache)")
+    p.add_argument("--inception-weights", type=existing, default=None, help="FID weights file (default: the torch hub cache)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="run checkpoints: use the EMA decoder (default: when present)")
     p.add_argument("--grid-images", type=at_least(1), default=4, help="images shown in grid.png")

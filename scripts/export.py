@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
+from ldm.cli import existing  # noqa: E402
 from ldm.keys import diffusers_config  # noqa: E402
 
 FORMATS = ("diffusers", "official", "decoder")
@@ -83,7 +84,7 @@ def export(checkpoint, out, fmt: str, ema=None) -> list[Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="run checkpoint, SD/ldm/official .ckpt/.safetensors, or folder")
+    parser.add_argument("checkpoint", type=existing, help="run checkpoint, SD/ldm/official .ckpt/.safetensors, or folder")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,

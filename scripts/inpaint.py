@@ -20,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from data import load_crop  # noqa: E402
+from ldm.cli import at_least, existing, existing_folder, multiple_of_8, non_negative  # noqa: E402
 
 
 class InpaintError(ValueError):
@@ -28,16 +29,16 @@ class InpaintError(ValueError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", required=True, help="exported diffusers AsymmetricAutoencoderKL folder")
-    p.add_argument("--pipeline", required=True, help="local Stable Diffusion inpainting pipeline folder")
-    p.add_argument("--image", required=True)
-    p.add_argument("--mask", required=True, help="white = hole (to be generated)")
+    p.add_argument("--vae", type=existing_folder, required=True, help="exported diffusers AsymmetricAutoencoderKL folder")
+    p.add_argument("--pipeline", type=existing_folder, required=True, help="local Stable Diffusion inpainting pipeline folder")
+    p.add_argument("--image", type=existing, required=True)
+    p.add_argument("--mask", type=existing, required=True, help="white = hole (to be generated)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--size", type=int, default=None, help="square side in pixels, a multiple of 8 "
+    p.add_argument("--steps", type=at_least(1), default=50)
+    p.add_argument("--guidance", type=non_negative, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--size", type=multiple_of_8, default=None, help="square side in pixels, a multiple of 8 "
                                                           "(default: the UNet's sample size x 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")

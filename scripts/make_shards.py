@@ -15,6 +15,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data.images import load_crop
+from ldm.cli import at_least, existing_folder
 from data.sources import image_suffix, list_image_files
 
 
@@ -52,9 +53,9 @@ def write_shards(files, root, out_dir, shard_size, prefix):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="image folder (searched recursively for jpg, jpeg, png, webp, bmp)")
+    parser.add_argument("src", type=existing_folder, help="image folder (searched recursively for jpg, jpeg, png, webp, bmp)")
     parser.add_argument("out", help="output folder for the .tar shards")
-    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--shard-size", type=at_least(1), default=1000, help="images per shard (default 1000)")
     parser.add_argument("--prefix", default="train", help="shard file name prefix (default train)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the file order shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted file order")

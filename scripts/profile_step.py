@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
+from ldm.cli import at_least  # noqa: E402
 from ldm.config import ConfigError  # noqa: E402
 from reference_steps import durations, mark, sync  # noqa: E402
 
@@ -57,13 +58,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", action="append", default=[], required=True, help="YAML over configs/base.yaml")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--steps", type=int, default=5, help="profiled steps (and as many for the phases)")
-    p.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (cuDNN autotuning, compilation)")
-    p.add_argument("--top", type=int, default=20, help="kernels listed")
+    p.add_argument("--steps", type=at_least(1), default=5, help="profiled steps (and as many for the phases)")
+    p.add_argument("--warmup", type=at_least(1), default=3, help="unprofiled steps first (cuDNN autotuning, compilation)")
+    p.add_argument("--top", type=at_least(1), default=20, help="kernels listed")
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (chrome://tracing, perfetto)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1:
-        p.error("--steps and --warmup must be at least 1")
     try:
         args.cfg = load(args.config, args.overrides)
     except ConfigError as err:  # a bad key or value: named, before any step runs

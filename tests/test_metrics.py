@@ -15,6 +15,7 @@ from ldm.metrics import (
     nanmean_dict,
     paste_back,
     region_metrics,
+    LABEL_HEIGHT,
     sample_grid,
     save_grid,
 )
@@ -187,10 +188,13 @@ def test_sample_grid_shape_and_panel_order():
     recon = image + 0.1
     grid = sample_grid(image, recon, mask, max_images=2)
     assert grid.dtype == torch.uint8
-    assert grid.shape == (3, 2 * (H + 2) + 2, 6 * (W + 2) + 2)  # 2 rows, 6 columns, padding 2
+    assert grid.shape == (3, LABEL_HEIGHT + 2 * (H + 2) + 2, 6 * (W + 2) + 2)  # labels, 2 rows, 6 columns, padding 2
+    header = grid[:, :LABEL_HEIGHT]
+    column = [header[:, :, 2 + c * (W + 2): 2 + (c + 1) * (W + 2) - 2] for c in range(6)]
+    assert all((c < 128).any() for c in column)  # each column's name is written (dark text on white)
 
     def tile(row, col):
-        y, x = 2 + row * (H + 2), 2 + col * (W + 2)
+        y, x = LABEL_HEIGHT + 2 + row * (H + 2), 2 + col * (W + 2)
         return grid[:, y : y + H, x : x + W]
 
     assert (tile(1, 2)[:, :8, :8] == 255).all() and (tile(1, 2)[:, 8:] == 0).all()  # mask: white hole

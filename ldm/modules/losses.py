@@ -99,6 +99,11 @@ def generator_loss(logits_fake):
     return -logits_fake.float().mean()
 
 
+def _wide(t):
+    """`t` in float32 at least: bf16/fp16 widened (their sums of squares overflow), float64 (tests) kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _balance(nll_norm, g_norm, max_weight, eps):
     """nll_norm / (g_norm + eps) in [0, max_weight]; 0 when a norm is not finite (fp16 overflow), without a host
     sync, so a bad step never injects NaN."""
@@ -117,8 +122,8 @@ def adaptive_weight(nll_loss, g_loss, last_layer, max_weight=1e4, eps=1e-4):
     nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     # norms in fp32: a bf16/fp16 grad's sum of squares can overflow or lose the ratio's precision
-    return _balance(torch.linalg.vector_norm(nll_grad.detach().float()),
-                    torch.linalg.vector_norm(g_grad.detach().float()), max_weight, eps)
+    return _balance(torch.linalg.vector_norm(_wide(nll_grad.detach())),
+                    torch.linalg.vector_norm(_wide(g_grad.detach())), max_weight, eps)
 
 
 def adaptive_weight_from_output_grads(conv_out, features, grad_nll, grad_g, max_weight=1e4, eps=1e-4):
@@ -128,9 +133,9 @@ def adaptive_weight_from_output_grads(conv_out, features, grad_nll, grad_g, max_
     pass through LPIPS or the discriminator (taming backpropagates each loss to W separately).
     """
     out = conv_out.out_channels
-    grads = torch.cat([grad_nll, grad_g], dim=1).float()  # both in one pass over the features: rows [:out], [out:]
+    grads = _wide(torch.cat([grad_nll, grad_g], dim=1))  # both in one pass over the features: rows [:out], [out:]
     shape = (2 * out, *conv_out.weight.shape[1:])
-    dw = torch.nn.grad.conv2d_weight(features.detach().float(), shape, grads, stride=conv_out.stride,
+    dw = torch.nn.grad.conv2d_weight(_wide(features.detach()).to(grads.dtype), shape, grads, stride=conv_out.stride,
                                      padding=conv_out.padding)
     return _balance(dw[:out].norm(), dw[out:].norm(), max_weight, eps)
 

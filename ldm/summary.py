@@ -52,8 +52,8 @@ def plot_curves(series: dict, out: Path) -> Path:
     return out
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
+def _fmt(name: str, value: float) -> str:
+    return f"{value:.2f}" if "psnr" in name else f"{value:.4f}"  # dB to 0.01
 
 
 def summarize(run_dir: Path, steps: int, max_steps: int, stopped_by=None) -> str:
@@ -67,7 +67,7 @@ def summarize(run_dir: Path, steps: int, max_steps: int, stopped_by=None) -> str
         points = [(s, v) for s, v in series.get(name, []) if math.isfinite(v)]
         if points:
             (s0, v0), (s1, v1) = points[0], points[-1]
-            lines.append(f"  {name}: {_fmt(v0)} after step {s0} -> {_fmt(v1)} after step {s1}")
+            lines.append(f"  {name}: {_fmt(name, v0)} after step {s0} -> {_fmt(name, v1)} after step {s1}")
     if not any(series.get(n) for n in SUMMARY_METRICS):
         lines.append("  no validation ran (trainer.val_check_interval is more than the steps run)")
     ckpts = run_dir / "checkpoints"

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from data import load_crop  # noqa: E402
-from ldm.cli import at_least, existing, existing_folder, multiple_of_8, non_negative  # noqa: E402
+from ldm.cli import at_least, existing, multiple_of_8, non_negative  # noqa: E402
 
 
 class InpaintError(ValueError):
@@ -29,8 +29,8 @@ class InpaintError(ValueError):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae", type=existing_folder, required=True, help="exported diffusers AsymmetricAutoencoderKL folder")
-    p.add_argument("--pipeline", type=existing_folder, required=True, help="local Stable Diffusion inpainting pipeline folder")
+    p.add_argument("--vae", required=True, help="exported diffusers AsymmetricAutoencoderKL folder")
+    p.add_argument("--pipeline", required=True, help="local Stable Diffusion inpainting pipeline folder")
     p.add_argument("--image", type=existing, required=True)
     p.add_argument("--mask", type=existing, required=True, help="white = hole (to be generated)")
     p.add_argument("--prompt", required=True)

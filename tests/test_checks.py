@@ -154,8 +154,8 @@ SCRIPTS = [  # (module, argv, the flag and what it must be)
     ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--vae", "/nowhere"],
      "--vae: /nowhere: no such file or folder"),
     ("export", ["/nowhere.ckpt", "--out", "o", "--format", "diffusers"], "checkpoint: /nowhere.ckpt: no such file"),
-    ("inpaint", ["--vae", "/nowhere", "--pipeline", ".", "--image", "a", "--mask", "b", "--prompt", "p", "--out", "o"],
-     "--vae: /nowhere: no such folder"),
+    ("inpaint", ["--vae", ".", "--pipeline", ".", "--image", "/nowhere.png", "--mask", "README.md", "--prompt", "p",
+                 "--out", "o"], "--image: /nowhere.png: no such file or folder"),  # before the pipeline loads
     ("inpaint", ["--vae", ".", "--pipeline", ".", "--image", "README.md", "--mask", "README.md", "--prompt", "p",
                  "--out", "o", "--steps", "0"], "--steps: 0: must be at least 1"),
     ("make_shards", ["/nowhere", "out"], "src: /nowhere: no such folder"),

@@ -215,3 +215,26 @@ def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_
     else:
         with pytest.raises(ValueError, match="official holds 4-channel VAEs"):
             export.export(ckpt, tmp_path / "official", "official")
+
+
+def test_eval_takes_a_vae_of_any_family(families, tmp_path, capsys):
+    """scripts/eval.py with FLUX's ae.safetensors as --vae: vanilla and a FLUX decoder; a 4-channel one refused."""
+    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    tiny = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
+    export = _export_script()
+    for base in ("flux", "sd1"):
+        torch.manual_seed(0)
+        export.save_decoder(jitter(AsymmetricAutoencoderKL(**{**base_kwargs(base), **tiny}), 0), tmp_path / base)
+    _, _, single = families["flux"]
+    args = ["--decoder", str(tmp_path / "flux"), "--decoder", "vanilla", "--vae", str(single), "--data", "sample",
+            "--masks", "medium", "--resolution", "32", "--num-images", "2", "--batch-size", "2", "--workers", "0",
+            "--no-lpips-pretrained", "--out", str(tmp_path / "eval")]
+    assert evaluate.main(args) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert "vanilla" in json.dumps(results) and (tmp_path / "eval" / "grid.png").is_file()
+    args[1] = str(tmp_path / "sd1")
+    capsys.readouterr()
+    assert evaluate.main(args) == 2
+    assert "decodes 4 latent channels (base sd1), --vae" in capsys.readouterr().err

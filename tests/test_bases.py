@@ -238,3 +238,30 @@ def test_eval_takes_a_vae_of_any_family(families, tmp_path, capsys):
     capsys.readouterr()
     assert evaluate.main(args) == 2
     assert "decodes 4 latent channels (base sd1), --vae" in capsys.readouterr().err
+
+
+def test_latent_cache_of_a_16_channel_base_holds_its_posterior(families, tmp_path):
+    """scripts/cache_latents.py with configs/bases/flux.yaml and FLUX's ae.safetensors: (16, R/8, R/8) posteriors."""
+    import io
+    import sys
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import cache_latents
+    _, _, single = families["flux"]
+    args = ["-c", str(ROOT / "configs" / "x1.yaml"), "-c", str(ROOT / "configs" / "bases" / "flux.yaml"),
+            f"model.vae_ckpt={single}", "model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1",
+            "model.autoencoder.encoder_ch=32", "model.autoencoder.encoder_num_res_blocks=1", "data.resolution=32",
+            "--out", str(tmp_path), "--workers", "0", "--limit", "2", "--batch-size", "2"]
+    assert cache_latents.main(args) == 0
+    samples = list(wds.tarfile_samples({"url": str(u)} for u in sorted(tmp_path.glob("*.tar"))))
+    assert len(samples) == 2
+    vae = load_autoencoder(single)
+    for s in samples:
+        mean = torch.from_numpy(np.load(io.BytesIO(s["mean.npy"])))
+        assert mean.shape == (16, 4, 4)
+        crop = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])), dtype=np.float32)).permute(2, 0, 1)
+        with torch.no_grad():
+            assert (vae.encode(crop[None] / 127.5 - 1).mean[0] - mean).abs().max() < 1e-4

@@ -149,7 +149,7 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
         from ldm.convert import load_into, read_checkpoint
         try:
             src = read_checkpoint(cfg.model.vae_ckpt)
-            check_base(f"model.vae_ckpt {cfg.model.vae_ckpt}", src.config, to_container(cfg.model.autoencoder),
+            check_base(str(cfg.model.vae_ckpt), src.config, to_container(cfg.model.autoencoder),
                        read_bases(ROOT / "configs" / "bases"))  # a VAE of another family: refused, naming both
             report = load_into(vae, src)
         except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder

@@ -1,8 +1,9 @@
 """Latent caches (scripts/cache_latents.py): shards of fixed crops with the frozen encoder's posterior.
 
-A cache sample holds "png" (the (R, R, 3) crop, lossless), "mean.npy" and "logvar.npy" (float32 (C, R/8, R/8),
-C the base's latent channels: the posterior of that crop, logvar clamped as DiagonalGaussianDistribution does) and "json" (the crop box in
-source pixels, flip, the source key, the resolution and the encoder's weight fingerprint). Training on a cache
+A cache sample holds "png" (the (R, R, 3) crop, lossless), "mean.npy" and "logvar.npy" (float32
+(C, R/8, R/8), C the base's latent channels: the posterior of that crop, logvar clamped as
+DiagonalGaussianDistribution does) and "json" (the crop box in source pixels, flip, the source key, the
+resolution and the encoder's weight fingerprint). Training on a cache
 reads the crop as stored (no new crop or flip), draws a fresh mask, and skips the encoder.
 """
 import hashlib

@@ -1,4 +1,5 @@
-"""Tiny random inpainting pipelines of the four bases, saved with save_pretrained, tokenizers written to disk (no hub)."""
+"""Tiny random inpainting pipelines of the four bases, saved with save_pretrained; tokenizers written to disk
+(no hub)."""
 import json
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import torch
 CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=32)
 UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=8, norm_num_groups=32)
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=32)
 
 
 def clip_tokenizer(folder: Path):
@@ -27,7 +28,8 @@ def t5_tokenizer(folder: Path):
     """A unigram T5 tokenizer over a few words (tokenizer.json from the `tokenizers` library), as T5's own."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import T5TokenizerFast
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in "a an the cat dog".split()]
+    words = "a an the cat dog".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(f"\u2581{w}", -1.0) for w in words]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import CSVLogger
 from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
+from ldm.bases import check_base, read_bases
 from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StepProgressBar, StopOnNonFinite
 from ldm.checks import pointless
 from ldm.checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
@@ -156,9 +157,12 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
     vae = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
     warm_keys = []
     if cfg.model.vae_ckpt:
-        from ldm import load_into
+        from ldm.convert import load_into, read_checkpoint
         try:
-            report = load_into(vae, cfg.model.vae_ckpt)
+            src = read_checkpoint(cfg.model.vae_ckpt)
+            check_base(str(cfg.model.vae_ckpt), src.config, to_container(cfg.model.autoencoder),
+                       read_bases(ROOT / "configs" / "bases"))  # a VAE of another family: refused, naming both
+            report = load_into(vae, src)
         except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder
             raise ConfigError(f"model.vae_ckpt: {err}") from None
         warm_keys = [k for k in report.loaded if k.startswith("decoder.")]

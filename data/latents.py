@@ -1,8 +1,9 @@
 """Latent caches (scripts/cache_latents.py): shards of fixed crops with the frozen encoder's posterior.
 
-A cache sample holds "png" (the (R, R, 3) crop, lossless), "mean.npy" and "logvar.npy" (float32 (4, R/8, R/8):
-the posterior of that crop, logvar clamped as DiagonalGaussianDistribution does) and "json" (the crop box in
-source pixels, flip, the source key, the resolution and the encoder's weight fingerprint). Training on a cache
+A cache sample holds "png" (the (R, R, 3) crop, lossless), "mean.npy" and "logvar.npy" (float32
+(C, R/8, R/8), C the base's latent channels: the posterior of that crop, logvar clamped as
+DiagonalGaussianDistribution does) and "json" (the crop box in source pixels, flip, the source key, the
+resolution and the encoder's weight fingerprint). Training on a cache
 reads the crop as stored (no new crop or flip), draws a fresh mask, and skips the encoder.
 """
 import hashlib
@@ -134,7 +135,7 @@ def check_cache(source, resolution, flip, encoder=None):
 class LatentCacheTrain(ImageMaskTrain):
     """ImageMaskTrain over a latent cache: stored crops (no new crop or flip), fresh masks, cached posteriors.
 
-    Samples add "mean" and "logvar" (float32 (4, R/8, R/8)). Every sample's resolution, and its encoder
+    Samples add "mean" and "logvar" (float32 (C, R/8, R/8)). Every sample's resolution, and its encoder
     fingerprint when `encoder` is given, must match the run's (else LatentCacheError: not a skipped file).
     """
 
@@ -151,6 +152,6 @@ class LatentCacheTrain(ImageMaskTrain):
         with open_image(raw["png"]) as img:
             pixels = np.array(img.convert("RGB"))
         sample = to_sample(pixels, mask, key)
-        sample["mean"] = torch.from_numpy(np.load(io.BytesIO(raw["mean.npy"])))  # (4, R/8, R/8)
+        sample["mean"] = torch.from_numpy(np.load(io.BytesIO(raw["mean.npy"])))  # (C, R/8, R/8)
         sample["logvar"] = torch.from_numpy(np.load(io.BytesIO(raw["logvar.npy"])))
         return sample

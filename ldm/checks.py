@@ -127,6 +127,13 @@ RULES = [
     ("model.autoencoder.encoder_num_res_blocks", POSITIVE),
     ("model.autoencoder.z_channels", POSITIVE),
     ("model.autoencoder.embed_dim", POSITIVE),
+    ("model.autoencoder.embed_dim", Rule(  # without quant convs the latent is the encoder's z itself
+        lambda at: f"equal to model.autoencoder.z_channels ({at('.z_channels')}) when use_quant_conv is false",
+        lambda v, at: at(".use_quant_conv") or v == at(".z_channels"))),
+    ("model.autoencoder.scaling_factor", between(0, math.inf, lo_open=True, hi_open=True)),
+    ("model.autoencoder.shift_factor", value("a finite number", _is_number)),
+    ("model.autoencoder.base", value("a non-empty name (sd1, sdxl, sd3, flux: configs/bases/)",
+                                     lambda v: isinstance(v, str) and v.strip() != "")),
     ("model.compile", value("null, true, false or a torch.compile backend name",
                             lambda v: v is None or isinstance(v, (bool, str)))),  # the backend: train.py
     ("data.source", value("a non-empty string", lambda v: isinstance(v, str) and v != "")),
@@ -217,6 +224,7 @@ RULES = [
 ]
 # leaves whose type (checked by load_config) is their whole domain
 ANY_VALUE_OF_ITS_TYPE = ("model.autoencoder.use_condition", "model.autoencoder.gradient_checkpointing",
+                         "model.autoencoder.use_quant_conv",
                          "model.sample_posterior", "model.channels_last", "data.flip", "perceptual.pretrained",
                          "run.overwrite")
 

@@ -102,6 +102,18 @@ def _drop_by_name(path: Path, state: dict) -> tuple[dict, list, list]:
     return keep, dropped, skipped
 
 
+QUANT_CONVS = ("quant_conv", "post_quant_conv")
+
+
+def _is_identity(weight, bias) -> bool:
+    """Whether a 1x1 conv is exactly the identity: how a diffusers export holds "no quant convs" (SD3, FLUX.1)."""
+    if weight is None or bias is None or weight.ndim != 4 or weight.shape[0] != weight.shape[1] \
+            or weight.shape[2:] != (1, 1):
+        return False
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype)
+    return torch.equal(weight[:, :, 0, 0], eye) and not bias.any()
+
+
 def _from_state(path: Path, state: dict, top: dict) -> Source:
     """Classify a flat state dict (SD, ldm, official, run, diffusers keys) into a Source."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -123,6 +135,8 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if stray:
         log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
         sub = {k: v for k, v in sub.items() if k.split(".")[0] in PARTS}
+    if all(_is_identity(sub.get(f"{name}.weight"), sub.get(f"{name}.bias")) for name in QUANT_CONVS):
+        sub = {k: v for k, v in sub.items() if k.split(".")[0] not in QUANT_CONVS}  # an export's stand-ins
     config = infer_config(sub, str(path))
     declared = top.get("config")  # run checkpoints and official exports: config["model"]["autoencoder"]
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
@@ -272,7 +286,8 @@ def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
 
 
 def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
-    """Load the weights of any readable checkpoint into an already-built model, restricted to `parts`.
+    """Load the weights of any readable checkpoint (a path, or a Source read_checkpoint returned) into an
+    already-built model, restricted to `parts`.
 
     Tensors must fit exactly (else CheckpointError naming the first key and both shapes). SD-only weights
     load the encoder and quant convs, and the decoder core only where its layout is exactly SD's.
@@ -281,7 +296,8 @@ def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[b
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"load_into: unknown parts {sorted(unknown)}; choose from {PARTS}")
-    report = _apply(model, read_checkpoint(path, ema), tuple(parts))
+    src = path if isinstance(path, Source) else read_checkpoint(path, ema)
+    report = _apply(model, src, tuple(parts))
     log.info("%s", report)
     return report
 

@@ -129,6 +129,8 @@ def infer_config(state: dict, where: str) -> dict:
                       z_channels=state["decoder.conv_in.weight"].shape[1])
         if "post_quant_conv.weight" in state:
             kw["embed_dim"] = state["post_quant_conv.weight"].shape[1]
+        elif "z_channels" in kw:  # no quant convs (SD3, FLUX.1): z goes straight into the decoder
+            kw.update(embed_dim=kw["z_channels"], use_quant_conv=False)
         return kw
     except (KeyError, IndexError) as err:
         raise CheckpointError(f"{where}: incomplete autoencoder weights, missing {err}") from None
@@ -140,7 +142,7 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     down = cfg["down_block_out_channels"] if asym else cfg["block_out_channels"]
     up = cfg["up_block_out_channels"] if asym else cfg["block_out_channels"]
     checks = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
-              "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+              "mid_block_add_attention": True, "use_post_quant_conv": cfg.get("use_quant_conv", True)}
     for key, want in checks.items():
         if cfg.get(key, want) != want:
             raise CheckpointError(f"{where}: config.json has {key}={cfg[key]!r}; this model needs {want!r}")
@@ -150,8 +152,11 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     layers_down = cfg["layers_per_down_block"] if asym else cfg["layers_per_block"]
     layers_up = cfg["layers_per_up_block"] if asym else cfg["layers_per_block"]
     z = cfg.get("latent_channels", 4)
+    # use_quant_conv is read off the weights (absent, or identity 1x1 convs in an export: ldm/convert.py)
+    factors = {k: float(cfg.get(k) or 0.0) for k in ("scaling_factor", "shift_factor") if k in cfg}
     return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
-                encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z)
+                encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z,
+                **factors, **({"base": cfg["base"]} if cfg.get("base") else {}))
 
 
 def diffusers_config(kw: dict) -> dict:
@@ -174,4 +179,7 @@ def diffusers_config(kw: dict) -> dict:
             "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
             "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
             "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
-            "scaling_factor": 0.18215}
+            # shift_factor and base are not AsymmetricAutoencoderKL arguments: diffusers ignores them (with a
+            # log line), a reader learns what the latents are: z = latents / scaling_factor + shift_factor
+            "scaling_factor": kw.get("scaling_factor", 0.18215), "shift_factor": kw.get("shift_factor", 0.0),
+            "base": kw.get("base")}

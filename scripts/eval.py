@@ -168,6 +168,9 @@ def load_decoder(spec, name, vae, device, ema) -> Decoder:
         warnings.filterwarnings("ignore", message=".*decoder export.*")  # handled below
         model = load_autoencoder(spec, device=device, ema=ema)
     report = model.load_report
+    if vae is not None and model.config["embed_dim"] != vae.config["embed_dim"]:
+        raise EvalError(f"--decoder {spec}: decodes {model.config['embed_dim']} latent channels (base "
+                        f"{model.config.get('base')}), --vae {vae.load_report.path} encodes {vae.config['embed_dim']}")
     if report.format == "decoder" and vae is None:
         raise EvalError(f"--decoder {spec}: a decoder export has no encoder; pass --vae (the SD weights)")
     branch = not any(k.startswith("decoder.encoder.") for k in report.fresh)  # an untrained branch stays off

@@ -2,8 +2,11 @@
 
     python scripts/export.py CHECKPOINT --out DIR --format diffusers|official|decoder [--ema | --no-ema]
 
-diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (diffusers.AsymmetricAutoencoderKL);
+diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (diffusers.AsymmetricAutoencoderKL; a VAE
+           without quant convs (sd3, flux) gets identity 1x1 convs; config.json names the base and its
+           scaling_factor and shift_factor);
 official:  DIR/model.ckpt, {"state_dict": official ldm keys, "config": {"model": {"autoencoder": kwargs}}};
+           4-channel bases with quant convs only (sd1, sdxl);
 decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json.
 Only weights and config are written; each file atomically (temp file, then os.replace).
 """
@@ -44,12 +47,24 @@ def _json(path: Path, obj: dict) -> Path:
     return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def identity_quant_convs(z_channels: int) -> dict:
+    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
+    how diffusers' AsymmetricAutoencoderKL, which always has both, holds a VAE without them (SD3, FLUX.1)."""
+    def eye(n):
+        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
+    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
+            for k, v in eye(n).items()}
+
+
 def save_diffusers(model, out) -> list[Path]:
     """A folder diffusers.AsymmetricAutoencoderKL.from_pretrained reads with no missing/unexpected keys."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = diffusers_config(model.config)
-    weights = _tensors(ldm_to_diffusers(model.state_dict()))
+    state = model.state_dict()
+    if not model.config["use_quant_conv"]:
+        state = {**state, **identity_quant_convs(model.config["z_channels"])}
+    weights = _tensors(ldm_to_diffusers(state))
     return [_atomic(out / "diffusion_pytorch_model.safetensors",
                     lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})),
             _json(out / "config.json", config)]
@@ -57,6 +72,11 @@ def save_diffusers(model, out) -> list[Path]:
 
 def save_official(model, out) -> list[Path]:
     """A Lightning-style checkpoint in the official key layout (what the official code loads)."""
+    if not model.config["use_quant_conv"] or model.config["z_channels"] != 4:
+        raise CheckpointError(f"--format official holds 4-channel VAEs with quant convs (sd1, sdxl); this model "
+                              f"({model.config.get('base') or 'unnamed base'}: {model.config['z_channels']} latent "
+                              f"channels, use_quant_conv={model.config['use_quant_conv']}) has another layout: use "
+                              f"--format diffusers or decoder")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = {"state_dict": _tensors(model.state_dict()), "config": {"model": {"autoencoder": model.config}}}

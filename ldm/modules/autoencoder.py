@@ -17,23 +17,32 @@ PRESETS = {
 class AsymmetricAutoencoderKL(nn.Module):
     """encode(x) -> posterior; decode(z, image, mask) -> image. Parameter names follow the ldm layout.
 
-    Images are in [-1, 1], (B,3,H,W) with H, W multiples of 8; latents (B,4,H/8,W/8) without the SD
-    scale 0.18215 (the diffusion pipeline applies it). Masks are (B,1,H,W), 1 = hole, 0 = known.
+    Images are in [-1, 1], (B,3,H,W) with H, W multiples of 8; latents (B,embed_dim,H/8,W/8) without the
+    base's scale and shift (the diffusion pipeline applies them: it sees (z - shift_factor) * scaling_factor).
+    Masks are (B,1,H,W), 1 = hole, 0 = known. A base (configs/bases/) sets z_channels = embed_dim,
+    use_quant_conv (false: no 1x1 convs around the latent, as SD3 and FLUX.1), the factors and its name;
+    the factors and the name are carried into checkpoints and exports, never used here.
     """
 
     def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  use_condition: bool = True, gradient_checkpointing: bool = False,
                  encoder_ch: int = 128, encoder_ch_mult: Sequence[int] = (1, 2, 4, 4),
-                 encoder_num_res_blocks: int = 2, z_channels: int = 4, embed_dim: int = 4):
+                 encoder_num_res_blocks: int = 2, z_channels: int = 4, embed_dim: int = 4,
+                 use_quant_conv: bool = True, scaling_factor: float = 0.18215, shift_factor: float = 0.0,
+                 base: Optional[str] = None):
         super().__init__()
+        if not use_quant_conv and embed_dim != z_channels:
+            raise ValueError(f"use_quant_conv=False needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
         self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            use_condition=use_condition, encoder_ch=encoder_ch,
                            encoder_ch_mult=list(encoder_ch_mult),
                            encoder_num_res_blocks=encoder_num_res_blocks, z_channels=z_channels,
-                           embed_dim=embed_dim)
+                           embed_dim=embed_dim, use_quant_conv=use_quant_conv,
+                           scaling_factor=float(scaling_factor), shift_factor=float(shift_factor), base=base)
         self.encoder = Encoder(encoder_ch, encoder_ch_mult, encoder_num_res_blocks, z_channels=z_channels)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        # without quant convs the encoder's moments (B, 2*z, h, w) are the posterior and z goes straight in
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1) if use_quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1) if use_quant_conv else nn.Identity()
         self.decoder = AsymmetricDecoder(ch, ch_mult, num_res_blocks, z_channels=z_channels,
                                          use_condition=use_condition,
                                          gradient_checkpointing=gradient_checkpointing)

@@ -18,6 +18,7 @@ others, runs this command with --report-only.
 """
 import argparse
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,13 +73,16 @@ def make_plan(args) -> Plan:
 
 
 def eval_argv(plan, base, configs) -> list:
-    """eval.py's arguments: every variant's last checkpoint; data, resolution and LPIPS from the base config,
-    which the plan's eval flags (given later, so they win) may change."""
+    """eval.py's arguments: every variant's last checkpoint; the images, resolution and LPIPS from the base
+    config and masks `mixed`, unless the plan's eval flags give them."""
     argv = [a for name in configs for a in ("--decoder", str(plan.run_dir(name) / "checkpoints" / "last.ckpt"),
                                             "--name", name)]
     data = base.data.val_source if base.data.val_source is not None else base.data.source
-    argv += ["--data", str(data), "--masks", "mixed", "--resolution", str(base.data.resolution),
-             "--lpips-pretrained" if base.perceptual.pretrained else "--no-lpips-pretrained"]
+    given = {a.split("=")[0] for a in plan.eval_args}
+    defaults = [("--data", str(data)), ("--masks", "mixed"), ("--resolution", str(base.data.resolution))]
+    argv += [a for flag, value in defaults if flag not in given for a in (flag, value)]
+    if not given & {"--lpips-pretrained", "--no-lpips-pretrained"}:
+        argv.append("--lpips-pretrained" if base.perceptual.pretrained else "--no-lpips-pretrained")
     return argv + ["--out", str(plan.out / REPORT), *plan.eval_args]
 
 
@@ -92,7 +96,7 @@ def train_locally(plan, configs) -> int:
         print(f"ablate: {name}: {'resuming at step %d' % step if step else 'training'} to step {total}", flush=True)
         cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(plan.run_dir(name) / "config.yaml"),
                "--name", name, "--resume", "auto"]
-        code = subprocess.run(cmd).returncode
+        code = run_forwarding_signals(cmd)
         if code:
             print(f"error: ablate: variant '{name}': train.py exited with code {code}", file=sys.stderr)
             return code
@@ -101,6 +105,19 @@ def train_locally(plan, configs) -> int:
                   file=sys.stderr)
             return 1
     return 0
+
+
+def run_forwarding_signals(cmd) -> int:
+    """Run `cmd`, passing SIGTERM and SIGUSR1 on to it (train.py then saves its step and exits; a second one
+    changes nothing), so that stopping this script stops the variant in training instead of orphaning it."""
+    child = subprocess.Popen(cmd)
+    forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+               for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return child.wait()
+    finally:
+        for sig, previous in forward.items():
+            signal.signal(sig, previous)
 
 
 def sbatch(options: list, *args) -> str:

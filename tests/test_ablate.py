@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -252,3 +253,13 @@ def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
     fresh = run_ablate(ref)
     assert "no_condition: training to step 6" in fresh.stdout and fresh.stdout.count("), skipped") == 2
     assert table(ref) == rows
+
+
+def test_a_signal_to_ablate_reaches_the_variant_in_training():
+    """SIGTERM to ablate.py goes on to its train.py (which saves its step and exits) instead of orphaning it."""
+    child = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\ntime.sleep(60)"
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.time()
+    assert ablate.run_forwarding_signals([sys.executable, "-c", child]) == 7
+    assert time.time() - started < 30 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

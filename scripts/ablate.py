@@ -134,21 +134,38 @@ def submit(plan, configs, argv, args) -> int:
         raise ConfigError(f"--slurm: {SBATCH} not found")
     ids = []
     for name, cfg in configs.items():
-        step = progress(plan.run_dir(name))
+        run_dir = plan.run_dir(name)
+        step, job = progress(run_dir), queued(run_dir)
         if step >= cfg.trainer.max_steps:
             print(f"ablate: {name}: finished (step {step}), not submitted", flush=True)
             continue
-        run_dir = plan.run_dir(name)
-        ids.append(sbatch([f"--job-name={plan.name}.{name}", f"--output={run_dir}/slurm-%j.out",
-                           *shlex.split(args.sbatch)], str(SBATCH), "-c", str(run_dir / "config.yaml"),
-                          "--name", name, f"run.log_dir={plan.out}"))
-        print(f"ablate: {name}: submitted job {ids[-1]}", flush=True)
+        if job:  # submitted before and still pending or running: a second job would train the same folder
+            print(f"ablate: {name}: already in the queue as job {job}", flush=True)
+        else:
+            job = sbatch([f"--job-name={plan.name}.{name}", f"--output={run_dir}/slurm-%j.out",
+                          *shlex.split(args.sbatch)], str(SBATCH), "-c", str(run_dir / "config.yaml"),
+                         "--name", name, f"run.log_dir={plan.out}")
+            (run_dir / "slurm_job").write_text(job + "\n")
+            print(f"ablate: {name}: submitted job {job}", flush=True)
+        ids.append(job)
     report = shlex.join([sys.executable, str(Path(__file__).resolve()), *report_argv(argv)])
     after = [f"--dependency=afterany:{':'.join(ids)}"] if ids else []
     job = sbatch([*after, f"--job-name={plan.name}.report", f"--output={plan.out}/report-%j.out",
                   *shlex.split(args.sbatch_report)], "--wrap", report)
     print(f"ablate: report job {job} (after {', '.join(ids) or 'nothing'}): {plan.out / REPORT}", flush=True)
     return 0
+
+
+def queued(run_dir: Path):
+    """The id of the job last submitted for this run if SLURM still has it pending or running, else None."""
+    path = run_dir / "slurm_job"
+    if not path.is_file():
+        return None
+    job = path.read_text().strip()
+    out = subprocess.run(["squeue", "--noheader", "--jobs", job, "--format=%T"], capture_output=True, text=True)
+    alive = out.returncode == 0 and out.stdout.strip() in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
+                                                            "SUSPENDED", "COMPLETING")
+    return job if alive else None
 
 
 def report_argv(argv) -> list:

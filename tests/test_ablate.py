@@ -150,12 +150,15 @@ def test_report_only_refuses_unfinished_variants(tmp_path, monkeypatch, capsys):
 
 
 def test_slurm_submits_a_job_per_unfinished_variant_then_the_report_after_them(tmp_path, monkeypatch, capsys):
-    calls = []
+    calls, ids = [], iter(range(101, 200))
 
     def fake_sbatch(cmd, **kwargs):
+        if cmd[0] == "squeue":  # job 102 (l2's) is still running at the second submission
+            state = "RUNNING" if cmd[cmd.index("--jobs") + 1] == "102" else ""
+            return subprocess.CompletedProcess(cmd, 0, stdout=state + "\n", stderr="")
         assert cmd[:2] == ["sbatch", "--parsable"], cmd
         calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout=f"{100 + len(calls)}\n", stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"{next(ids)}\n", stderr="")
 
     script = tmp_path / "train.sbatch"
     script.write_text("#!/bin/bash\n")
@@ -180,6 +183,10 @@ def test_slurm_submits_a_job_per_unfinished_variant_then_the_report_after_them(t
     for name in ("no_gan", "l2"):  # written before submission: what the job trains
         assert OmegaConf.load(out / name / "config.yaml").run.log_dir == str(out)
     assert "report job 103 (after 101, 102)" in capsys.readouterr().out
+    calls.clear()  # again: no_gan's job 101 has left the queue unfinished, l2's is still running
+    assert ablate.main(argv) == 0
+    assert [c[2] for c in calls] == ["--job-name=ablation.no_gan", "--dependency=afterany:104:102"]
+    assert "l2: already in the queue as job 102" in capsys.readouterr().out
 
 
 # ---- end to end ----------------------------------------------------------------------------------------

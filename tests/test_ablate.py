@@ -3,7 +3,6 @@ resumed or refused, SLURM submission lines, and a three-variant ablation end to 
 import csv
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -203,8 +202,7 @@ def run_ablate(out, *extra, check=True, **popen):
     return proc
 
 
-# the GAN on from step 3 (no_gan differs); an epoch of 2 steps, so that the checkpoints fall on epoch ends: a pass's
-# crops and masks are drawn from (epoch, step at its start), so a run resumed mid-epoch would see other ones
+# the GAN on from step 3: no_gan differs
 STEPS = ["trainer.max_steps=6", "run.checkpoint_every_n_steps=2", "trainer.val_check_interval=6",
          "loss.disc_start=2", "data.epoch_length=4"]
 EVAL = ["--eval", "--num-images 3 --batch-size 3 --grid-images 2 --masks medium"]
@@ -217,8 +215,9 @@ def table(out):
 
 @pytest.mark.slow
 def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
-    """About 1.5 min on 2 quiet cores: three 6-step trainings, one killed at its step-2 checkpoint and
-    resumed, the evaluation; then the killed variant trained again uninterrupted: the same table."""
+    """Three 6-step trainings, one killed at its step-2 checkpoint and resumed, the evaluation; then the same
+    command again: nothing trains, the same table. (The resumed variant's numbers are not an uninterrupted
+    run's: a resumed pass draws other crops and masks, see README, Ablations.)"""
     out = tmp_path / "abl"
     proc = run_ablate(out, start_new_session=True)
     second = out / "no_condition" / "checkpoints" / "step00000002.ckpt"
@@ -253,13 +252,6 @@ def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
 
     again = run_ablate(out)  # everything finished: nothing trains, the same table
     assert again.stdout.count("), skipped") == 3 and table(out) == rows
-
-    ref = tmp_path / "ref"  # the same ablation with the second variant trained without interruption
-    shutil.copytree(out, ref, ignore=shutil.ignore_patterns("report"))
-    shutil.rmtree(ref / "no_condition")
-    fresh = run_ablate(ref)
-    assert "no_condition: training to step 6" in fresh.stdout and fresh.stdout.count("), skipped") == 2
-    assert table(ref) == rows
 
 
 def test_a_signal_to_ablate_reaches_the_variant_in_training():

@@ -60,20 +60,31 @@ def _kind(node) -> str:
 
 
 def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> DictConfig:
-    """Merge `files` then `key=value` overrides over `base`; unknown keys, wrong types and values out of their
-    domain (ldm/checks.py) raise ConfigError."""
-    cfg = _load(base)
-    nullable = _null_keys(cfg) | set(NULLABLE)
-    layers = [(str(f), _load(f)) for f in files]
+    """Merge `files` then `key=value` overrides over `base`; unknown keys, wrong types and values out of
+    their domain (ldm/checks.py) raise ConfigError."""
+    layers = [(str(f), load_file(f)) for f in files]
+    overrides = list(overrides)
+    if overrides:
+        layers.append(("command line", dotlist(overrides)))
+    return merge_layers(base, layers)
+
+
+def dotlist(overrides: Iterable[str]) -> DictConfig:
+    """`key=value` items as one config layer."""
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-    if overrides:
-        try:
-            layers.append(("command line", OmegaConf.from_dotlist(overrides)))
-        except Exception as err:  # omegaconf's grammar errors
-            raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except Exception as err:  # omegaconf's grammar errors
+        raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
+
+
+def merge_layers(base: str | Path, layers: Iterable[tuple[str, DictConfig]]) -> DictConfig:
+    """Merge (source, layer) pairs over the `base` file in order, each checked strictly (errors name the source)."""
+    cfg = load_file(base)
+    nullable = _null_keys(cfg) | set(NULLABLE)
     for source, layer in layers:
         try:
             _check_types(cfg, layer, nullable)
@@ -85,7 +96,7 @@ def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: I
     return cfg
 
 
-def _load(path: str | Path) -> DictConfig:
+def load_file(path: str | Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

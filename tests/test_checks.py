@@ -166,7 +166,6 @@ SCRIPTS = [  # (module, argv, the flag and what it must be)
     ("make_shards", [".", "out", "--shard-size", "0"], "--shard-size: 0: must be at least 1"),
     ("cache_latents", ["--out", "o", "--crops-per-image", "0"], "--crops-per-image: 0: must be at least 1"),
     ("cache_latents", ["--out", "o", "--workers", "x"], "--workers: 'x' is not an integer"),
-    ("compare_condition", ["--steps", "0"], "--steps: 0: must be at least 1"),
     ("profile_step", ["-c", "configs/demo.yaml", "--warmup", "0"], "--warmup: 0: must be at least 1"),
     ("benchmark_data", ["--resolution", "100"], "--resolution: 100: must be a positive multiple of 8"),
 ]

@@ -1,9 +1,8 @@
-"""scripts/eval.py, ldm/evaluation.py, scripts/inpaint.py, scripts/compare_condition.py on tiny random models."""
+"""scripts/eval.py, ldm/evaluation.py, scripts/inpaint.py on tiny random models (scripts/ablate.py: test_ablate.py)."""
 import csv
 import importlib.util
 import json
 import math
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -143,7 +142,7 @@ def test_a_bad_device_exits_2_naming_the_flag(models, tmp_path, capsys):
         assert f"eval: --device {device}: " in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["eval", "inpaint", "compare_condition"])
+@pytest.mark.parametrize("name", ["eval", "inpaint", "ablate"])
 def test_usage_lines_stay_apart_in_help(name):
     """A usage line continued with a backslash keeps it: a single one in the docstring would join the lines."""
     usage = [line for line in script(name).__doc__.splitlines() if line.startswith("    python scripts/")]
@@ -237,7 +236,7 @@ def test_missing_inception_weights_give_a_note_naming_file_and_folder(tmp_path, 
     assert inception_weights() == (tmp_path / "checkpoints" / INCEPTION_FILE, None)
 
 
-# ---- inpaint.py and compare_condition.py ------------------------------------------------------------------
+# ---- inpaint.py ------------------------------------------------------------------------------------------
 def tiny_pipeline_folder(folder):
     """A random StableDiffusionInpaintPipeline (64 px, 9-channel UNet) saved with save_pretrained, offline."""
     import diffusers
@@ -284,43 +283,6 @@ def test_inpaint_script_end_to_end_with_tiny_components(tmp_path, capsys):
     args[args.index("--pipeline") + 1] = str(tmp_path / "nowhere")
     assert inpaint.main(args) == 2
     assert f"--pipeline {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
-
-
-def test_compare_condition_trains_both_identically_then_prints_known_region_psnr(tmp_path, monkeypatch, capsys):
-    compare = script("compare_condition")
-    commands = []
-
-    real_run = subprocess.run
-
-    def fake_train(cmd, **kwargs):  # stands in for train.py: writes the run's last checkpoint
-        if "--name" not in cmd:
-            return real_run(cmd, **kwargs)  # eval.py's `git rev-parse`
-        commands.append(cmd)
-        name = cmd[cmd.index("--name") + 1]
-        save_run(tiny(0, use_condition=name == "demo_asym"), tmp_path / name / "checkpoints" / "last.ckpt")
-        return subprocess.CompletedProcess(cmd, 0)
-
-    monkeypatch.setattr(compare.subprocess, "run", fake_train)
-    masks = tmp_path / "masks"  # a mask folder (white = hole): the other way to fix the masks
-    masks.mkdir()
-    for i, box in enumerate([(0, 0, 8, 8), (4, 4, 16, 12)]):
-        hole = Image.new("L", (32, 32), 0)  # resized (nearest) to 16 px by eval.py
-        hole.paste(255, tuple(2 * c for c in box))
-        hole.save(masks / f"m{i}.png")
-    argv = ["--steps", "2", "--log-dir", str(tmp_path), "--resolution", "16", "--num-images", "2",
-            "--masks", str(masks)]
-    assert compare.main(argv) == 0
-    asym, vanilla = commands
-    assert asym[asym.index("-c") + 1] == "configs/demo.yaml" and "configs/ablations/no_condition.yaml" in vanilla
-    assert [a for a in asym if "=" in a] == [a for a in vanilla if "=" in a]  # same steps, seed, log dir
-    assert "trainer.max_steps=2" in asym
-    out = capsys.readouterr().out
-    for label in ("asymmetric", "vanilla"):
-        assert f"| {label} | raw |" in out
-        assert f"{label}: known-region PSNR (pasted=raw): " in out and " dB" in out
-    result = json.loads((tmp_path / "compare_condition" / "results.json").read_text())
-    assert result["masks"] == {"kind": "files", "folder": str(masks), "count": 2, "cycled": False}
-    assert result["metrics"]["vanilla"]["raw"]["all"]["mask_area"] == pytest.approx((64 + 96) / 256 / 2)
 
 
 def test_fid_reads_inception_weights_in_torch_fidelitys_format(tmp_path, monkeypatch):

@@ -203,7 +203,8 @@ CASES = {  # name: (config files, overrides, reference weights, disc_weight, a r
     "base": ((), [], {}, 0.0, None),
     "l2": (["ablations/l2.yaml"], [], dict(l1=0.0, l2=1.0), 0.0, ({}, 0.0)),
     "no_lpips": (["ablations/no_lpips.yaml"], [], dict(lpips=0.0), 0.0, ({}, 0.0)),
-    "hole_known": ((), ["loss.hole_weight=4.0", "loss.known_weight=0.5"], dict(hole=4.0, known=0.5), 0.0, ({}, 0.0)),
+    "scaled": ((), ["loss.l1_weight=1.5", "loss.perceptual_weight=2.5", "loss.hole_weight=4.0", "loss.known_weight=0.5"],
+               dict(l1=1.5, lpips=2.5, hole=4.0, known=0.5), 0.0, ({}, 0.0)),  # weights other than 0 and 1 scale
     "no_gan": (["ablations/no_gan.yaml"], ["loss.disc_start=0"], {}, 0.0, ({}, 0.8)),
     "disc_weight": ((), ["loss.disc_start=0", "loss.disc_weight=0.3"], {}, 0.3, ({}, 0.8)),
 }
@@ -211,7 +212,7 @@ CASES = {  # name: (config files, overrides, reference weights, disc_weight, a r
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_weights_and_ablations_shape_the_decoders_gradient(name):
-    """One step of each ablation file (and of the pixel-region and GAN weights): the decoder's gradient is the
+    """One step of each ablation file (and of scaled loss, pixel-region and GAN weights): the decoder's gradient is the
     reference's with that file's weights, and measurably not the base recipe's (no_gan: not the GAN's)."""
     files, overrides, weights, disc_weight, other = CASES[name]
     system, rec, image, mask = train(config(f"loss.disc_start={OFF}", *overrides, files=files), 1)

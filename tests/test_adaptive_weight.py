@@ -1,4 +1,7 @@
 """The one-pass adaptive GAN weight equals the official two-pass definition."""
+import math
+
+import pytest
 import torch
 
 from ldm import AsymmetricAutoencoderKL
@@ -37,6 +40,11 @@ def test_adaptive_weight_is_zero_not_nan_on_overflow():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = lr_lambda(warmup_steps=10, total_steps=110, min_ratio=0.1)
-    assert f(0) == 0.1 and f(9) == 1.0
-    assert abs(f(60) - (0.1 + 0.9 * 0.5)) < 1e-9 and abs(f(110) - 0.1) < 1e-9 and abs(f(500) - 0.1) < 1e-9
+    """Linear warm-up (s + 1) / warmup, then cosine (not linear) decay to min_ratio at total_steps, held there."""
+    f = lr_lambda(warmup_steps=10, total_steps=110, min_ratio=0.0)
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)], rel=1e-12)  # not a step
+    # progress 1/4, 1/2, 3/4 of the decay: cosine 0.854, 0.5, 0.146 (linear would give 0.75, 0.5, 0.25)
+    assert [f(s) for s in (10, 35, 60, 85, 110, 500)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * math.sqrt(0.5), 0.5, 0.5 - 0.5 * math.sqrt(0.5), 0.0, 0.0], abs=1e-12)
+    floor = lr_lambda(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert [floor(s) for s in (35, 110, 500)] == pytest.approx([0.1 + 0.9 * (0.5 + 0.5 * math.sqrt(0.5)), 0.1, 0.1])

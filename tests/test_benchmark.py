@@ -64,28 +64,40 @@ def capture_grads(optimizer, into: list):
 
 
 def test_official_loop_matches_ours_at_step_zero():
-    """Same weights, same batch, GAN on: the same losses, adaptive weight and gradients for both networks.
+    """Same weights, same batch, GAN on: the same losses, adaptive weight and gradients for both networks, the
+    adaptive weight as its formula gives it, and, at a nonzero lr, the same decoder weights after the step, as
+    Adam's first step gives them.
 
-    lr = 0 so that the official loop's second forward (after its decoder step) sees the weights ours used;
-    the posterior mean replaces the sample so both loops decode the same latent.
+    lr = 0 for the gradients, so that the official loop's second forward (after its decoder step) sees the weights
+    ours used; the posterior mean replaces the sample so both loops decode the same latent.
     """
     import pytorch_lightning as pl
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"],
-                         [*TINY, "data.resolution=32", "model.sample_posterior=false", "optim.base_lr=0.0"])
-    torch.manual_seed(0)
-    system = benchmark.build_ours(cfg)
-    official = OfficialStep(*copy.deepcopy((system.vae, system.discriminator, system.perceptual)), lr=0.0,
-                            disc_weight=cfg.loss.disc_weight, sample_posterior=False)
+
+    def setup(lr):
+        cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=32", "model.sample_posterior=false",
+                                                               f"optim.base_lr={lr}", "optim.warmup_steps=1"])
+        torch.manual_seed(0)
+        system = benchmark.build_ours(cfg)
+        official = OfficialStep(*copy.deepcopy((system.vae, system.discriminator, system.perceptual)),
+                                lr=lr * cfg.data.batch_size, disc_weight=cfg.loss.disc_weight, sample_posterior=False)
+        return cfg, system, official
+
+    cfg, system, official = setup(0.0)
     image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    d_weight = adaptive_weight_by_formula(copy.deepcopy(system.vae), system.discriminator, system.perceptual,
+                                          image, mask)
     ours_g, ours_d, off_g, off_d, fused = [], [], [], [], []
 
     class Capture(pl.Callback):
+        def __init__(self, g, d):
+            self.g, self.d = g, d
+
         def on_train_start(self, trainer, pl_module):
             fused.extend(g["fused"] for opt in trainer.optimizers for g in opt.param_groups)
-            capture_grads(trainer.optimizers[0], ours_g)
-            capture_grads(trainer.optimizers[1], ours_d)
+            capture_grads(trainer.optimizers[0], self.g)
+            capture_grads(trainer.optimizers[1], self.d)
 
-    metrics = benchmark.fit_ours(system, cfg, image, mask, 1, [Capture()]).callback_metrics
+    metrics = benchmark.fit_ours(system, cfg, image, mask, 1, [Capture(ours_g, ours_d)]).callback_metrics
     capture_grads(official.opt_g, off_g)
     capture_grads(official.opt_d, off_d)
     values = official.step(image, mask)
@@ -93,6 +105,7 @@ def test_official_loop_matches_ours_at_step_zero():
     torch.testing.assert_close(metrics["train/nll"] * pixels, values["nll"], rtol=1e-4, atol=0)
     for name in ("g_loss", "d_weight", "d_loss"):
         torch.testing.assert_close(metrics[f"train/{name}"], values[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(metrics["train/d_weight"], d_weight, rtol=1e-4, atol=0)
     assert values["d_weight"] > 0
     assert fused and all(fused)  # ours: fused Adam on the CPU too (the reference loops keep torch's default)
     assert len(ours_g) == len(off_g) > 0 and len(ours_d) == len(off_d) > 0
@@ -101,6 +114,35 @@ def test_official_loop_matches_ours_at_step_zero():
         for n, (a, b) in enumerate(zip(ours, off)):
             # conv biases before a GroupNorm have a zero gradient in exact maths: noise on both sides
             assert (a - b).norm() <= 1e-3 * max(b.norm(), 1e-2 * total), (n, (a - b).norm(), b.norm(), total)
+
+    base_lr = 1e-3
+    cfg, system, official = setup(base_lr)
+    initial = [p.detach().clone() for p in system.vae.decoder.parameters()]
+    benchmark.fit_ours(system, cfg, image, mask, 1)
+    official.step(image, mask)
+    lr = base_lr * cfg.data.batch_size  # world 1, accumulation 1, warm-up 1 step: the peak from step 0
+    total = torch.cat([g.flatten() for g in off_g]).norm()
+    for w0, ours, off, grad in zip(initial, system.vae.decoder.parameters(), official.vae.decoder.parameters(), off_g):
+        if grad.norm() < 1e-2 * total:  # noise gradients (above): Adam's g / (|g| + eps) is then a coin toss
+            continue
+        adam = -lr * grad / (grad.abs() + 1e-8)  # Adam's first step: m / sqrt(v) = g / |g|, whatever the betas
+        sure = grad.abs() > 1e-3 * grad.abs().max()  # elsewhere a gradient near 0 can flip sign between the loops
+        assert sure.float().mean() > 0.5 and (ours - w0).abs().max() <= lr * (1 + 1e-5)
+        torch.testing.assert_close((ours - w0)[sure], (off - w0)[sure], rtol=0, atol=1e-3 * lr)
+        torch.testing.assert_close((ours - w0)[sure], adam[sure], rtol=0, atol=1e-3 * lr)
+
+
+def adaptive_weight_by_formula(vae, discriminator, perceptual, image, mask):
+    """DESIGN.md: ||grad nll|| / (||grad g|| + 1e-4) at decoder.conv_out.weight, clamped to [0, 1e4]; nll = (L1 + LPIPS
+    per pixel) summed over pixels, mean over the batch; g = -mean D(recon)."""
+    with torch.no_grad():
+        z = vae.encode(image).mode()
+    recon = vae.decode(z, image, mask)
+    nll = ((recon - image).abs() + perceptual(recon, image).view(-1, 1, 1, 1)).sum() / image.shape[0]
+    g = -copy.deepcopy(discriminator)(recon).mean()
+    last = vae.decoder.conv_out.weight
+    grad_nll, grad_g = (torch.autograd.grad(x, last, retain_graph=True)[0] for x in (nll, g))
+    return (grad_nll.norm() / (grad_g.norm() + 1e-4)).clamp(0, 1e4)
 
 
 def test_max_batch_estimate_on_cpu_grows_with_gradient_checkpointing():

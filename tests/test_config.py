@@ -111,5 +111,8 @@ def test_null_overrides_only_null_and_nullable_keys():
 def test_float_keys_accept_ints_and_merged_config_is_strict():
     cfg = load_config(BASE, [], ["optim.base_lr=1"])
     assert cfg.optim.base_lr == 1
-    with pytest.raises(Exception):
+    from omegaconf.errors import ConfigAttributeError
+    with pytest.raises(ConfigAttributeError, match="Key 'nonexistent' is not in struct"):
         _ = cfg.optim.nonexistent
+    with pytest.raises(ConfigAttributeError, match="Key 'nonexistent' is not in struct"):
+        cfg.optim.nonexistent = 1.0  # a misspelt key set in code fails too

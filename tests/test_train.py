@@ -130,6 +130,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
               "run.checkpoint_every_n_steps=1", "loss.disc_start=1", "data.val_size=1", f"+probe={probe}",
               script="tests/ddp_probe.py")  # one validation image: rank 1 has none, and must not hang the reduction
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    peak = [g["initial_lr"] for opt in last["optimizer_states"] for g in opt["param_groups"]]
+    assert peak == pytest.approx([1e-4 * 2 * 2] * 2, rel=1e-12)  # base_lr x 2 processes x batch 2, both networks
     assert "last.ckpt" in ckpts and len([c for c in ckpts if c.startswith("step")]) == 2, ckpts
     rows = val_rows(tmp_path / "run")
     assert rows and math.isfinite(rows[-1]["val/lpips_whole"])  # rank 0's one image, reduced with rank 1's none

@@ -194,12 +194,12 @@ def test_gpu_training_step_never_waits_for_the_device():
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
     assert not syncs, syncs
-    assert system.skipped_nonfinite == 0 and system.host_loss is not None  # the checks did arrive
+    assert system.nonfinite.skipped == 0 and system.nonfinite.loss is not None  # the checks did arrive
 
 
 def test_gpu_nonfinite_step_is_skipped_on_the_device_and_counted(monkeypatch):
     """A NaN loss at batch 2: fused Adam's found_inf leaves the CUDA weights and Adam's state alone, and the host
-    counts the step once its check has arrived (read_pending_checks waits for the rest)."""
+    counts the step once its check has arrived (nonfinite.read() waits for the rest)."""
     import pytorch_lightning as pl
     sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark
@@ -225,8 +225,8 @@ def test_gpu_nonfinite_step_is_skipped_on_the_device_and_counted(monkeypatch):
     system = benchmark.build_ours(cfg)
     benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cuda")), steps=4,
                        callbacks=[Snapshot()])
-    system.read_pending_checks()
-    assert system.skipped_nonfinite == 1 and system.nonfinite_streak == 0 and system.nonfinite_term == "l1"
+    system.nonfinite.read()
+    assert system.nonfinite.skipped == 1 and system.nonfinite.streak == 0 and system.nonfinite.term == "l1"
     assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # the NaN step changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the next one trained
     assert all(torch.isfinite(p).all() for p in system.parameters())

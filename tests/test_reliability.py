@@ -209,32 +209,3 @@ def test_wandb_without_a_key_logs_offline(tmp_path, monkeypatch):
     cfg = load_config(ROOT / "configs" / "base.yaml", [], ["run.logger=wandb"])
     wandb_logger = train.build_loggers(cfg, tmp_path / "run", "run")[1]
     assert wandb_logger._offline
-
-
-def test_under_ddp_every_rank_reads_the_finite_checks_of_the_same_steps():
-    """Ranks must stop on the same step: under DDP the host reads every check but this step's, waiting for them,
-    whether or not this step's has arrived; on one device it reads only what has arrived, without waiting."""
-    from types import SimpleNamespace
-
-    from ldm.models.asym_decoder import AsymmetricDecoderTraining
-
-    class Event:  # the CUDA event of the previous step's copy, not done yet
-        waited = False
-
-        def query(self):
-            return self.waited
-
-        def synchronize(self):
-            self.waited = True
-
-    def run(world_size):
-        vae = AsymmetricAutoencoderKL(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
-        system = AsymmetricDecoderTraining(vae, torch.nn.Identity(), None)
-        system._trainer = SimpleNamespace(world_size=world_size)
-        previous = Event()
-        system.pending_checks.append((torch.tensor([1.0, float("nan")]), previous, ["nll"]))  # a NaN step
-        system.read_check(torch.tensor([1.0, float("nan")]), ["nll"], wait=False)  # this step's: a CPU tensor,
-        return system.skipped_nonfinite, len(system.pending_checks), previous.waited  # so it has arrived
-
-    assert run(world_size=2) == (1, 1, True)  # the previous step's read (waited for), this step's left
-    assert run(world_size=1) == (0, 2, False)  # in step order: nothing past the check that has not arrived

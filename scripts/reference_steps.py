@@ -191,7 +191,7 @@ class NaiveStep:
 
 def build_reference(name, cfg, precision, device):
     """The reference loop `name` (official | naive) for the run's config, seeded like ours."""
-    from train import build_system
+    from ldm.run import build_system
     torch.manual_seed(cfg.seed)
     lr = cfg.optim.base_lr * cfg.data.batch_size
     if name == "naive":

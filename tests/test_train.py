@@ -113,7 +113,7 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
               "run.overwrite=true")
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step00000001.ckpt"]  # the old run's are gone
-    from train import resolve_resume
+    from ldm.run import resolve_resume
     assert torch.load(resolve_resume("auto", tmp_path / "run"), weights_only=False)["global_step"] == 1
 
 
@@ -230,7 +230,7 @@ def test_only_the_decoder_trains_and_its_warm_started_weights_get_the_scaled_lr(
     sys.path.insert(0, str(ROOT / "scripts"))
     import benchmark
     from ldm import AsymmetricAutoencoderKL
-    from train import build_system
+    from ldm.run import build_system
     cfg = benchmark.load([], TINY)
     sd = {k: v for k, v in AsymmetricAutoencoderKL(**cfg.model.autoencoder).state_dict().items()
           if not k.startswith("decoder.encoder.")}  # an SD autoencoder: no conditional branch
@@ -259,7 +259,7 @@ def test_accumulated_micro_batches_step_as_their_whole_batch_across_epochs():
     from torch.utils.data import DataLoader
 
     from ldm.config import load_config
-    from train import build_system
+    from ldm.run import build_system
     g = torch.Generator().manual_seed(0)
     micro = [{"image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
               "mask": (torch.rand(1, 1, 32, 32, generator=g) < 0.5).float()} for _ in range(3)]

@@ -1,4 +1,4 @@
-"""Reference training steps in plain PyTorch, timed against ours by scripts/benchmark.py.
+"""Reference training steps in plain PyTorch, timed against ours by scripts/bench/benchmark.py.
 
 - `OfficialStep`: what the paper's code (ldm AutoencoderKL + LPIPSWithDiscriminator under PL 1.4 with two
   optimisers) does per batch: the whole forward for the decoder step, the adaptive weight from two extra

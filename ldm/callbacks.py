@@ -84,11 +84,11 @@ class StopOnNonFinite(pl.Callback):
         self.max_consecutive = max_consecutive
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        streak = pl_module.nonfinite_streak
-        if self.max_consecutive > 0 and streak >= self.max_consecutive:
+        steps = pl_module.nonfinite
+        if self.max_consecutive > 0 and steps.streak >= self.max_consecutive:
             raise NonFiniteLossError(
-                f"loss term '{pl_module.nonfinite_term}' was non-finite for {streak} consecutive steps "
-                f"({pl_module.skipped_nonfinite} skipped in all); stopping at step {trainer.global_step} with the "
+                f"loss term '{steps.term}' was non-finite for {steps.streak} consecutive steps "
+                f"({steps.skipped} skipped in all); stopping at step {trainer.global_step} with the "
                 f"checkpoints left as they were (skipped steps changed no weights)")
 
 

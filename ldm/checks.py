@@ -256,9 +256,8 @@ def _must(rule: Rule, at) -> str:
     return rule.must(at) if callable(rule.must) else rule.must
 
 
-def check_values(cfg) -> None:
-    """Raise ConfigError 'KEY: what it must be, got VALUE' for the first value out of its domain."""
-    from .config import ConfigError
+def first_bad_value(cfg):
+    """'KEY: what it must be, got VALUE' for the first value out of its domain, or None (load_config raises it)."""
     tree = OmegaConf.to_container(cfg, resolve=True)
     flat = leaves(tree)
     for pattern, rule in RULES:
@@ -269,7 +268,8 @@ def check_values(cfg) -> None:
             except (TypeError, KeyError):  # another key of the wrong type: its own rule names it
                 ok = True
             if not ok:
-                raise ConfigError(f"{key}: {_must(rule, at)}, got {flat[key]!r}")
+                return f"{key}: {_must(rule, at)}, got {flat[key]!r}"
+    return None
 
 
 def pointless(cfg) -> list:

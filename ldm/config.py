@@ -4,7 +4,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .checks import check_values
+from .checks import first_bad_value
 
 
 PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
@@ -92,7 +92,8 @@ def merge_layers(base: str | Path, layers: Iterable[tuple[str, DictConfig]]) -> 
             raise ConfigError(f"{source}: {err}") from None
         cfg = OmegaConf.merge(cfg, layer)
     OmegaConf.set_struct(cfg, True)  # later reads of a misspelt key fail loudly too
-    check_values(cfg)
+    if (bad := first_bad_value(cfg)) is not None:
+        raise ConfigError(bad)
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: its output format, and the official reference loop against ours at step 0."""
+"""scripts/bench/benchmark.py: its output format, and the official reference loop against ours at step 0."""
 import copy
 import os
 import re
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 import benchmark  # noqa: E402
+import harness  # noqa: E402
 from reference_steps import OfficialStep  # noqa: E402
 
 TINY = [
@@ -24,7 +25,7 @@ TINY = [
 
 
 def test_benchmark_prints_figures_and_speedups():
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "-c", str(ROOT / "configs" / "x1.yaml"),
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "benchmark.py"), "-c", str(ROOT / "configs" / "x1.yaml"),
            *TINY, "data.resolution=16", "--steps", "2", "--warmup", "1",
            "--reference", "official", "--reference", "naive", "--cached-latents"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a shared 2-core machine: no thread oversubscription
@@ -47,8 +48,8 @@ def test_benchmark_prints_figures_and_speedups():
 def test_the_warmup_hook_runs_once_between_warmup_and_timed_steps():
     """measure() resets CUDA's peak memory there: the peak reported is that of the timed steps."""
     from reference_steps import run_reference
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
-    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    image, mask = harness.make_batch(cfg, torch.device("cpu"))
     for name, run in (("ours", lambda hook: benchmark.run_ours(cfg, image, mask, 3, after_warmup=hook)[0]),
                       ("naive", lambda hook: run_reference("naive", cfg, image, mask, 3, "32-true", hook))):
         calls = []
@@ -74,16 +75,16 @@ def test_official_loop_matches_ours_at_step_zero():
     import pytorch_lightning as pl
 
     def setup(lr):
-        cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=32", "model.sample_posterior=false",
+        cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=32", "model.sample_posterior=false",
                                                                f"optim.base_lr={lr}", "optim.warmup_steps=1"])
         torch.manual_seed(0)
-        system = benchmark.build_ours(cfg)
+        system = harness.build_ours(cfg)
         official = OfficialStep(*copy.deepcopy((system.vae, system.discriminator, system.perceptual)),
                                 lr=lr * cfg.data.batch_size, disc_weight=cfg.loss.disc_weight, sample_posterior=False)
         return cfg, system, official
 
     cfg, system, official = setup(0.0)
-    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    image, mask = harness.make_batch(cfg, torch.device("cpu"))
     d_weight = adaptive_weight_by_formula(copy.deepcopy(system.vae), system.discriminator, system.perceptual,
                                           image, mask)
     ours_g, ours_d, off_g, off_d, fused = [], [], [], [], []
@@ -97,7 +98,7 @@ def test_official_loop_matches_ours_at_step_zero():
             capture_grads(trainer.optimizers[0], self.g)
             capture_grads(trainer.optimizers[1], self.d)
 
-    metrics = benchmark.fit_ours(system, cfg, image, mask, 1, [Capture(ours_g, ours_d)]).callback_metrics
+    metrics = harness.fit_ours(system, cfg, image, mask, 1, [Capture(ours_g, ours_d)]).callback_metrics
     capture_grads(official.opt_g, off_g)
     capture_grads(official.opt_d, off_d)
     values = official.step(image, mask)
@@ -118,7 +119,7 @@ def test_official_loop_matches_ours_at_step_zero():
     base_lr = 1e-3
     cfg, system, official = setup(base_lr)
     initial = [p.detach().clone() for p in system.vae.decoder.parameters()]
-    benchmark.fit_ours(system, cfg, image, mask, 1)
+    harness.fit_ours(system, cfg, image, mask, 1)
     official.step(image, mask)
     lr = base_lr * cfg.data.batch_size  # world 1, accumulation 1, warm-up 1 step: the peak from step 0
     total = torch.cat([g.flatten() for g in off_g]).norm()
@@ -146,7 +147,7 @@ def adaptive_weight_by_formula(vae, discriminator, perceptual, image, mask):
 
 
 def test_max_batch_estimate_on_cpu_grows_with_gradient_checkpointing():
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--max-batch", "model.vae_ckpt=null",
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "benchmark.py"), "--max-batch", "model.vae_ckpt=null",
            "perceptual.pretrained=false", "--presets", "x1.5", "--resolutions", "256", "--memory-budget-gb", "80"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -205,7 +206,7 @@ def test_phase_marks_split_into_steps():
 
 def test_decoder_flops_leave_out_the_gradient_checkpointing_recompute():
     """MFU counts model FLOPs: the same decoder forward + backward with and without recomputing."""
-    counts = {ckpt: benchmark.decoder_flops(benchmark.load([ROOT / "configs" / "x1.yaml"], [
+    counts = {ckpt: benchmark.decoder_flops(harness.load([ROOT / "configs" / "x1.yaml"], [
         *TINY, "data.resolution=16", f"model.autoencoder.gradient_checkpointing={ckpt}"]))
         for ckpt in ("false", "true")}
     assert counts["false"] > 0 and counts["true"] == counts["false"], counts
@@ -226,12 +227,12 @@ def test_naive_loop_trains_our_network_in_diffusers():
     """Our weights through the ldm -> diffusers key table decode the same in NaiveStep's model; the same
     parameters train (the decoder only) and the same PatchGAN."""
     from ldm.keys import ldm_to_diffusers
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
     torch.manual_seed(0)
-    system = benchmark.build_ours(cfg)
+    system = harness.build_ours(cfg)
     naive = naive_step(cfg)
     naive.vae.load_state_dict(ldm_to_diffusers(system.vae.state_dict()))  # strict: every key has its pair
-    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    image, mask = harness.make_batch(cfg, torch.device("cpu"))
     z = torch.randn(2, cfg.model.autoencoder.embed_dim, 2, 2, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = system.vae.eval().decode(z, image, mask)
@@ -246,7 +247,7 @@ def test_naive_loop_trains_our_network_in_diffusers():
 def test_naive_loop_backward_and_steps_outside_autocast_discriminator_frozen_for_the_generator():
     """A clean loop: no PatchGAN weight gradients from the generator's backward; backward and the optimiser
     steps run outside autocast (it covers the forwards)."""
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
+    cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
     torch.manual_seed(0)
     naive = naive_step(cfg, "bf16-mixed")
     seen = {}
@@ -258,7 +259,7 @@ def test_naive_loop_backward_and_steps_outside_autocast_discriminator_frozen_for
 
     naive.opt_g.register_step_pre_hook(before("g"))
     naive.opt_d.register_step_pre_hook(before("d"))
-    naive.step(*benchmark.make_batch(cfg, torch.device("cpu")))
+    naive.step(*harness.make_batch(cfg, torch.device("cpu")))
     assert not seen["g"][0] and not seen["d"][0]  # the steps (after their backward) outside autocast
     assert all(g is None for g in seen["g"][1])  # the generator half left the discriminator alone ...
     assert all(g is not None for g in seen["d"][1])  # ... which its own half then trains
@@ -266,13 +267,13 @@ def test_naive_loop_backward_and_steps_outside_autocast_discriminator_frozen_for
 
 def test_the_benchmark_config_turns_the_gan_on_from_step_zero():
     """load() overrides any loss.disc_start: the discriminator trains and the adaptive weight is used at step 0."""
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16", "loss.disc_start=50001",
+    cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16", "loss.disc_start=50001",
                                                           "optim.warmup_steps=0"])
     assert cfg.loss.disc_start == 0
     torch.manual_seed(0)
-    system = benchmark.build_ours(cfg)
+    system = harness.build_ours(cfg)
     before = [p.detach().clone() for p in system.discriminator.parameters()]
-    metrics = benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), 1).callback_metrics
+    metrics = harness.fit_ours(system, cfg, *harness.make_batch(cfg, torch.device("cpu")), 1).callback_metrics
     assert metrics["train/d_weight"] > 0 and metrics["train/d_loss"] > 0, metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, system.discriminator.parameters()))
 
@@ -317,7 +318,7 @@ def test_cpu_children_import_diffusers_only_for_the_naive_loop(monkeypatch):
     """diffusers is a dev extra: forking a child must not need it unless the naive loop runs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # children forked
     monkeypatch.setitem(sys.modules, "diffusers", None)  # importing it raises ImportError
-    assert benchmark.in_child(os.getpid) != os.getpid()
+    assert harness.in_child(os.getpid) != os.getpid()
     preloads = {}
     monkeypatch.setattr(benchmark, "in_child", lambda fn, name, *a, preload: preloads.setdefault(name, preload))
     for reference in ("official", "naive"):

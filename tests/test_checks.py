@@ -13,6 +13,7 @@ from ldm.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))  # profile_step, benchmark_data
 
 # (overrides, the key the error names); the first four are the (17), then one per rule of RULES
 BAD = [

@@ -32,7 +32,7 @@ REDUCED = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "mod
 def test_every_config_instantiates_and_validates_at_reduced_size(path):
     """The whole run of each YAML at reduced widths: system, data and masks, one validation batch with LPIPS."""
     from data import ImageMaskDataModule
-    from train import build_system
+    from ldm.run import build_system
     cfg = load_config(BASE, [path], REDUCED)
     torch.manual_seed(0)
     system = build_system(cfg)

@@ -127,8 +127,8 @@ def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_fo
 
 
 def load_script(name):
-    """scripts/<name>.py as a module, in this process (a subprocess would re-import torch: ~10 s)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    """scripts/<name>.py (e.g. make_shards, bench/benchmark_data) as a module, in this process (a subprocess would re-import torch: ~10 s)."""
+    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), ROOT / "scripts" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -164,8 +164,7 @@ def shard_set(tmp_path):
 
 
 def test_benchmark_data_reads_nested_folders_and_any_sample_count(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when run: it imports make_shards
-    bench = load_script("benchmark_data")
+    bench = load_script("bench/benchmark_data")
     for i, sub in enumerate(["a", "a/b", "c"]):
         (tmp_path / "src" / sub).mkdir(parents=True, exist_ok=True)
         photo(40, 30, i).save(tmp_path / "src" / sub / f"{i}.jpg", quality=90)

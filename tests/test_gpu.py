@@ -175,34 +175,34 @@ def test_gpu_training_step_never_waits_for_the_device():
     import warnings
 
     import pytorch_lightning as pl
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness
 
     class SyncWindow(pl.Callback):  # syncs reported from the start of batch 2 to the start of batch 4
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             torch.cuda.set_sync_debug_mode("warn" if batch_idx in (2, 3) else "default")
 
-    cfg = benchmark.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
+    cfg = harness.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
                               "trainer.precision=bf16-mixed", "model.channels_last=true"])
-    system = benchmark.build_ours(cfg)
-    image, mask = benchmark.make_batch(cfg, torch.device("cuda"))
+    system = harness.build_ours(cfg)
+    image, mask = harness.make_batch(cfg, torch.device("cuda"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            benchmark.fit_ours(system, cfg, image, mask, steps=5, callbacks=[SyncWindow(), EMA(decay=0.9)])
+            harness.fit_ours(system, cfg, image, mask, steps=5, callbacks=[SyncWindow(), EMA(decay=0.9)])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchronizing CUDA operation" in str(w.message)]
     assert not syncs, syncs
-    assert system.skipped_nonfinite == 0 and system.host_loss is not None  # the checks did arrive
+    assert system.nonfinite.skipped == 0 and system.nonfinite.loss is not None  # the checks did arrive
 
 
 def test_gpu_nonfinite_step_is_skipped_on_the_device_and_counted(monkeypatch):
     """A NaN loss at batch 2: fused Adam's found_inf leaves the CUDA weights and Adam's state alone, and the host
-    counts the step once its check has arrived (read_pending_checks waits for the rest)."""
+    counts the step once its check has arrived (nonfinite.read() waits for the rest)."""
     import pytorch_lightning as pl
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness
     from ldm.models.asym_decoder import AsymmetricDecoderTraining
 
     recon_terms = AsymmetricDecoderTraining.recon_terms
@@ -220,20 +220,20 @@ def test_gpu_nonfinite_step_is_skipped_on_the_device_and_counted(monkeypatch):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             snapshots[batch_idx] = [p.detach().clone() for p in pl_module.vae.decoder.parameters()]
 
-    cfg = benchmark.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
+    cfg = harness.load([], [*CPU_TINY, "data.resolution=64", "data.batch_size=4",
                               "trainer.precision=bf16-mixed", "model.channels_last=true"])
-    system = benchmark.build_ours(cfg)
-    benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cuda")), steps=4,
+    system = harness.build_ours(cfg)
+    harness.fit_ours(system, cfg, *harness.make_batch(cfg, torch.device("cuda")), steps=4,
                        callbacks=[Snapshot()])
-    system.read_pending_checks()
-    assert system.skipped_nonfinite == 1 and system.nonfinite_streak == 0 and system.nonfinite_term == "l1"
+    system.nonfinite.read()
+    assert system.nonfinite.skipped == 1 and system.nonfinite.streak == 0 and system.nonfinite.term == "l1"
     assert all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # the NaN step changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[2], snapshots[3]))  # the next one trained
     assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
 def test_gpu_benchmark_marks_time_the_device_and_add_no_sync():
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
     from reference_steps import durations, mark
     device = torch.device("cuda")
     torch.cuda._sleep(1000)  # load the sleep kernel now: its first launch (lazy loading) left the device idle

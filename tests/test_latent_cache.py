@@ -22,9 +22,10 @@ from data.sources import resolve_source, sample_image_files
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
-import benchmark  # noqa: E402
 import cache_latents  # noqa: E402
+import harness  # noqa: E402
 
 RES = 32
 TINY = [  # as tests/test_train.py: a tiny encoder and decoder, random init from `seed`
@@ -63,9 +64,9 @@ def png_pixels(raw):
 
 
 def tiny_system(*extra):
-    cfg = benchmark.load([ROOT / "configs" / "x1.yaml"], [*TINY, *extra])  # the GAN on from step 0
+    cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, *extra])  # the GAN on from step 0
     torch.manual_seed(cfg.seed)  # as train.py: the same random encoder as the cache's
-    return benchmark.build_ours(cfg), cfg
+    return harness.build_ours(cfg), cfg
 
 
 def test_cache_holds_the_encoders_posterior_of_the_stored_crop(cache, tmp_path):
@@ -110,9 +111,9 @@ def test_training_step_on_cached_latents_equals_the_encoder_path(cache, sample_p
     calls = []
     twin.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
     torch.manual_seed(1)
-    plain = benchmark.fit_ours(system, cfg, image, mask, 1).callback_metrics
+    plain = harness.fit_ours(system, cfg, image, mask, 1).callback_metrics
     torch.manual_seed(1)  # the same posterior noise
-    from_cache = benchmark.fit_ours(twin, cfg, image, mask, 1, extra=cached).callback_metrics
+    from_cache = harness.fit_ours(twin, cfg, image, mask, 1, extra=cached).callback_metrics
     assert not calls  # the encoder is skipped
     for name in ("nll", "g_loss", "d_loss", "d_weight"):
         torch.testing.assert_close(from_cache[f"train/{name}"], plain[f"train/{name}"], rtol=1e-5, atol=1e-6,

@@ -20,12 +20,12 @@ from data import PRESETS, MEAN_AREA, box_mask, outpaint_mask
 from data.images import load_crop, random_crop_box
 from ldm.config import load_config
 from ldm.models.asym_decoder import LossConfig, OptimConfig
-from train import build_system
+from ldm.run import build_system
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"
-sys.path.insert(0, str(ROOT / "scripts"))
-import benchmark  # noqa: E402  (fit_ours: real steps in a pl.Trainer on one repeated batch; make_batch)
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+import harness  # noqa: E402  (fit_ours: real steps in a pl.Trainer on one repeated batch; make_batch)
 
 TINY = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "model.autoencoder.encoder_ch=32",
         "model.autoencoder.encoder_num_res_blocks=1", "perceptual.pretrained=false", "discriminator.ndf=8",
@@ -59,12 +59,12 @@ def config(*overrides, files=()):
 
 
 def train(cfg, steps):
-    """(system, Recorder, image, mask) after `steps` steps on benchmark.make_batch's batch (holes and known)."""
+    """(system, Recorder, image, mask) after `steps` steps on harness.make_batch's batch (holes and known)."""
     torch.manual_seed(0)
     system = build_system(cfg)
-    image, mask = benchmark.make_batch(cfg, torch.device("cpu"))
+    image, mask = harness.make_batch(cfg, torch.device("cpu"))
     recorder = Recorder()
-    benchmark.fit_ours(system, cfg, image, mask, steps, [recorder])
+    harness.fit_ours(system, cfg, image, mask, steps, [recorder])
     return system, recorder, image, mask
 
 

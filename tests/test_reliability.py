@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import train  # the command line's exit codes (test_config_errors_...)
 from ldm import AsymmetricAutoencoderKL
 from ldm.checkpointing import AtomicCheckpointIO, atomic_save, newest_readable_checkpoint
-from ldm.config import load_config
+from ldm.config import ConfigError, load_config
+from ldm.run import build_loggers, resolve_resume
 from test_train import ROOT, TINY, run_train
 
 NO_VAL = ["trainer.val_check_interval=1000"]  # these tests are about steps and checkpoints, not validation
@@ -71,10 +72,10 @@ def _fake_run(tmp_path, steps):
 def test_resume_auto_skips_a_truncated_last_checkpoint(tmp_path, capsys):
     ckpt_dir = _fake_run(tmp_path, {"step00000002.ckpt": 2, "step00000004.ckpt": 4, "last.ckpt": 5})
     (ckpt_dir / ".last.ckpt.abc.tmp").write_bytes(b"partial")
-    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "last.ckpt")
+    assert resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "last.ckpt")
     last = ckpt_dir / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # as a non-atomic save killed mid-write
-    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000004.ckpt")
+    assert resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000004.ckpt")
     err = capsys.readouterr().err
     assert f"skipping unreadable checkpoint {last}" in err and f"resuming from {ckpt_dir / 'step00000004.ckpt'}" in err
     assert not (ckpt_dir / ".last.ckpt.abc.tmp").exists()
@@ -83,11 +84,11 @@ def test_resume_auto_skips_a_truncated_last_checkpoint(tmp_path, capsys):
 def test_resume_auto_prefers_the_highest_step_and_refuses_when_none_is_readable(tmp_path):
     # killed between the step save and the last.ckpt save: the step checkpoint is newer
     ckpt_dir = _fake_run(tmp_path, {"step00000004.ckpt": 4, "step00000006.ckpt": 6, "last.ckpt": 4})
-    assert train.resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000006.ckpt")
+    assert resolve_resume("auto", tmp_path / "run") == str(ckpt_dir / "step00000006.ckpt")
     for p in ckpt_dir.iterdir():
         p.write_bytes(b"garbage")
-    with pytest.raises(train.ConfigError, match="no readable checkpoint"):
-        train.resolve_resume("auto", tmp_path / "run")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        resolve_resume("auto", tmp_path / "run")
 
 
 # ---------------------------------------------------------------- kill, preemption, resume (end to end)
@@ -207,34 +208,5 @@ def test_config_errors_are_one_line_naming_key_or_file(tmp_path, monkeypatch, ca
 def test_wandb_without_a_key_logs_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = load_config(ROOT / "configs" / "base.yaml", [], ["run.logger=wandb"])
-    wandb_logger = train.build_loggers(cfg, tmp_path / "run", "run")[1]
+    wandb_logger = build_loggers(cfg, tmp_path / "run", "run")[1]
     assert wandb_logger._offline
-
-
-def test_under_ddp_every_rank_reads_the_finite_checks_of_the_same_steps():
-    """Ranks must stop on the same step: under DDP the host reads every check but this step's, waiting for them,
-    whether or not this step's has arrived; on one device it reads only what has arrived, without waiting."""
-    from types import SimpleNamespace
-
-    from ldm.models.asym_decoder import AsymmetricDecoderTraining
-
-    class Event:  # the CUDA event of the previous step's copy, not done yet
-        waited = False
-
-        def query(self):
-            return self.waited
-
-        def synchronize(self):
-            self.waited = True
-
-    def run(world_size):
-        vae = AsymmetricAutoencoderKL(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
-        system = AsymmetricDecoderTraining(vae, torch.nn.Identity(), None)
-        system._trainer = SimpleNamespace(world_size=world_size)
-        previous = Event()
-        system.pending_checks.append((torch.tensor([1.0, float("nan")]), previous, ["nll"]))  # a NaN step
-        system.read_check(torch.tensor([1.0, float("nan")]), ["nll"], wait=False)  # this step's: a CPU tensor,
-        return system.skipped_nonfinite, len(system.pending_checks), previous.waited  # so it has arrived
-
-    assert run(world_size=2) == (1, 1, True)  # the previous step's read (waited for), this step's left
-    assert run(world_size=1) == (0, 2, False)  # in step order: nothing past the check that has not arrived

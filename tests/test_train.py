@@ -113,7 +113,7 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
               "run.overwrite=true")
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step00000001.ckpt"]  # the old run's are gone
-    from train import resolve_resume
+    from ldm.run import resolve_resume
     assert torch.load(resolve_resume("auto", tmp_path / "run"), weights_only=False)["global_step"] == 1
 
 
@@ -153,16 +153,16 @@ def test_model_compile_compiles_the_blocks_and_keeps_the_numbers(checkpointing):
     discriminator's BatchNorm statistics).
     aot_eager runs dynamo and AOT autograd (the graphs inductor gets) without code generation: seconds on a CPU;
     inductor's own parity is tested on the GPU (tests/test_gpu.py)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark  # its load (the GAN on from step 0), build and fit: real steps in a pl.Trainer
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness  # its load (the GAN on from step 0), build and fit: real steps in a pl.Trainer
     weights = {}
     for backend in (False, "aot_eager"):
-        cfg = benchmark.load([], [*TINY, f"model.compile={backend or 'null'}",
+        cfg = harness.load([], [*TINY, f"model.compile={backend or 'null'}",
                                   f"model.autoencoder.gradient_checkpointing={str(checkpointing).lower()}"])
         torch.manual_seed(0)
-        system = benchmark.build_ours(cfg)
+        system = harness.build_ours(cfg)
         initial = system.vae.decoder.conv_out.weight.detach().clone()
-        benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=3)
+        harness.fit_ours(system, cfg, *harness.make_batch(cfg, torch.device("cpu")), steps=3)
         dec, enc = system.vae.decoder, system.vae.encoder
         blocks = [dec.mid.block_1, dec.mid.attn_1, dec.up[0].block[0], dec.up[1].upsample, dec.blend, dec.norm_out,
                   enc.mid.block_1, enc.down[0].downsample, enc.norm_out, system.perceptual, system.discriminator]
@@ -184,12 +184,12 @@ def test_model_compile_rejects_an_unknown_backend(tmp_path):
 
 def test_progress_bar_loss_is_the_steps_loss_read_with_the_finite_check():
     """The progress bar's loss is a CPU copy of the step's loss, read with the finite check (on a CPU at once)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
-    cfg = benchmark.load([], TINY)
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness
+    cfg = harness.load([], TINY)
     torch.manual_seed(0)
-    system = benchmark.build_ours(cfg)
-    trainer = benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=2)
+    system = harness.build_ours(cfg)
+    trainer = harness.fit_ours(system, cfg, *harness.make_batch(cfg, torch.device("cpu")), steps=2)
     shown, logged = trainer.progress_bar_metrics["loss"], trainer.callback_metrics["train/loss"]
     assert math.isfinite(shown) and shown == pytest.approx(logged.item(), rel=1e-6)
     assert "train/loss" not in trainer.progress_bar_metrics  # the device tensor is not read every batch
@@ -202,15 +202,15 @@ def test_ema_callback_matches_lightnings_and_leaves_frozen_weights_alone():
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
     from ldm.callbacks import EMA
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness
     averages = {}
     for name, callback in (("lightning", EMAWeightAveraging(decay=0.7)), ("ours", EMA(decay=0.7))):
-        cfg = benchmark.load([], list(TINY))
+        cfg = harness.load([], list(TINY))
         torch.manual_seed(0)
-        system = benchmark.build_ours(cfg)
+        system = harness.build_ours(cfg)
         initial = {k: v.clone() for k, v in system.state_dict().items()}
-        benchmark.fit_ours(system, cfg, *benchmark.make_batch(cfg, torch.device("cpu")), steps=4, callbacks=[callback])
+        harness.fit_ours(system, cfg, *harness.make_batch(cfg, torch.device("cpu")), steps=4, callbacks=[callback])
         average = callback._average_model
         assert int(average.n_averaged) == 4
         averages[name] = {k[len("module."):]: v for k, v in average.state_dict().items() if k.startswith("module.")}
@@ -230,11 +230,11 @@ def test_only_the_decoder_trains_and_its_warm_started_weights_get_the_scaled_lr(
     lr x warm_start_lr_scale, fresh ones (here the conditional branch) at lr."""
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import benchmark
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import harness
     from ldm import AsymmetricAutoencoderKL
-    from train import build_system
-    cfg = benchmark.load([], TINY)
+    from ldm.run import build_system
+    cfg = harness.load([], TINY)
     sd = {k: v for k, v in AsymmetricAutoencoderKL(**cfg.model.autoencoder).state_dict().items()
           if not k.startswith("decoder.encoder.")}  # an SD autoencoder: no conditional branch
     save_file(sd, tmp_path / "vae.safetensors")
@@ -262,7 +262,7 @@ def test_accumulated_micro_batches_step_as_their_whole_batch_across_epochs():
     from torch.utils.data import DataLoader
 
     from ldm.config import load_config
-    from train import build_system
+    from ldm.run import build_system
     g = torch.Generator().manual_seed(0)
     micro = [{"image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
               "mask": (torch.rand(1, 1, 32, 32, generator=g) < 0.5).float()} for _ in range(3)]

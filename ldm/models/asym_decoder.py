@@ -2,7 +2,6 @@
 import contextlib
 import math
 import re
-from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
@@ -14,6 +13,7 @@ from ..metrics import region_metrics
 from ..modules.autoencoder import AsymmetricAutoencoderKL
 from ..modules.losses import (adaptive_weight_from_output_grads, discriminator_loss, generator_loss,
                               reconstruction_losses)
+from .nonfinite import NonFiniteSteps
 from ..modules.vae import AttnBlock, Blend, DiagonalGaussianDistribution, Downsample, ResnetBlock, Upsample
 
 
@@ -112,10 +112,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             self.to(memory_format=torch.channels_last)
         self.val_sums = {}
         self.val_example = None  # (image, recon, mask) of the first validation batch, for SampleGrids
-        self.skipped_nonfinite = 0  # optimiser steps skipped for a non-finite loss or gradient, in all
-        self.nonfinite_streak, self.nonfinite_term = 0, None  # consecutive ones, and what was non-finite last
-        self.host_loss = None  # the loss of the last finite check read, for the progress bar
-        self.pending_checks = deque()  # (check, CUDA event or None, names) of steps not yet read on the host
+        self.nonfinite = NonFiniteSteps()  # steps skipped for a non-finite loss or gradient, read without a sync
 
     def configure_model(self):
         """Under a Trainer only (fit / validate): compile, once, when configured, the decoder's and the frozen
@@ -176,10 +173,10 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         # what Lightning reads every batch (the progress bar) or would copy to the device (a Python number:
         # torch.tensor(x, device=...) waits for the queue) is a CPU tensor.
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
-        self.log("train/skipped_nonfinite", torch.tensor(float(self.skipped_nonfinite)))
+        self.log("train/skipped_nonfinite", torch.tensor(float(self.nonfinite.skipped)))
         self.log("train/loss", terms["nll"].detach())
-        if self.host_loss is not None:
-            self.log("loss", torch.tensor(self.host_loss), prog_bar=True, logger=False)
+        if self.nonfinite.loss is not None:
+            self.log("loss", torch.tensor(self.nonfinite.loss), prog_bar=True, logger=False)
 
     def decode_with_features(self, z, image, mask):
         """Decoder forward that also returns conv_out's input (for the adaptive GAN weight)."""
@@ -217,12 +214,15 @@ class AsymmetricDecoderTraining(pl.LightningModule):
                 self.manual_backward(loss)
             return
         self.manual_backward(loss)
-        bad, check, names = self.finite_check(terms)
+        # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
+        grads = [p.grad for p in self.parameters() if p.grad is not None] if self.grad_scaler() is None else []
+        distributed = self.trainer.world_size > 1
+        bad, check, names = self.nonfinite.check(terms, grads, distributed)
         on_device = self.skips_on_device(opt_g, opt_d)
         if on_device:
             opt_g.optimizer.found_inf = opt_d.optimizer.found_inf = bad
-        self.read_check(check, names, wait=not on_device)
-        if not on_device and self.nonfinite_streak:  # this step was the non-finite one
+        self.nonfinite.queue(check, names, wait=not on_device, distributed=distributed)
+        if not on_device and self.nonfinite.streak:  # this step was the non-finite one
             opt_g.zero_grad(set_to_none=True)
             opt_d.zero_grad(set_to_none=True)
             return
@@ -255,62 +255,6 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         if self.grad_scaler() is not None:
             return False
         return all(g.get("fused") for opt in optimizers for g in opt.optimizer.param_groups)
-
-    def finite_check(self, terms):
-        """(bad, check, names) on the device, no host sync: check = [bad, loss terms..., gradient norm], bad = 1.0
-        where any of them is non-finite on any rank (every rank must skip the same steps), else 0.0."""
-        names = list(terms)
-        values = [v.detach().float().reshape(()) for v in terms.values()]
-        # with a GradScaler (16-mixed) inf gradients are routine: the scaler skips those steps itself
-        if self.grad_scaler() is None:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                values.append(torch.nn.utils.get_total_norm(grads).float())
-                names.append("gradients")
-        values = torch.stack(values)
-        bad = (~torch.isfinite(values)).any().float()
-        if self.trainer.world_size > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return bad, torch.cat([bad.reshape(1), values]), names
-
-    def read_check(self, check, names, wait: bool):
-        """Queue the step's finite check for the host and account for every check that has arrived: all of them
-        with `wait` (a host sync), else those whose copy is done (CUDA events; a CPU check has arrived at once)."""
-        event = None
-        if check.device.type == "cuda":
-            host = torch.empty(check.shape, dtype=check.dtype, pin_memory=True)
-            host.copy_(check, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            check = host
-        self.pending_checks.append((check, event, names))
-        if self.trainer.world_size > 1 and not wait:
-            # every rank must stop at the same step, so all read the same checks: up to the previous step's (no
-            # idle device: this step is still queued; and the signal vote of the previous batch end synced it)
-            self.read_pending_checks(keep=1)
-        else:
-            self.read_pending_checks(wait=wait or len(self.pending_checks) > 8)  # the host reads <= 8 steps behind
-
-    def read_pending_checks(self, wait: bool = True, keep: int = 0):
-        """Count the skipped steps (and the streak of them) in step order, of all checks but the newest `keep`:
-        those that have arrived, or with `wait` all of them."""
-        while len(self.pending_checks) > keep:
-            check, event, names = self.pending_checks[0]
-            if event is not None and not event.query():
-                if not wait:
-                    return
-                event.synchronize()
-            self.pending_checks.popleft()
-            bad, *values = check.tolist()
-            values = dict(zip(names, values))
-            self.host_loss = values["nll"]
-            if not bad:
-                self.nonfinite_streak = 0
-                continue
-            self.skipped_nonfinite += 1
-            self.nonfinite_streak += 1
-            here = [n for n, v in values.items() if not math.isfinite(v)]
-            self.nonfinite_term = next((n for n in here if n != "nll"), here[0] if here else "(on another rank)")
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
@@ -367,9 +311,9 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         return groups
 
     def on_save_checkpoint(self, checkpoint):
-        self.read_pending_checks()  # the count saved is exact
+        self.nonfinite.read()  # the count saved is exact
         checkpoint["config"] = self.run_config  # runs describe themselves: export/eval rebuild from this
-        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+        checkpoint["skipped_nonfinite"] = self.nonfinite.skipped
 
     def on_load_checkpoint(self, checkpoint):
-        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
+        self.nonfinite.skipped = checkpoint.get("skipped_nonfinite", 0)

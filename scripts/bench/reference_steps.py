@@ -1,4 +1,4 @@
-"""Reference training steps in plain PyTorch, timed against ours by scripts/benchmark.py.
+"""Reference training steps in plain PyTorch, timed against ours by scripts/bench/benchmark.py.
 
 - `OfficialStep`: what the paper's code (ldm AutoencoderKL + LPIPSWithDiscriminator under PL 1.4 with two
   optimisers) does per batch: the whole forward for the decoder step, the adaptive weight from two extra
@@ -191,7 +191,7 @@ class NaiveStep:
 
 def build_reference(name, cfg, precision, device):
     """The reference loop `name` (official | naive) for the run's config, seeded like ours."""
-    from train import build_system
+    from ldm.run import build_system
     torch.manual_seed(cfg.seed)
     lr = cfg.optim.base_lr * cfg.data.batch_size
     if name == "naive":

@@ -1,4 +1,4 @@
-"""The memory part of scripts/benchmark.py (--max-batch): the largest batch per GPU for x1.5 and x2.
+"""The memory part of scripts/bench/benchmark.py (--max-batch): the largest batch per GPU for x1.5 and x2.
 
 CUDA: a search with real training steps and OOM caught, one fresh process per preset (cuDNN autotuning off,
 so each new batch size costs no algorithm search). CPU: an estimate from the per-image activation memory
@@ -6,7 +6,7 @@ counted on the meta device (fp32; bf16-mixed holds less).
 """
 import torch
 
-from benchmark import ROOT, build_ours, fit_ours, gib, in_child, load, make_batch, quiet
+from harness import ROOT, build_ours, fit_ours, gib, in_child, load, make_batch, quiet
 
 MAX_BATCH_PRESETS = [("x1.5", "configs/x1_5.yaml"), ("x2", "configs/x2.yaml")]
 
@@ -85,7 +85,7 @@ def search_max_batch(files, overrides, resolutions, budget_gib=None):
 
 def meta_system(cfg):
     """Our system on the meta device: shapes only, no memory, no compute."""
-    from train import build_system
+    from ldm.run import build_system
     with torch.device("meta"):
         return build_system(cfg).to("meta")  # .to: lpips makes its scaling buffers on the CPU
 

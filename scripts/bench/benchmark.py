@@ -1,8 +1,8 @@
 """Training-step speed: our Lightning step against the official and a naive loop, on one fixed batch.
 
-    python scripts/benchmark.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--rounds R] [--batch-size B]
+    python scripts/bench/benchmark.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--rounds R] [--batch-size B]
         [--reference official|naive ...] [--reference-precision 32-true|bf16-mixed] [--compile] [--cached-latents]
-    python scripts/benchmark.py --max-batch [key=value ...] [--presets x1.5 x2] [--resolutions 256 512]
+    python scripts/bench/benchmark.py --max-batch [key=value ...] [--presets x1.5 x2] [--resolutions 256 512]
         [--memory-budget-gb GIB]
 
 Each variant runs in its own process on the same batch (random image in [-1, 1], a mask with holes),
@@ -15,40 +15,33 @@ max_memory_allocated over the timed steps, the warm-up's apart: cuDNN's autotuni
 fill the card, transiently; CPU: the process's peak RSS from getrusage, imports included), the decoder's model
 FLOPs per step (FlopCounterMode, one decoder forward + backward) and, on CUDA, MFU. The last lines read
 `speedup vs official: 1.52x` (reference seconds per step / ours). --cached-latents adds "ours-cached", our step with
-the posterior in the batch as a latent cache gives it (the encoder skipped; scripts/benchmark_latents.py), and the
+the posterior in the batch as a latent cache gives it (the encoder skipped; scripts/bench/benchmark_latents.py), and the
 encoder's own share of our step. On a shared machine, --rounds R alternates
 the variants R times (load drifts evenly over them) and OMP_NUM_THREADS=1 avoids OpenMP stalls when other
 processes hold the cores.
 
 CPU target (x1, 64 px, batch 2, fp32):
-    python scripts/benchmark.py -c configs/x1.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+    python scripts/bench/benchmark.py -c configs/x1.yaml model.vae_ckpt=null perceptual.pretrained=false \\
         data.resolution=64 data.batch_size=2 --reference official --reference naive
 GPU (ours bf16 + channels_last against the naive loop in fp32):
-    python scripts/benchmark.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+    python scripts/bench/benchmark.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
         data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true \\
         --reference naive --reference-precision 32-true
 Largest batch per GPU for x1.5 and x2 at 256 and 512 px, with and without gradient checkpointing
 (CUDA: search with OOM catching; CPU: an estimate from per-image activation memory, fp32):
-    python scripts/benchmark.py --max-batch model.vae_ckpt=null perceptual.pretrained=false \\
+    python scripts/bench/benchmark.py --max-batch model.vae_ckpt=null perceptual.pretrained=false \\
         trainer.precision=bf16-mixed model.channels_last=true
 """
 import argparse
-import concurrent.futures as futures
-import multiprocessing
 import statistics
 import sys
-import warnings
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # train.py and scripts/ from a checkout
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from ldm.config import ConfigError, load_config  # noqa: E402
-from benchmark_latents import cache_inputs, cache_report  # noqa: E402
-from reference_steps import REFERENCE_PRECISIONS, durations, mark, mark_step_end, run_reference, sync  # noqa: E402
+from harness import build_ours, fit_ours, gib, in_child, load, make_batch, pick_device, quiet  # first: puts ldm on the path
+from benchmark_latents import cache_inputs, cache_report
+from ldm.config import ConfigError
+from reference_steps import REFERENCE_PRECISIONS, durations, mark, mark_step_end, run_reference, sync
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
 PEAKS = [("H100 PCIe", (756.0, 378.0, 51.0)), ("H100 NVL", (835.0, 418.0, 60.0)), ("H100", (989.0, 495.0, 67.0)),
@@ -117,59 +110,7 @@ def check_config(parser, args):
                      f"the reference loops cannot run (no GradScaler); pass one of {', '.join(REFERENCE_PRECISIONS)}")
 
 
-def load(files, overrides, batch_size=None, compile_blocks=False):
-    """The run's config, with the GAN on from step 0; a value the benchmark cannot run raises ConfigError."""
-    extra = ["loss.disc_start=0"] + ([f"data.batch_size={batch_size}"] if batch_size is not None else [])
-    extra += ["model.compile=true"] if compile_blocks else []
-    cfg = load_config(ROOT / "configs" / "base.yaml", files, [*overrides, *extra])
-    if cfg.loss.disc_weight <= 0:
-        raise ConfigError("loss.disc_weight must be > 0: the benchmark measures the full step with the GAN")
-    return cfg
-
-
-def pick_device(cfg) -> torch.device:
-    wants_gpu = str(cfg.trainer.accelerator) in ("auto", "gpu", "cuda")
-    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
-
-
-def make_batch(cfg, device, seed=0):
-    """One fixed batch: image (B,3,H,W) in [-1,1]; mask (B,1,H,W) with 1..3 rectangular holes (1 = hole)."""
-    g = torch.Generator().manual_seed(seed)
-    b, r = cfg.data.batch_size, cfg.data.resolution
-    image = torch.rand(b, 3, r, r, generator=g) * 2 - 1
-    mask = torch.zeros(b, 1, r, r)
-    for i in range(b):
-        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
-            y, x = torch.randint(0, r // 2, (2,), generator=g).tolist()
-            h, w = torch.randint(r // 8, r // 2, (2,), generator=g).tolist()
-            mask[i, :, y:y + h, x:x + w] = 1.0
-    return image.to(device), mask.to(device)
-
-
 # ----------------------------------------------------------------------------- ours
-
-
-def build_ours(cfg):
-    from train import build_system
-    return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the blocks
-
-
-def fit_ours(system, cfg, image, mask, steps, callbacks=(), extra=None, first_batch=None):
-    """Run `steps` real training steps of `system` in a pl.Trainer on the repeated batch (plus `extra` entries);
-    `first_batch` (image, mask): another batch for the first step."""
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader
-    batch = {"image": image, "mask": mask, **(extra or {})}
-    trainer = pl.Trainer(accelerator=image.device.type if image.device.type == "cuda" else "cpu", devices=1,
-                         precision=cfg.trainer.precision, max_steps=steps, logger=False,
-                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
-    batches = [batch] * steps  # the same tensors every step
-    if first_batch is not None:
-        batches[0] = {"image": first_batch[0], "mask": first_batch[1]}
-    loader = DataLoader(batches, batch_size=None, shuffle=False)
-    trainer.fit(system, train_dataloaders=loader)
-    return trainer
 
 
 def step_end_timer(device, stamps, after_warmup=None):
@@ -198,13 +139,6 @@ def run_ours(cfg, image, mask, n_steps, cached=False, after_warmup=None):
 
 
 # ----------------------------------------------------------------------------- one variant per process
-
-
-def quiet():
-    import logging
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
 
 
 def measure(variant, files, overrides, batch_size, n_steps, precision, compile_blocks, warmup):
@@ -238,23 +172,6 @@ def measure(variant, files, overrides, batch_size, n_steps, precision, compile_b
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of its process (getrusage)"
     return dict(info, **warm, times=times, peak=peak, peak_kind=kind, device=str(device),
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
-
-
-def in_child(fn, *args, preload=()):
-    """fn(*args) in a fresh process: its own peak memory, no state shared between variants.
-
-    CUDA: spawned (CUDA does not survive a fork). CPU: forked from this process, which has imported the
-    heavy modules (train, and the `preload` module names) once and run no torch compute (no OpenMP pool to inherit).
-    """
-    method = "spawn" if torch.cuda.is_available() else "fork"
-    if method == "fork":
-        import importlib
-
-        import train  # noqa: F401
-        for name in preload:
-            importlib.import_module(name)
-    with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:
-        return pool.submit(fn, *args).result()
 
 
 class VariantFailed(Exception):
@@ -304,10 +221,6 @@ def peak_tflops(device_name: str, precision: str):
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
 
 
 def report(cfg, args, results, flops):

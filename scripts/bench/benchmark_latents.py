@@ -1,4 +1,4 @@
-"""The latent cache's part of scripts/benchmark.py (--cached-latents): our step with the posterior in the batch.
+"""The latent cache's part of scripts/bench/benchmark.py (--cached-latents): our step with the posterior in the batch.
 
 "ours-cached" runs the same training step on the same batch plus "mean" and "logvar", as a cache from
 scripts/cache_latents.py gives them (float32, computed once before timing), so the frozen encoder is skipped.

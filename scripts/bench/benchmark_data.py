@@ -1,10 +1,10 @@
 """Loader throughput: (image, mask) samples per second that one worker process produces, at 256 px.
 
-    python scripts/benchmark_data.py [--resolution 256] [--samples 1024] [--folder DIR] [--shards PATTERN]
+    python scripts/bench/benchmark_data.py [--resolution 256] [--samples 1024] [--folder DIR] [--shards PATTERN]
 
 Without --folder/--shards it builds ImageNet-like data in a temporary folder: the bundled sample photos,
 randomly cropped and resized to 500 px on the long side (ImageNet's typical 500x375), saved as JPEG
-(quality 90), and the same files packed as webdataset shards by make_shards.py's writer (a --folder is
+(quality 90), and the same files packed as webdataset shards by scripts/make_shards.py's writer (data/shards.py) (a --folder is
 searched recursively, as training does). The loop is a DataLoader with
 num_workers=0 and one torch thread, i.e. the work each DataLoader worker does (decode, crop, resize,
 flip, mask, tensor conversion, collation). Masks: the paper's recipe (p_full 0.5, thick/medium/thin).
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
+from data.shards import prefix_range, write_shards
 from ldm.cli import at_least, existing_folder, multiple_of_8
-from make_shards import prefix_range, write_shards  # the sibling script (scripts/ is on the path when run)
 
 
 def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):

@@ -5,12 +5,12 @@
 # has its own time limit (all together: up to ~36 min) and writes OUT/<part>.log; a part that fails or times out
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling
 # (on an H200 the first compiled benchmark needs over 190 s, 122 s with the cache warm).
-#     bash scripts/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
+#     bash scripts/bench/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
 #                                                        default: all, in the order below)
 # PARTs: bench_compile_vs_naive_fp32 tests profile_compile max_batch_x15 train_x15 bench_compile_cached_vs_naive_fp32
 #        max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-gpu_checks}
 [ $# -gt 0 ] && shift
 PARTS=${*:-bench_compile_vs_naive_fp32 tests profile_compile max_batch_x15 train_x15 bench_compile_cached_vs_naive_fp32 \
@@ -39,12 +39,12 @@ BUDGET="--memory-budget-gb ${MEMORY_BUDGET_GB:-79.18}"  # what torch sees of an 
 X15="-c configs/x1_5.yaml $RANDOM_INIT data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true"
 run_part() {
     case $1 in
-    bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/benchmark.py $X15 --compile --cached-latents \
+    bench_compile_cached_vs_naive_fp32) part "$1" 150 "$PY" scripts/bench/benchmark.py $X15 --compile --cached-latents \
         --reference naive --reference-precision 32-true --steps 60 --warmup 10 ;;
     tests) part "$1" 360 "$PY" -m pytest -v -rs --durations=0 -p no:cacheprovider tests/test_gpu.py ;;
-    max_batch) part "$1" 240 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
+    max_batch) part "$1" 240 "$PY" scripts/bench/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
         model.channels_last=true --presets x1.5 x2 --resolutions 256 512 $BUDGET ;;
-    max_batch_x15) part "$1" 150 "$PY" scripts/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
+    max_batch_x15) part "$1" 150 "$PY" scripts/bench/benchmark.py --max-batch $RANDOM_INIT trainer.precision=bf16-mixed \
         model.channels_last=true --presets x1.5 --resolutions 256 512 $BUDGET ;;
     train_x15) part "$1" 200 "$PY" train.py $X15 model.compile=true trainer.max_steps=300 \
             trainer.val_check_interval=150 trainer.limit_val_batches=4 trainer.log_every_n_steps=25 \
@@ -52,18 +52,18 @@ run_part() {
             optim.warmup_steps=50 ema.decay=0.999 data.num_workers=8 run.log_dir="$OUT/logs" run.overwrite=true \
             --name x15_gpu
         cp "$OUT/logs/x15_gpu/metrics.csv" "$OUT/train_x15_metrics.csv" 2>/dev/null ;;
-    profile) part "$1" 90 "$PY" scripts/profile_step.py $X15 --steps 5 --warmup 5 --top 25 ;;
-    profile_compile) part "$1" 200 "$PY" scripts/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 \
+    profile) part "$1" 90 "$PY" scripts/bench/profile_step.py $X15 --steps 5 --warmup 5 --top 25 ;;
+    profile_compile) part "$1" 200 "$PY" scripts/bench/profile_step.py $X15 model.compile=true --steps 5 --warmup 5 \
         --top 25 ;;
-    bench_compile_vs_naive_fp32) part "$1" 300 "$PY" scripts/benchmark.py $X15 --compile --reference naive \
+    bench_compile_vs_naive_fp32) part "$1" 300 "$PY" scripts/bench/benchmark.py $X15 --compile --reference naive \
         --reference-precision 32-true --steps 60 --warmup 10 ;;
-    bench_vs_naive_fp32) part "$1" 120 "$PY" scripts/benchmark.py $X15 --reference naive \
+    bench_vs_naive_fp32) part "$1" 120 "$PY" scripts/bench/benchmark.py $X15 --reference naive \
         --reference-precision 32-true --steps 20 --warmup 5 ;;
-    bench_batch16) part "$1" 120 "$PY" scripts/benchmark.py $X15 model.compile=true data.batch_size=16 \
+    bench_batch16) part "$1" 120 "$PY" scripts/bench/benchmark.py $X15 model.compile=true data.batch_size=16 \
         --cached-latents --steps 10 --warmup 3 ;;
-    bench_all_bf16) part "$1" 120 "$PY" scripts/benchmark.py $X15 --reference official --reference naive \
+    bench_all_bf16) part "$1" 120 "$PY" scripts/bench/benchmark.py $X15 --reference official --reference naive \
         --steps 15 --warmup 5 ;;
-    x2_512_batch2) part "$1" 90 "$PY" scripts/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
+    x2_512_batch2) part "$1" 90 "$PY" scripts/bench/benchmark.py -c configs/x2.yaml $RANDOM_INIT data.resolution=512 \
         data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2 ;;
     *) echo "unknown part '$1' (see the PARTs at the top of $0)"; return 2 ;;
     esac

@@ -1,14 +1,14 @@
 """Where our training step's time goes: torch.profiler over a few real steps, summarised.
 
-    python scripts/profile_step.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--top K] [--trace FILE]
+    python scripts/bench/profile_step.py -c CONFIG [key=value ...] [--steps N] [--warmup W] [--top K] [--trace FILE]
 
-The same step as scripts/benchmark.py measures (one fixed batch, GAN on from step 0, a real pl.Trainer).
+The same step as scripts/bench/benchmark.py measures (one fixed batch, GAN on from step 0, a real pl.Trainer).
 Prints the device's busy share of the profiled wall time (low: the host cannot feed it), the time per kernel
 kind (convolution, normalisation, elementwise, ...) and the top kernels; --trace writes a Chrome trace. Then,
 over as many further steps without the profiler, the time of each part of the step (encoder, decoder forward,
 losses, backward, optimisers, the loop between), from marks at their boundaries (CUDA: events on the stream).
 Example (the GPU target):
-    python scripts/profile_step.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
+    python scripts/bench/profile_step.py -c configs/x1_5.yaml model.vae_ckpt=null perceptual.pretrained=false \\
         data.resolution=256 trainer.precision=bf16-mixed model.channels_last=true
 """
 import argparse
@@ -22,14 +22,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from benchmark import build_ours, fit_ours, load, make_batch, pick_device, quiet  # noqa: E402
-from ldm.cli import at_least  # noqa: E402
-from ldm.config import ConfigError  # noqa: E402
-from reference_steps import durations, mark, sync  # noqa: E402
+from harness import build_ours, fit_ours, load, make_batch, pick_device, quiet
+from ldm.cli import at_least
+from ldm.config import ConfigError
+from reference_steps import durations, mark, sync
 
 # kernel kind by name, first match wins (cuDNN / cuBLAS / CUTLASS / ATen kernel names). Inductor's kernels come
 # first: they are named after the ops they fuse (triton_red_fused_native_group_norm_..., ..._convolution_backward_...).

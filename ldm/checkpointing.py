@@ -120,8 +120,8 @@ class RunCheckpoint(ModelCheckpoint):
     def _on_signal(self, signum, frame):
         self.received = signal.Signals(signum).name
         previous = self._previous.get(signum)
-        # Under SLURM auto-requeue, Lightning's SIGUSR1 handler requeues the job: keep it. Its SIGTERM handler
-        # is not chained: it would end the run by SIGTERMException at the next step, marking loggers failed.
+        # A previous SIGUSR1 handler is kept (train.py turns Lightning's SLURM auto-requeue off: ldm/cluster.py).
+        # Lightning's SIGTERM handler is not chained: it would end the run by SIGTERMException at the next step.
         if signum != signal.SIGTERM and callable(previous):
             previous(signum, frame)
 

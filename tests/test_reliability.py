@@ -27,9 +27,10 @@ def step_files(ckpt_dir: Path) -> list:
     return sorted(p.name for p in ckpt_dir.glob("step*.ckpt"))
 
 
-def start_train(tmp_path, *overrides, name="run", script="train.py"):
+def start_train(tmp_path, *overrides, name="run", script="train.py", new_session=False):
     cmd = [sys.executable, str(ROOT / script), *TINY, f"run.log_dir={tmp_path}", *overrides, "--name", name]
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)  # its own process group, led by train.py
 
 
 def wait_for(path: Path, proc, timeout=300):
@@ -118,6 +119,24 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert f"SIGTERM: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
     newest_periodic = max(int(name[4:12]) for name in step_files(ckpt_dir))
     assert newest_periodic <= saved < 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(tmp_path, name):
+    """As SLURM signals every process of a job step (and `kill -- -PGID` a group): with loader workers the run
+    still saves last.ckpt at the current step and exits 0 (the workers ignore the signal; before, a worker died
+    of it and the run with 'DataLoader worker (pid N) is killed by signal', exit 1, last.ckpt left behind)."""
+    proc = start_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", "data.num_workers=1",
+                       *NO_VAL, new_session=True)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    wait_for(ckpt_dir / "step00000002.ckpt", proc)
+    os.killpg(proc.pid, getattr(signal, name))  # train.py and its worker
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = step_of(ckpt_dir / "last.ckpt")
+    assert f"{name}: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
+    assert 2 <= saved < 400 and "killed by signal" not in err
 
 
 def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):

@@ -28,6 +28,7 @@ from ldm import AsymmetricAutoencoderKL, CheckpointError
 from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
 from ldm.checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
                                remove_partial_saves)
+from ldm.cluster import trainer_arguments
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from ldm.modules.losses import NLayerDiscriminator, PerceptualLoss
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=8")
     p.add_argument("--resume", default=None, help="'auto' (the run folder's last checkpoint) or a .ckpt path")
     p.add_argument("--name", default=None, help="run name (default: the last config file's name)")
+    p.add_argument("--print-run-dir", action="store_true", help="print the run folder and exit (for job scripts)")
     return p.parse_args(argv)
 
 
@@ -194,20 +196,10 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
     ]
     if cfg.ema.decay is not None:
         callbacks.append(EMA(decay=cfg.ema.decay))
-    kwargs = to_container(cfg.trainer)
-    if kwargs.get("strategy", "auto") == "auto":
-        # the discriminator sits idle before disc_start: DDP must tolerate parameters without gradients
-        kwargs["strategy"] = "ddp_find_unused_parameters_true" if _several_processes(kwargs) else "auto"
-    return pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, name),
-                      callbacks=callbacks, check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()], **kwargs)
-
-
-def _several_processes(kwargs) -> bool:
-    devices = kwargs.get("devices", "auto")
-    many = devices not in ("auto", 1, "1", [0]) and not (isinstance(devices, list) and len(devices) == 1)
-    if devices == "auto":
-        many = torch.cuda.device_count() > 1
-    return many or int(kwargs.get("num_nodes", 1)) > 1
+    # DDP that tolerates the idle discriminator; under srun, devices and nodes from SLURM's allocation
+    kwargs, plugins = trainer_arguments(to_container(cfg.trainer))
+    return pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, name), callbacks=callbacks,
+                      check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO(), *plugins], **kwargs)
 
 
 def clear_checkpoints(run_dir: Path) -> None:
@@ -224,6 +216,9 @@ def fit(argv=None, extra_callbacks=()) -> None:
     cfg = load_config(ROOT / "configs" / "base.yaml", files, args.overrides)
     name = args.name or Path(files[-1]).stem
     run_dir = Path(cfg.run.log_dir) / name
+    if args.print_run_dir:
+        print(run_dir)
+        return
     resume = resolve_resume(args.resume, run_dir)
     start_over = is_rank_zero() and args.resume is None and (run_dir / "checkpoints").exists()
     if start_over and not cfg.run.overwrite:

@@ -20,14 +20,13 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.loggers import CSVLogger
 
 from data import ImageMaskDataModule, LatentCacheError, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from ldm import AsymmetricAutoencoderKL, CheckpointError
 from ldm.callbacks import EMA, ImagesPerSecond, NonFiniteLossError, SampleGrids, StopOnNonFinite
-from ldm.checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
-                               remove_partial_saves)
+from ldm.checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, checkpoint_step,
+                               newest_readable_checkpoint, remove_partial_saves)
 from ldm.cluster import trainer_arguments
 from ldm.config import ConfigError, load_config, to_container
 from ldm.models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
@@ -167,7 +166,7 @@ def build_system(cfg) -> AsymmetricDecoderTraining:
 
 
 def build_loggers(cfg, run_dir: Path, name: str):
-    loggers = [CSVLogger(save_dir=str(run_dir.parent), name=name, version="")]  # -> <run_dir>/metrics.csv
+    loggers = [ResumableCSVLogger(save_dir=str(run_dir.parent), name=name, version="")]  # <run_dir>/metrics.csv
     kind = cfg.run.logger
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -203,8 +202,9 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
 
 
 def clear_checkpoints(run_dir: Path) -> None:
-    """run.overwrite=true: delete the old run's checkpoints (and Lightning's SLURM hpc_ckpt_*.ckpt)."""
+    """run.overwrite=true: delete the old run's checkpoints (and Lightning's SLURM hpc_ckpt_*.ckpt) and metrics."""
     shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "metrics.csv").unlink(missing_ok=True)  # else the new run's rows would follow the old run's
     for path in run_dir.glob("hpc_ckpt_*.ckpt"):
         path.unlink()
 

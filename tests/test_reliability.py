@@ -61,6 +61,21 @@ def test_atomic_save_leaves_the_old_file_when_killed_mid_write(tmp_path, monkeyp
     assert step_of(path) == 3 and replaced == [path.parent]  # staged beside the target: a rename, never a copy
 
 
+def test_a_resumed_run_continues_metrics_csv(tmp_path):
+    """ResumableCSVLogger (train.py): a second logger on the run folder, as after a resume or SLURM requeue, appends
+    to metrics.csv and keeps its columns; Lightning's CSVLogger deletes the file (the earlier steps' metrics)."""
+    from ldm.checkpointing import ResumableCSVLogger
+    for steps, metrics in ((range(0, 3), {"train/loss": 1.0}), (range(3, 5), {"train/loss": 2.0, "val/l1": 0.5})):
+        logger = ResumableCSVLogger(save_dir=str(tmp_path), name="run", version="")
+        for step in steps:
+            logger.log_metrics(metrics, step=step)
+        logger.finalize("success")
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["val/l1"] for r in rows] == ["", "", "", "0.5", "0.5"] and rows[0]["train/loss"] == "1.0"
+
+
 def _fake_run(tmp_path, steps):
     ckpt_dir = tmp_path / "run" / "checkpoints"
     ckpt_dir.mkdir(parents=True)

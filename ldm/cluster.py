@@ -7,7 +7,9 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from .config import ConfigError
 
-DDP_NAMES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")  # Lightning's launchers of DDP
+DDP_NAMES = ("ddp", "ddp_fork", "ddp_notebook")  # Lightning's launchers of DDP that this run supports
+SPAWN = ("trainer.strategy={}: spawned processes get the trainer pickled, and Lightning's EMA averaging function "
+         "cannot be; use ddp (or ddp_fork)")
 
 
 def trainer_arguments(kwargs: dict) -> tuple[dict, list]:
@@ -47,6 +49,10 @@ def slurm_layout(kwargs: dict) -> dict:
 def ddp_strategy(strategy, several: bool):
     """The strategy to hand Lightning: DDP tolerating parameters without gradients (the discriminator sits idle
     before loss.disc_start), or a one-line ConfigError for a strategy this recipe cannot train under."""
+    if isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", None) == "spawn":
+        raise ConfigError(SPAWN.format("DDPStrategy(start_method='spawn')"))
+    if isinstance(strategy, str) and strategy.startswith("ddp_spawn"):
+        raise ConfigError(SPAWN.format(strategy))
     if isinstance(strategy, DDPStrategy):
         if strategy._ddp_kwargs.get("find_unused_parameters") is False:
             raise ConfigError("trainer.strategy: DDPStrategy(find_unused_parameters=False) fails at the first step "

@@ -120,8 +120,14 @@ class SlurmCluster:
             time.sleep(0.5)
         return state
 
-    def start_now(self, job_id: int) -> None:
-        """A requeued job waits about 2 minutes before it may start again: make it eligible at once."""
+    def start_now(self, job_id: int, timeout: float = 60.0) -> None:
+        """A requeued job waits about 2 minutes before it may start again: make it eligible at once, once the node
+        has finished with its previous run (seen once: started while the node was still completing, it FAILED)."""
+        deadline = time.monotonic() + timeout
+        while (node := self.run("sinfo", "-h", "-o", "%t").stdout.strip()) != "idle":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node still {node} after {timeout} s")
+            time.sleep(0.2)
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
 
 

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.batch_size=8")
     p.add_argument("--resume", default=None, help="'auto' (the run folder's last checkpoint) or a .ckpt path")
     p.add_argument("--name", default=None, help="run name (default: the last config file's name)")
+    p.add_argument("--print-run-dir", action="store_true", help="print the run folder and exit (for job scripts)")
     return p.parse_args(argv)
 
 
@@ -60,6 +61,9 @@ def fit(argv=None, extra_callbacks=()) -> None:
     files = args.config or [str(ROOT / "configs" / "demo.yaml")]
     cfg = load_config(ROOT / "configs" / "base.yaml", files, args.overrides)
     name = args.name or Path(files[-1]).stem
+    if args.print_run_dir:  # for job scripts (scripts/slurm/train.sbatch): where the logs go
+        print(Path(cfg.run.log_dir) / name)
+        return
     run_dir, resume, start_over = prepare_run_dir(cfg, name, args.resume)
     check_inputs(cfg)
     for note in pointless(cfg) if is_rank_zero() else ():

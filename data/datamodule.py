@@ -1,9 +1,12 @@
 """The LightningDataModule that builds sources, masks and loaders from the config's `data:` section."""
+import os
+import signal
 from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
 from .datasets import ImageMaskTrain, ImageMaskVal
@@ -26,6 +29,21 @@ class EpochLoader(DataLoader):
         self.dataset.set_epoch(*(self.epoch_fn() if self.epoch_fn is not None else (self.passes, 0)))
         self.passes += 1
         return super().__iter__()
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore the stop signals the main process handles (SIGTERM, SIGUSR1).
+
+    SLURM signals every process of a job step, as `kill -- -PGID` does a process group: a worker killed by
+    SIGTERM (or by SIGUSR1, whose default action terminates) makes the main process raise before it can save.
+    Workers still end with the main process (the DataLoader's shutdown, its parent watchdog) or by SIGKILL.
+    Lightning adds its seeding worker_init_fn only to loaders without one: it is called here in its stead.
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):  # no SIGUSR1 on Windows
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # set by seed_everything(workers=True), as train.py does
+        pl_worker_init_function(worker_id)
 
 
 def plain(value):
@@ -118,7 +136,8 @@ class ImageMaskDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self):
         return dict(batch_size=self.batch_size, num_workers=self.num_workers,
-                    pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                    pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                    worker_init_fn=init_worker)
 
     def train_dataloader(self):
         if self.train_set is None:

@@ -1,4 +1,5 @@
 """Checkpoints that survive faults: atomic writes, last.ckpt at the final step and on preemption, auto-resume."""
+import csv
 import os
 import signal
 import tempfile
@@ -9,6 +10,9 @@ from typing import Optional
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 PARTIAL_GLOB = ".*.ckpt.*.tmp"  # what atomic_save leaves behind when killed mid-write
@@ -120,8 +124,8 @@ class RunCheckpoint(ModelCheckpoint):
     def _on_signal(self, signum, frame):
         self.received = signal.Signals(signum).name
         previous = self._previous.get(signum)
-        # Under SLURM auto-requeue, Lightning's SIGUSR1 handler requeues the job: keep it. Its SIGTERM handler
-        # is not chained: it would end the run by SIGTERMException at the next step, marking loggers failed.
+        # A previous SIGUSR1 handler is kept (train.py turns Lightning's SLURM auto-requeue off: ldm/cluster.py).
+        # Lightning's SIGTERM handler is not chained: it would end the run by SIGTERMException at the next step.
         if signum != signal.SIGTERM and callable(previous):
             previous(signum, frame)
 
@@ -162,3 +166,23 @@ class RunCheckpoint(ModelCheckpoint):
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger that continues the run folder's metrics.csv: Lightning's deletes it when the folder is not empty,
+    so each resume (each SLURM requeue) lost the metrics logged before it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # called by __init__: keep the file and its columns
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])

@@ -12,14 +12,14 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.loggers import CSVLogger
 
 from data import ImageMaskDataModule, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from .bases import check_base
 from .callbacks import EMA, ImagesPerSecond, SampleGrids, StepProgressBar, StopOnNonFinite
-from .checkpointing import (AtomicCheckpointIO, RunCheckpoint, checkpoint_step, newest_readable_checkpoint,
-                            remove_partial_saves)
+from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, checkpoint_step,
+                            newest_readable_checkpoint, remove_partial_saves)
+from .cluster import trainer_arguments
 from .config import ConfigError, to_container
 from .convert import CheckpointError, load_into, read_checkpoint
 from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
@@ -145,7 +145,7 @@ def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining
 
 
 def build_loggers(cfg, run_dir: Path, name: str):
-    loggers = [CSVLogger(save_dir=str(run_dir.parent), name=name, version="")]  # -> <run_dir>/metrics.csv
+    loggers = [ResumableCSVLogger(save_dir=str(run_dir.parent), name=name, version="")]  # <run_dir>/metrics.csv
     kind = cfg.run.logger
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -175,25 +175,16 @@ def build_trainer(cfg, run_dir: Path, name: str, extra_callbacks=()) -> pl.Train
     ]
     if cfg.ema.decay is not None:
         callbacks.append(EMA(decay=cfg.ema.decay))
-    kwargs = to_container(cfg.trainer)
-    if kwargs.get("strategy", "auto") == "auto":
-        # the discriminator sits idle before disc_start: DDP must tolerate parameters without gradients
-        kwargs["strategy"] = "ddp_find_unused_parameters_true" if _several_processes(kwargs) else "auto"
-    return pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, name),
-                      callbacks=callbacks, check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()], **kwargs)
-
-
-def _several_processes(kwargs) -> bool:
-    devices = kwargs.get("devices", "auto")
-    many = devices not in ("auto", 1, "1", [0]) and not (isinstance(devices, list) and len(devices) == 1)
-    if devices == "auto":
-        many = torch.cuda.device_count() > 1
-    return many or int(kwargs.get("num_nodes", 1)) > 1
+    # DDP that tolerates the idle discriminator; under srun, devices and nodes from SLURM's allocation
+    kwargs, plugins = trainer_arguments(to_container(cfg.trainer))
+    return pl.Trainer(default_root_dir=str(run_dir), logger=build_loggers(cfg, run_dir, name), callbacks=callbacks,
+                      check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO(), *plugins], **kwargs)
 
 
 def clear_checkpoints(run_dir: Path) -> None:
-    """run.overwrite=true: delete the old run's checkpoints (and Lightning's SLURM hpc_ckpt_*.ckpt)."""
+    """run.overwrite=true: delete the old run's checkpoints (and Lightning's SLURM hpc_ckpt_*.ckpt) and metrics."""
     shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "metrics.csv").unlink(missing_ok=True)  # else the new run's rows would follow the old run's
     for path in run_dir.glob("hpc_ckpt_*.ckpt"):
         path.unlink()
 

@@ -28,9 +28,10 @@ def step_files(ckpt_dir: Path) -> list:
     return sorted(p.name for p in ckpt_dir.glob("step*.ckpt"))
 
 
-def start_train(tmp_path, *overrides, name="run", script="train.py"):
+def start_train(tmp_path, *overrides, name="run", script="train.py", new_session=False):
     cmd = [sys.executable, str(ROOT / script), *TINY, f"run.log_dir={tmp_path}", *overrides, "--name", name]
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=new_session)  # its own process group, led by train.py
 
 
 def wait_for(path: Path, proc, timeout=300):
@@ -59,6 +60,21 @@ def test_atomic_save_leaves_the_old_file_when_killed_mid_write(tmp_path, monkeyp
     assert step_of(path) == 1 and sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
     atomic_save({"global_step": 3}, path)
     assert step_of(path) == 3 and replaced == [path.parent]  # staged beside the target: a rename, never a copy
+
+
+def test_a_resumed_run_continues_metrics_csv(tmp_path):
+    """ResumableCSVLogger (train.py): a second logger on the run folder, as after a resume or SLURM requeue, appends
+    to metrics.csv and keeps its columns; Lightning's CSVLogger deletes the file (the earlier steps' metrics)."""
+    from ldm.checkpointing import ResumableCSVLogger
+    for steps, metrics in ((range(0, 3), {"train/loss": 1.0}), (range(3, 5), {"train/loss": 2.0, "val/l1": 0.5})):
+        logger = ResumableCSVLogger(save_dir=str(tmp_path), name="run", version="")
+        for step in steps:
+            logger.log_metrics(metrics, step=step)
+        logger.finalize("success")
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["val/l1"] for r in rows] == ["", "", "", "0.5", "0.5"] and rows[0]["train/loss"] == "1.0"
 
 
 def _fake_run(tmp_path, steps):
@@ -119,6 +135,24 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert f"SIGTERM: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
     newest_periodic = max(int(name[4:12]) for name in step_files(ckpt_dir))
     assert newest_periodic <= saved < 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(tmp_path, name):
+    """As SLURM signals every process of a job step (and `kill -- -PGID` a group): with loader workers the run
+    still saves last.ckpt at the current step and exits 0 (the workers ignore the signal; before, a worker died
+    of it and the run with 'DataLoader worker (pid N) is killed by signal', exit 1, last.ckpt left behind)."""
+    proc = start_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", "data.num_workers=1",
+                       *NO_VAL, new_session=True)
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    wait_for(ckpt_dir / "step00000002.ckpt", proc)
+    os.killpg(proc.pid, getattr(signal, name))  # train.py and its worker
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = step_of(ckpt_dir / "last.ckpt")
+    assert f"{name}: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
+    assert 2 <= saved < 400 and "killed by signal" not in err
 
 
 def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):

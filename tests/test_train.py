@@ -125,9 +125,12 @@ def test_config_errors_stop_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
+    """trainer.strategy=ddp (the name users type; auto is tested under SLURM, tests/test_slurm.py) through the GAN
+    switch-on: step 1 without the discriminator (its parameters get no gradient), step 2 with it."""
     probe = tmp_path / "masks"
-    run_train(tmp_path, "trainer.max_steps=2", "trainer.devices=2", "trainer.val_check_interval=2",
-              "run.checkpoint_every_n_steps=1", "loss.disc_start=1", "data.val_size=1", f"+probe={probe}",
+    run_train(tmp_path, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
+              "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=1", "loss.disc_start=1",
+              "data.val_size=1", f"+probe={probe}",
               script="tests/ddp_probe.py")  # one validation image: rank 1 has none, and must not hang the reduction
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

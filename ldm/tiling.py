@@ -26,6 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+TILE_ABOVE = 1024  # the scripts decode in tiles above this side (px) unless told otherwise
+DEFAULT_TILE = 64  # latent px: 512 px tiles
+
+
+def auto_tile(tile: Optional[int], side: int) -> Optional[int]:
+    """The scripts' --tile: None = DEFAULT_TILE above TILE_ABOVE px (else untiled), 0 = never, N = N."""
+    if tile is None:
+        return DEFAULT_TILE if side > TILE_ABOVE else None
+    if tile < 0:
+        raise ValueError(f"--tile must be >= 0 (latent px; 0 = never), got {tile}")
+    return tile or None
+
+
 def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """[(core start, core end, padded start, padded end)] along one latent side: ceil(size/tile) cores of
     near-equal length (any size, not only multiples of the tile), each widened by overlap, clipped."""

@@ -1,7 +1,14 @@
-"""The decoder's share of a whole inpainting call, in FLOPs counted on the meta device (no weights, no memory).
+"""Decode cost: latency and peak memory of ours against diffusers, and the decoder's share of an inpainting call.
 
     python scripts/benchmark_decode.py --flops
+    python scripts/benchmark_decode.py --latency [--presets vanilla x1 x1.5 x2] [--sizes 512 1024 2048] [--repeats 3]
 
+--latency: one subprocess per row (preset, px, implementation: ours eager, ours tiled (tiles of 64),
+diffusers' AsymmetricAutoencoderKL with the same random weights; vanilla: ours without the branch only);
+the median decode time of --repeats after one warm-up, and the process's peak memory (ru_maxrss on CPU,
+torch.cuda.max_memory_allocated on a GPU). A holed mask, batch 1, fp32.
+
+--flops:
 For each denoiser (SD 1.5 inpainting UNet at 512 px, SDXL inpainting UNet and FLUX.1 Fill transformer at
 1024 px, their published configs written out below) the FLOPs of one call x the pipeline's default steps
 (x2 with classifier-free guidance), against one decode by the vanilla SD decoder and by x1, x1.5 and x2 with
@@ -9,7 +16,11 @@ the masked-image branch. torch.utils.flop_counter counts matmuls, convolutions a
 elementwise ops). The text encoders and the VAE encoder run once and are left out of both sides.
 """
 import argparse
+import json
+import resource
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -71,10 +82,75 @@ def decoder_flops(preset, px) -> int:
         return count(lambda: vae.decode(z, image, mask, check=False))
 
 
+def row(preset, px, impl, repeats) -> dict:
+    """One measurement, in this process: {"s": median seconds, "peak_gib": peak memory}."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    kw = dict(use_condition=False) if preset == "vanilla" else PRESETS[preset]
+    vae = AsymmetricAutoencoderKL(**kw).eval()
+    z = torch.randn(1, 4, px // 8, px // 8, device=device)
+    image, mask = torch.rand(1, 3, px, px, device=device) * 2 - 1, torch.zeros(1, 1, px, px, device=device)
+    mask[..., px // 4:3 * px // 4, px // 4:3 * px // 4] = 1
+    cond = () if preset == "vanilla" else (image, mask)
+    if impl == "diffusers":
+        from diffusers import AsymmetricAutoencoderKL as Reference
+        from ldm.keys import diffusers_config, ldm_to_diffusers
+        config = {k: v for k, v in diffusers_config(vae.config).items() if not k.startswith("_")}
+        ref = Reference(**config).eval()
+        ref.load_state_dict(ldm_to_diffusers(vae.state_dict()))
+        del vae
+        model, fn = ref.to(device), lambda: ref.decode(z, image, mask).sample
+    else:
+        tile = 64 if impl == "tiled" else None
+        model, fn = vae.to(device), lambda: vae.decode(z, *cond, tile=tile)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    times = sorted(times[1:])
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"s": times[len(times) // 2], "peak_gib": peak / 2 ** 30, "device": str(device)}
+
+
+def latency_table(presets, sizes, repeats) -> None:
+    print("| decoder | px | implementation | decode s (median) | peak memory GiB | device |")
+    print("|---|---:|---|---:|---:|---|")
+    for preset in presets:
+        for px in sizes:
+            for impl in (("ours",) if preset == "vanilla" else ("ours", "diffusers")) + ("tiled",) * (px > 512):
+                cmd = [sys.executable, __file__, "--row", preset, str(px), impl, str(repeats)]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    print(f"| {preset} | {px} | {impl} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['peak_gib']:.2f} | {r['device']} |", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flops", action="store_true", required=True, help="the FLOP shares (the only mode so far)")
-    p.parse_args(argv)
+    p.add_argument("--flops", action="store_true", help="the FLOP shares")
+    p.add_argument("--latency", action="store_true", help="the latency / peak memory table")
+    p.add_argument("--presets", nargs="+", default=["vanilla", *PRESETS], choices=["vanilla", *PRESETS])
+    p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 2048])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--row", nargs=4, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
+    args = p.parse_args(argv)
+    if args.row:
+        preset, px, impl, repeats = args.row
+        print(json.dumps(row(preset, int(px), impl, int(repeats))))
+        return 0
+    if not (args.flops or args.latency):
+        p.error("give --flops and/or --latency")
+    if args.latency:
+        latency_table(args.presets, args.sizes, args.repeats)
+    if not args.flops:
+        return 0
     denoisers = [  # name, px, FLOPs of one call, calls (steps x guidance batches)
         ("SD 1.5 inpainting UNet", 512, lambda: unet_flops(SD15_UNET, 512, 77, 768), 50 * 2),
         ("SDXL inpainting UNet", 1024, lambda: unet_flops(SDXL_UNET, 1024, 77, 2048, xl=True), 50 * 2),

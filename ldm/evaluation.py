@@ -13,8 +13,8 @@ from typing import Optional
 
 import torch
 
-from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict, panel_grid, paste_back,
-                      region_metrics, save_grid)
+from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
+                      panel_grid, paste_back, region_metrics, save_grid)
 
 # the decoder output itself; it pasted into the original through the mask; through a feathered (blurred) mask,
 # the baseline inpainting tools apply to any decoder

@@ -56,7 +56,9 @@ def unet_flops(config, px, text_len, text_dim, xl=False) -> int:
         net = UNet2DConditionModel(**config)
         x = torch.randn(1, config["in_channels"], px // 8, px // 8)
         text = torch.randn(1, text_len, text_dim)
-        extra = dict(added_cond_kwargs={"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}) if xl else {}
+        extra = {}
+        if xl:  # SDXL's pooled text embedding and size/crop conditioning
+            extra = dict(added_cond_kwargs={"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)})
         return count(lambda: net(x, torch.tensor([500.0]), text, **extra))
 
 

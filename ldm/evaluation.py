@@ -13,10 +13,12 @@ from typing import Optional
 
 import torch
 
-from .metrics import (bucket_labels, concat_dicts, grid_panels, nanmean_by_bucket, nanmean_dict, panel_grid, paste_back,
-                      region_metrics, save_grid)
+from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
+                      panel_grid, paste_back, region_metrics, save_grid)
 
-OUTPUTS = ("raw", "pasted")  # the decoder output itself, and it pasted into the original through the mask
+# the decoder output itself; it pasted into the original through the mask; through a feathered (blurred) mask,
+# the baseline inpainting tools apply to any decoder
+OUTPUTS = ("raw", "pasted", "feathered")
 ALL = "all"  # the bucket name of the overall means
 BUCKETS = bucket_labels()  # the mask-area buckets, in order: '0-10%', ..., '60-100%'
 # (key, column title, format); the order of the markdown columns
@@ -110,9 +112,10 @@ def latent(vae, image: torch.Tensor) -> torch.Tensor:
     return vae.encode(image).mode()
 
 
-def decode(dec: Decoder, z, image, mask) -> torch.Tensor:
-    """(B,3,H,W) output clamped to [-1,1] (what an image file would hold)."""
-    out = dec.model.decode(z, image, mask) if dec.branch else dec.model.decode(z)
+def decode(dec: Decoder, z, image, mask, tile=None) -> torch.Tensor:
+    """(B,3,H,W) output clamped to [-1,1] (what an image file would hold); `tile`: tiled decode (latent px)."""
+    kw = {"tile": tile} if tile else {}
+    out = dec.model.decode(z, image, mask, **kw) if dec.branch else dec.model.decode(z, **kw)
     return out.float().clamp(-1, 1)
 
 
@@ -140,7 +143,7 @@ class Records:
 
 @torch.no_grad()
 def evaluate(decoders, batches, perceptual=None, encoder=None, fid: Optional[FidTracker] = None,
-             grid_images: int = 4):
+             grid_images: int = 4, tile: Optional[int] = None):
     """Run every decoder on every batch ({"image", "mask", "index"}); returns (summary, grid uint8 (3,H',W')).
 
     encoder: a shared VAE whose posterior mean every decoder decodes (the frozen SD encoder), or None for
@@ -151,10 +154,12 @@ def evaluate(decoders, batches, perceptual=None, encoder=None, fid: Optional[Fid
     for batch in batches:
         image, mask, index = batch["image"].to(device), batch["mask"].to(device), batch["index"]
         z = latent(encoder, image) if encoder is not None else None
-        recons = [decode(dec, z if z is not None else latent(dec.model, image), image, mask) for dec in decoders]
+        recons = [decode(dec, z if z is not None else latent(dec.model, image), image, mask, tile)
+                  for dec in decoders]
         scored = {}  # (decoder, output) -> (B,3,H,W)
         for dec, recon in zip(decoders, recons):
             scored[dec.name, "raw"], scored[dec.name, "pasted"] = recon, paste_back(recon, image, mask)
+            scored[dec.name, "feathered"] = feather_back(recon, image, mask)
         _score(records, scored, image, mask, index, perceptual)
         if fid is not None:
             fid.update_real(image)

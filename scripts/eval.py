@@ -32,7 +32,9 @@ from data import (PRESETS, SkipCounter, load_crop, load_mask_files, make_eval_ma
 from data.sources import shard_samples  # noqa: E402
 from ldm import CheckpointError, load_autoencoder  # noqa: E402
 from ldm.cli import at_least, existing, fraction, multiple_of_8  # noqa: E402
-from ldm.evaluation import Decoder, FidTracker, evaluate, inception_weights, write_reports  # noqa: E402
+from ldm.evaluation import OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, write_reports  # noqa: E402
+from ldm.metrics import feather_radius  # noqa: E402
+from ldm.tiling import TILE_ABOVE, auto_tile  # noqa: E402
 
 log = logging.getLogger("eval")
 MIXED = "mixed"  # thick + medium + thin in equal parts (MaskGenerator's default mix)
@@ -64,6 +66,8 @@ def parse_args(argv=None):
                    help="run checkpoints: use the EMA decoder (default: when present)")
     p.add_argument("--grid-images", type=at_least(1), default=4, help="images shown in grid.png")
     p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images (0: none)")
+    p.add_argument("--tile", type=int, default=None, help="tiled decode in latent tiles of N px (default: "
+                   f"64, i.e. 512 px, above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
@@ -231,7 +235,8 @@ def notes(args, names, mask_info, evaluated, skipped, fid_note) -> list:
            f"(area averaging to shrink, bilinear to enlarge)" + (f"; {skipped} unreadable skipped" if skipped else ""),
            masks, encoder,
            "raw = decoder output clamped to [-1, 1]; pasted = raw in the hole, original pixels in the known region "
-           "(its known-region PSNR is the 100 dB cap and its pre_error 0)",
+           "(its known-region PSNR is the 100 dB cap and its pre_error 0); feathered = raw pasted through the mask "
+           f"dilated and blurred by {feather_radius(R)} px (ldm.metrics.feather_back: what inpainting tools do)",
            "PSNR and SSIM on [-1, 1] (data range 2), PSNR capped at 100 dB; LPIPS (VGG) of a composite that differs "
            "from the image only in the region; pre_error = known-region MSE on the [0, 1] scale; means ignore "
            "undefined values; n/a = undefined for every image"]
@@ -257,13 +262,14 @@ def run(args) -> list:
     decoders, vae = load_decoders(args, device)
     perceptual = lpips_network(args.lpips_pretrained, device)
     weights, fid_note = inception_weights(args.inception_weights)
-    keys = [(d.name, o) for d in decoders for o in ("raw", "pasted")]
+    keys = [(d.name, o) for d in decoders for o in OUTPUTS]
     fid = FidTracker.inception(keys, weights, device) if weights else None
     dataset = EvalImages(source, args.resolution, masks, n)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     total = math.ceil(n / args.batch_size) if n else None
     batches = tqdm(loader, total=total, desc="eval", unit="batch", file=sys.stderr)
-    summary, grid_image = evaluate(decoders, batches, perceptual, vae, fid, args.grid_images)
+    summary, grid_image = evaluate(decoders, batches, perceptual, vae, fid, args.grid_images,
+                                   tile=auto_tile(args.tile, args.resolution))
     if not summary:
         raise EvalError(f"--data {args.data}: no readable image among the first {n or 'all'}")
     evaluated = int(next(iter(summary.values()))["raw"]["all"]["n"])

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from data import load_crop  # noqa: E402
 from ldm.cli import at_least, existing, multiple_of_8, non_negative  # noqa: E402
 from ldm import CheckpointError, load_autoencoder  # noqa: E402
+from ldm.tiling import DEFAULT_TILE, TILE_ABOVE, auto_tile  # noqa: E402
 
 # model_index.json _class_name prefix -> the inpainting pipeline of that family (longest prefix first)
 PIPELINES = (("StableDiffusionXL", "StableDiffusionXLInpaintPipeline"),
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=multiple_of_8, default=None, help="square side in pixels, a multiple of 8 "
                                                           "(default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=at_least(0), default=None,
+                   help=f"decode in latent tiles of N px (default: {DEFAULT_TILE} above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     return p.parse_args(argv)
 
@@ -147,7 +150,7 @@ def native_size(pipe) -> int:
 
 @torch.no_grad()
 def inpaint(pipe, vae, image_path, mask_path, prompt, size=None, steps=50, seed=0, guidance=None,
-            negative_prompt=None, compare=False):
+            negative_prompt=None, compare=False, tile=None):
     """(our decode, the pipeline VAE's decode or None) of the pipeline's final latents, as PIL images."""
     size = size or native_size(pipe)
     multiple = pipe.vae_scale_factor * (2 if hasattr(pipe, "_unpack_latents") else 1)  # FLUX packs 2x2 patches
@@ -157,7 +160,7 @@ def inpaint(pipe, vae, image_path, mask_path, prompt, size=None, steps=50, seed=
     z = final_latents(pipe, image, mask, prompt, size, steps, seed, guidance, negative_prompt)
     x, m = to_tensors(image, mask)
     device = next(vae.parameters()).device
-    ours = to_image(vae.decode(z.to(device, torch.float32), x.to(device), m.to(device)))
+    ours = to_image(vae.decode(z.to(device, torch.float32), x.to(device), m.to(device), tile=auto_tile(tile, size)))
     theirs = None
     if compare:
         theirs = to_image(pipe.vae.decode(z.to(pipe.vae.device, pipe.vae.dtype)).sample)
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         pipe = load_pipeline(args.pipeline, device)
         vae = load_vae(args.vae, pipe, device)
         ours, theirs = inpaint(pipe, vae, args.image, args.mask, args.prompt, args.size, args.steps, args.seed,
-                               args.guidance, args.negative_prompt, args.compare)
+                               args.guidance, args.negative_prompt, args.compare, args.tile)
     except InpaintError as err:
         print(f"inpaint: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data import load_mask_files, make_eval_masks
 from ldm import AsymmetricAutoencoderKL
-from ldm.evaluation import BUCKETS, COLUMNS, INCEPTION_FILE, Decoder, FidTracker, evaluate, inception_weights, \
+from ldm.evaluation import BUCKETS, COLUMNS, INCEPTION_FILE, OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, \
     markdown, write_reports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_eval_writes_every_metric_decoder_and_bucket(first_run):
     md = (first_run / "results.md").read_text()
     names = ["runA", "exportB", "decoderC", "vanilla"]
     for name in names:
-        for output in ("raw", "pasted"):
+        for output in OUTPUTS:
             assert f"| {name} | {output} |" in md
     for _, title, _ in COLUMNS:
         assert f" {title} |" in md
@@ -88,7 +88,7 @@ def test_eval_writes_every_metric_decoder_and_bucket(first_run):
     result = json.loads((first_run / "results.json").read_text())
     assert set(result["metrics"]) == set(names)
     for name in names:
-        for output in ("raw", "pasted"):
+        for output in OUTPUTS:
             overall = result["metrics"][name][output]["all"]
             assert all(math.isfinite(overall[m]) for m in METRICS), overall
             assert overall["fid"] is None and overall["n"] == 2
@@ -98,7 +98,7 @@ def test_eval_writes_every_metric_decoder_and_bucket(first_run):
     raw = {n: result["metrics"][n]["raw"]["all"]["psnr_known"] for n in names}
     assert len(set(raw.values())) == 4
     rows = list(csv.DictReader(open(first_run / "results.csv")))
-    assert {r["decoder"] for r in rows} == set(names) and {r["output"] for r in rows} == {"raw", "pasted"}
+    assert {r["decoder"] for r in rows} == set(names) and {r["output"] for r in rows} == set(OUTPUTS)
     assert {"all", "psnr_known", "lpips_hole", "pre_error"} <= {r["bucket"] for r in rows} | {r["metric"] for r in rows}
     with Image.open(first_run / "grid.png") as grid:  # 2 rows; image, masked, then 2 tiles per decoder
         assert grid.size == (2 + 10 * 18, 2 + 2 * 18)
@@ -212,7 +212,7 @@ def test_identical_images_give_finite_averages_and_na_for_undefined_regions(tmp_
 
 def test_fid_with_a_feature_network_is_zero_for_identical_images():
     decoders = [Decoder("identity", Identity()), Decoder("dark", Darken())]
-    fid = FidTracker([(d.name, o) for d in decoders for o in ("raw", "pasted")], MeanStd())
+    fid = FidTracker([(d.name, o) for d in decoders for o in OUTPUTS], MeanStd())
     summary, _ = evaluate(decoders, batches(), None, fid=fid)
     assert abs(summary["identity"]["raw"]["all"]["fid"]) < 1e-3
     assert summary["dark"]["raw"]["all"]["fid"] > 0.01

@@ -11,6 +11,7 @@ from PIL import Image
 from ldm.metrics import (
     area_buckets,
     bucket_labels,
+    feather_back,
     nanmean_by_bucket,
     nanmean_dict,
     paste_back,
@@ -54,6 +55,17 @@ def test_paste_back_takes_recon_in_hole_and_image_elsewhere():
     assert torch.equal(out[:, :, :8, :8], recon[:, :, :8, :8])
     assert torch.equal(out[:, :, 8:], image[:, :, 8:])
     assert torch.equal(out[:, :, :, 8:], image[:, :, :, 8:])
+
+
+def test_feather_back_keeps_the_hole_and_ramps_to_the_image_outside_it():
+    image, mask = _image(), _quarter_mask()  # hole: rows and columns 0..7
+    recon = torch.full_like(image, 0.5)
+    out = feather_back(recon, image, mask, radius=3)
+    assert torch.equal(out[:, :, :8, :8], recon[:, :, :8, :8])  # the hole is recon only, never the original
+    # dilated by 3, blurred over 3: the original from 2 x 3 px outside the hole on
+    assert torch.equal(out[:, :, 14:], image[:, :, 14:]) and torch.equal(out[:, :, :, 14:], image[:, :, :, 14:])
+    w = ((out - image) / (recon - image))[0, 0, 2, 7:15]  # the weight of recon across the border, column 7..14
+    assert w[0] == 1 and all(1 > a > b > 0 for a, b in zip(w[1:7], w[2:7])) and abs(w[7]) < 1e-6, w
 
 
 def test_psnr_hand_computed_for_hole_offset():

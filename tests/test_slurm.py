@@ -75,7 +75,7 @@ def test_sbatch_trains_two_ddp_ranks_to_the_last_step_in_one_run_folder(slurm_cl
     assert all(torch.equal(decoders[0][k], decoders[1][k]) for k in decoders[0])
     run = tmp_path / "run"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["run"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.csv",
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "curves.png", "metrics.csv",
                                                      f"slurm-{job}.log"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step00000002.ckpt",
                                                                       "step00000004.ckpt"]

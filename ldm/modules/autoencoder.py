@@ -4,6 +4,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..tiling import tiled_decode
 from .vae import AsymmetricDecoder, DiagonalGaussianDistribution, Encoder
 
 # Widths of DESIGN.md; `ch` is channel width, not parameter count.
@@ -64,22 +65,30 @@ class AsymmetricAutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
-               mask: Optional[torch.Tensor] = None, check: bool = True) -> torch.Tensor:
+               mask: Optional[torch.Tensor] = None, check: bool = True, tile: Optional[int] = None,
+               tile_overlap: int = 8, slice_batch: bool = False) -> torch.Tensor:
         """Latent (B,embed_dim,h,w) -> image (B,3,8h,8w).
 
         Pass `image` and `mask` (batch B or 1, broadcast) to use the masked-image branch, or neither for a
         plain decode (text-to-image). A decoder built with use_condition=False ignores them.
         `check=False` skips the value check of the mask (it syncs with the device; training turns it off).
+        `tile`: decode in latent tiles of that side with `tile_overlap` latent pixels of context, with
+        whole-image GroupNorm statistics (ldm/tiling.py; inference only). `slice_batch`: one sample at a time.
         """
         if (image is None) != (mask is None):
             raise ValueError("decode: pass both image and mask (mask=ones for pure reconstruction), "
                              "or neither for a plain decode")
         if image is not None:
             image, mask = self._check_condition(z, image, mask, check)
+        if slice_batch and z.shape[0] > 1:
+            return torch.cat([self.decode(z[i:i + 1], *(t[i:i + 1] if t is not None else None for t in (image, mask)),
+                                          check=False, tile=tile, tile_overlap=tile_overlap)
+                              for i in range(z.shape[0])])
         h = self.post_quant_conv(z)
-        if image is None or not self.decoder.use_condition:
-            return self.decoder(h)
-        return self.decoder(h, (1 - mask) * image, mask)
+        args = (h,) if image is None or not self.decoder.use_condition else (h, (1 - mask) * image, mask)
+        if tile is not None:
+            return tiled_decode(self.decoder, *args, tile=tile, overlap=tile_overlap)
+        return self.decoder(*args)
 
     def _check_condition(self, z, image, mask, check_values):
         """Validate shapes (and, optionally, mask values); broadcast batch-1 image/mask to z's batch."""

@@ -225,7 +225,12 @@ class AsymmetricDecoder(nn.Module):
         if conditioned and not self.use_condition:
             raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
         feats = self._run(self.encoder, masked_image) if conditioned else None
-        h = self._run(self.mid, self.conv_in(z))
+        return self.up_path(self._run(self.mid, self.conv_in(z)), feats, mask)
+
+    def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
+        """Mid-block output (B, C, h, w) -> image (B, 3, 8h, 8w); `feats` (the branch's) and `mask` or neither.
+        Spatially local (convolutions and GroupNorms only): ldm/tiling.py runs it tile by tile."""
+        conditioned = feats is not None
         for i in reversed(range(len(self.up))):
             if conditioned:
                 h = self.blend(h, feats[i + 1], mask)  # up.i input: (B, C_i, H/2^i, W/2^i)

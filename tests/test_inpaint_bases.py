@@ -92,8 +92,10 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
 def test_inpaint_refuses_a_pipeline_of_another_kind(tmp_path, capsys):
     inpaint = script("inpaint")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
-    args = ["--vae", str(tmp_path), "--pipeline", str(tmp_path), "--image", "x", "--mask", "y", "--prompt", "p",
-            "--out", str(tmp_path / "o.png")]
+    for name in ("x.png", "y.png"):  # argparse checks they exist; the pipeline's kind is refused before they load
+        (tmp_path / name).touch()
+    args = ["--vae", str(tmp_path), "--pipeline", str(tmp_path), "--image", str(tmp_path / "x.png"),
+            "--mask", str(tmp_path / "y.png"), "--prompt", "p", "--out", str(tmp_path / "o.png")]
     assert inpaint.main(args) == 2
     err = capsys.readouterr().err
     assert "names 'KandinskyV22Pipeline'; supported: StableDiffusionXL*" in err and "FluxFill*" in err

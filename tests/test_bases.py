@@ -265,3 +265,25 @@ def test_latent_cache_of_a_16_channel_base_holds_its_posterior(families, tmp_pat
         crop = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])), dtype=np.float32)).permute(2, 0, 1)
         with torch.no_grad():
             assert (vae.encode(crop[None] / 127.5 - 1).mean[0] - mean).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_a_16_channel_base_compiles_resumes_and_trains_under_ddp(families, tmp_path):
+    """FLUX's layout (16 channels, no quant convs) through the run's other features: model.compile (aot_eager),
+    a resume to a later max_steps, and two DDP processes on the CPU (gloo, trainer.strategy=ddp) to the last step."""
+    import subprocess
+    import sys
+
+    import train
+    _, pipeline, _ = families["flux"]
+    args = _train_args("flux", pipeline, tmp_path, "model.compile=aot_eager")
+    assert train.main([*args, "--name", "run"]) == 0
+    assert train.main([*args, "trainer.max_steps=4", "--name", "run", "--resume", "auto"]) == 0
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4 and saved["config"]["trainer"]["max_steps"] == 4
+    ddp = [*_train_args("flux", pipeline, tmp_path), "trainer.devices=2", "trainer.strategy=ddp", "--name", "ddp"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *ddp], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 2 and saved["config"]["model"]["autoencoder"]["z_channels"] == 16

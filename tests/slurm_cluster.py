@@ -29,11 +29,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CRED_EXPIRE = 5  # s; SLURM's default is 120: slurmd refuses ("Job credential revoked") an earlier restart
+
+
 def _conf(root: Path, host: str) -> str:
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     return "\n".join([
         "ClusterName=test", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
         "AuthType=auth/none", "CredType=cred/none",
+        f"AuthInfo=cred_expire={CRED_EXPIRE}",  # a requeued job may start again this long after its last run
         f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
         f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
         f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
@@ -121,13 +125,15 @@ class SlurmCluster:
         return state
 
     def start_now(self, job_id: int, timeout: float = 60.0) -> None:
-        """A requeued job waits about 2 minutes before it may start again: make it eligible at once, once the node
-        has finished with its previous run (seen once: started while the node was still completing, it FAILED)."""
+        """A requeued job waits about 2 minutes before it may start again: make it eligible as soon as the node
+        has finished with its previous run and the run's credential has expired (AuthInfo=cred_expire: started
+        earlier, slurmd kills it as "Job credential revoked" and the job ends FAILED)."""
         deadline = time.monotonic() + timeout
         while (node := self.run("sinfo", "-h", "-o", "%t").stdout.strip()) != "idle":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node still {node} after {timeout} s")
             time.sleep(0.2)
+        time.sleep(CRED_EXPIRE + 1)
         self.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
 
 

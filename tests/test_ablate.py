@@ -1,7 +1,6 @@
 """scripts/ablate.py and ldm/ablation.py: variants resolved and refused before training, run folders skipped,
 resumed or refused, SLURM submission lines, and a three-variant ablation end to end (killed and re-run)."""
 import csv
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from omegaconf import OmegaConf
 
 from ldm.ablation import Plan, Variant, delta, load_set, parse_variant, prepare, progress, resolve, split_items
 from ldm.config import ConfigError
+from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = sorted((ROOT / "configs" / "ablations" / "sets").glob("*.yaml"))
@@ -30,14 +30,7 @@ TINY = [
 ]
 
 
-def load_ablate():
-    spec = importlib.util.spec_from_file_location("ablate_script", ROOT / "scripts" / "ablate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ablate = load_ablate()
+ablate = load_script("ablate")
 
 
 def no_training(*args, **kwargs):

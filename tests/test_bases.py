@@ -1,6 +1,5 @@
 """The four bases (configs/bases/): import each family's VAE as diffusers saves it and as its original single
 file, train on it, export it, and refuse a VAE of another family. Reference models are random, saved by diffusers."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,8 @@ from ldm.convert import diffusers_to_ldm
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+from probe_utils import load_script
+from test_interop import jitter
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = ("sd1", "sdxl", "sd3", "flux")
@@ -36,15 +37,6 @@ def family_config(base):
     return dict(latent_channels=kw["z_channels"], use_quant_conv=kw["use_quant_conv"],
                 use_post_quant_conv=kw["use_quant_conv"], scaling_factor=kw["scaling_factor"],
                 shift_factor=kw["shift_factor"] or None, norm_num_groups=32, **BLOCKS)
-
-
-def jitter(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 def test_base_configs_state_the_families_of_bases_md():
@@ -166,13 +158,6 @@ def test_sdxl_single_file_trains_in_an_sd1_or_sdxl_run_but_its_folder_only_in_sd
     assert "a sdxl VAE (4 latent channels, quant convs, scaling_factor 0.13025" in capsys.readouterr().err
 
 
-def _export_script():
-    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("base", BASES)
 def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_path):
@@ -188,7 +173,7 @@ def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_
     assert saved["config"]["model"]["autoencoder"]["base"] == base  # the run checkpoint names its base
     ours = load_autoencoder(ckpt)
     assert ours.config["base"] == base and ours.load_report.ema
-    export = _export_script()
+    export = load_script("export")
     export.export(ckpt, tmp_path / "diffusers", "diffusers")
     config = json.loads((tmp_path / "diffusers" / "config.json").read_text())
     kw = base_kwargs(base)
@@ -219,11 +204,9 @@ def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_
 
 def test_eval_takes_a_vae_of_any_family(families, tmp_path, capsys):
     """scripts/eval.py with FLUX's ae.safetensors as --vae: vanilla and a FLUX decoder; a 4-channel one refused."""
-    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "scripts" / "eval.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_script("eval")
     tiny = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
-    export = _export_script()
+    export = load_script("export")
     for base in ("flux", "sd1"):
         torch.manual_seed(0)
         export.save_decoder(jitter(AsymmetricAutoencoderKL(**{**base_kwargs(base), **tiny}), 0), tmp_path / base)

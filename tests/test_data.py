@@ -1,7 +1,6 @@
 """Sources, bad files, shards, datasets, the datamodule and its configs."""
 import collections
 import contextlib
-import importlib.util
 import io
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from data import (EpochLoader, ImageMaskDataModule, ImageMaskTrain, ImageMaskVal
                   collect, load_crop, resolve_source)
 from data.sources import Source, shard_samples
 from ldm.config import load_config
+from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 32
@@ -124,14 +124,6 @@ def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_fo
     train = ImageMaskTrain(resolve_source(str(bad)), RES, MaskGenerator(RES), length=4, batch_size=2)
     with pytest.raises(RuntimeError, match="no usable image"):
         collect(train)
-
-
-def load_script(name):
-    """scripts/<name>.py (e.g. make_shards, bench/benchmark_data) as a module, in this process (a subprocess would re-import torch: ~10 s)."""
-    spec = importlib.util.spec_from_file_location(name.replace("/", "_"), ROOT / "scripts" / f"{name}.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def make_shards(src, out, *extra):

@@ -14,21 +14,14 @@ from data import load_mask_files, make_eval_masks
 from ldm import AsymmetricAutoencoderKL
 from ldm.evaluation import BUCKETS, COLUMNS, INCEPTION_FILE, OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, \
     markdown, write_reports
+from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
 METRICS = [key for key, _, _ in COLUMNS if key not in ("fid", "n")]  # per-sample region metrics
 
 
-def script(name):
-    """scripts/<name>.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_script, export = script("eval"), script("export")
+eval_script, export = load_script("eval"), load_script("export")
 
 
 def tiny(seed, **kw):
@@ -145,7 +138,7 @@ def test_a_bad_device_exits_2_naming_the_flag(models, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["eval", "inpaint", "ablate"])
 def test_usage_lines_stay_apart_in_help(name):
     """A usage line continued with a backslash keeps it: a single one in the docstring would join the lines."""
-    usage = [line for line in script(name).__doc__.splitlines() if line.startswith("    python scripts/")]
+    usage = [line for line in load_script(name).__doc__.splitlines() if line.startswith("    python scripts/")]
     assert usage and usage[0].endswith(" \\"), usage
 
 
@@ -267,7 +260,7 @@ def tiny_pipeline_folder(folder):
 
 def test_inpaint_script_end_to_end_with_tiny_components(tmp_path, capsys):
     pytest.importorskip("diffusers")
-    inpaint = script("inpaint")
+    inpaint = load_script("inpaint")
     pipeline = tiny_pipeline_folder(tmp_path)
     export.save_diffusers(tiny(1), tmp_path / "ours")
     Image.new("RGB", (80, 60), (200, 100, 50)).save(tmp_path / "img.png")

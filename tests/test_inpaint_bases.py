@@ -1,5 +1,4 @@
 """scripts/inpaint.py end to end on CPU with tiny random SD 1.x, SDXL, SD3 and FLUX.1 Fill pipelines (no hub)."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,18 +11,13 @@ from ldm import AsymmetricAutoencoderKL
 
 diffusers = pytest.importorskip("diffusers")
 import tiny_pipelines  # noqa: E402
-from test_bases import TINY, base_kwargs, family_config, jitter  # noqa: E402
+from test_bases import TINY, base_kwargs, family_config  # noqa: E402
+from test_interop import jitter  # noqa: E402
+from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"sd1": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
              "sd3": "StableDiffusion3InpaintPipeline", "flux": "FluxFillPipeline"}
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def pixels(x):
@@ -34,7 +28,7 @@ def pixels(x):
 @pytest.mark.slow
 @pytest.mark.parametrize("base", list(PIPELINES))
 def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decoder(base, tmp_path, capsys):
-    inpaint, export = script("inpaint"), script("export")
+    inpaint, export = load_script("inpaint"), load_script("export")
     torch.manual_seed(0)
     their_vae = jitter(diffusers.AutoencoderKL(**TINY, **family_config(base)), 0)
     pipeline = tiny_pipelines.build(base, their_vae, tmp_path)
@@ -90,7 +84,7 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
 
 
 def test_inpaint_refuses_a_pipeline_of_another_kind(tmp_path, capsys):
-    inpaint = script("inpaint")
+    inpaint = load_script("inpaint")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyV22Pipeline"}))
     for name in ("x.png", "y.png"):  # argparse checks they exist; the pipeline's kind is refused before they load
         (tmp_path / name).touch()

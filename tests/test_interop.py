@@ -1,6 +1,5 @@
 """Checkpoint import/export, judged by diffusers itself (issue 3). Reference models are random, saved by diffusers."""
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from safetensors.torch import save_file
 
 from ldm import AsymmetricAutoencoderKL, CheckpointError, load_autoencoder, load_into
 from ldm.convert import diffusers_to_ldm, ldm_to_diffusers
+from probe_utils import load_script
 
 diffusers = pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,7 @@ WIDTHS = {
 }
 
 
-def _load_export_script():
-    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export = _load_export_script()
+export = load_script("export")
 
 
 def jitter(module, seed):

@@ -17,18 +17,29 @@ from .sources import file_samples, resolve_source, shard_samples
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that sets its dataset's epoch before each pass (Lightning only tells samplers)."""
+    """DataLoader that tells its dataset which pass, and from which batch, to serve (Lightning tells samplers only).
 
-    def __init__(self, dataset, epoch_fn=None, **kwargs):
+    `trained_fn() -> batches this rank has trained in the run`; every pass holds len(self) batches, so a run
+    resumed from a checkpoint saved mid-epoch continues its pass where it stopped, whatever Lightning's epoch
+    counter says (it counts a pass finished at the checkpoint twice). Without it, passes count from 0.
+    """
+
+    def __init__(self, dataset, trained_fn=None, **kwargs):
         super().__init__(dataset, **kwargs)
-        # () -> (epoch, global step): a run resumed mid-epoch draws a fresh stream instead of replaying
-        self.epoch_fn = epoch_fn
+        self.trained_fn = trained_fn
         self.passes = 0
 
     def __iter__(self):
-        self.dataset.set_epoch(*(self.epoch_fn() if self.epoch_fn is not None else (self.passes, 0)))
+        trained = self.trained_fn() if self.trained_fn is not None else self.passes * len(self)
+        self.dataset.set_epoch(*divmod(trained, len(self)))
         self.passes += 1
         return super().__iter__()
+
+
+def trained_batches(trainer) -> int:
+    """Batches this rank has trained in the run, a checkpoint's included. Lightning saves at a batch end, where
+    `processed` counts that batch (`completed` catches up after the hooks)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
 def init_worker(worker_id: int) -> None:
@@ -143,8 +154,8 @@ class ImageMaskDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         trainer = self.trainer
-        epoch_fn = (lambda: (trainer.current_epoch, trainer.global_step)) if trainer is not None else None
-        return EpochLoader(self.train_set, epoch_fn=epoch_fn, **self._loader_kwargs())
+        trained_fn = (lambda: trained_batches(trainer)) if trainer is not None else None
+        return EpochLoader(self.train_set, trained_fn=trained_fn, **self._loader_kwargs())
 
     def val_dataloader(self):
         if self.val_set is None:

@@ -1,8 +1,9 @@
 """(image, mask) datasets: an endless training stream dealt over readers and a finite, fixed validation set.
 
-Every random draw comes from a generator seeded by (seed, stream, rank, worker, epoch, step, index) for
-training samples, (seed, stream, epoch, step, lap) for the file order all readers share, and
-(seed, stream, sample index) for validation, never from the global numpy/torch RNG.
+Every random draw comes from a generator seeded by (seed, stream, epoch, position) for training samples of a
+folder (rank, reader and index in place of the position for shards), (seed, stream, epoch, lap) for the file
+order all readers share, and (seed, stream, sample index) for validation, never from the global numpy/torch
+RNG. A pass resumed at batch b (set_epoch) yields exactly what the uninterrupted pass yields from batch b on.
 """
 import itertools
 import multiprocessing
@@ -14,7 +15,7 @@ from .images import SkipCounter, load_crop
 from .masks import sample_rng
 from .sources import file_samples, shard_samples
 
-# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6)
+# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6, posterior noise: 7)
 TRAIN_STREAM, ORDER_STREAM, VAL_STREAM, LAP_STREAM = 0, 1, 2, 5
 
 
@@ -57,10 +58,17 @@ class ImageMaskTrain(IterableDataset):
     """Endless random crops with random masks; each pass yields `length` samples (full batches per worker).
 
     All readers (every worker of every rank) deal out one endless sequence of permutations of the
-    source's files or shards, drawn from (seed, epoch, step, lap). Files: sample j of a rank's batch b takes
+    source's files or shards, drawn from (seed, epoch, lap). Files: sample j of a rank's batch b takes
     position (b * world_size + rank) * batch_size + j, so a pass of world_size * length samples (the number
-    of files) sees each file once (unreadable files aside). Shards: reader r takes positions r, r + readers,
-    ..., and their samples are mixed through a shuffle buffer. Call set_epoch before a pass (EpochLoader does).
+    of files) sees each file once (unreadable files aside), and its crop and mask are drawn from (seed, epoch,
+    position): the stream does not depend on the number of workers. Shards: reader r takes positions r,
+    r + readers, ..., and their samples are mixed through a shuffle buffer.
+
+    Call set_epoch(epoch, batch) before a pass (EpochLoader does). A pass started at batch b > 0 (a run resumed
+    mid-epoch) continues the uninterrupted pass exactly: the DataLoader's worker w plays the part that worker
+    (b + w) mod num_workers had, files skip to batch b, and a shard reader reads past (without decoding) the
+    samples it had served. Exact with the same ranks and workers, unless unreadable files or samples fell
+    before batch b (each shifts its reader's stream by one).
     """
 
     def __init__(self, source, resolution, mask_generator, length, seed=0, rank=0, world_size=1,
@@ -74,49 +82,60 @@ class ImageMaskTrain(IterableDataset):
         self.batch_size, self.crop_min_scale, self.flip = batch_size, crop_min_scale, flip
         self.shuffle_buffer = shuffle_buffer
         self.skipped = SkipCounter()
-        # (epoch, step) in shared memory: persistent workers see set_epoch; no lock (only the main process writes)
+        # (epoch, first batch) in shared memory: persistent workers see set_epoch; no lock (only the main process
+        # writes)
         self._pass = multiprocessing.Array("q", 2, lock=False)
 
     def __len__(self):
         return self.length
 
-    def set_epoch(self, epoch, step=0):
-        """Select the random stream of this pass: (epoch, global step at its start; differs on a resume)."""
-        self._pass[:] = [int(epoch), int(step)]
+    def set_epoch(self, epoch, batch=0):
+        """Select pass `epoch` and the rank's batch it starts at (> 0 on a run resumed mid-epoch)."""
+        if not 0 <= int(batch) <= self.length // self.batch_size:
+            raise ValueError(f"pass start batch {batch} is outside 0 .. {self.length // self.batch_size}")
+        self._pass[:] = [int(epoch), int(batch)]
 
-    def _worker_length(self, worker, num_workers):
-        batches = self.length // self.batch_size  # dealt to workers whole, so every batch is full
-        return self.batch_size * (batches // num_workers + (worker < batches % num_workers))
-
-    def _lap_order(self, epoch, step, lap):
+    def _lap_order(self, epoch, lap):
         """The permutation of source.items that every reader shares for this lap of the pass."""
-        return sample_rng(self.seed, LAP_STREAM, epoch, step, lap).permutation(len(self.source))
+        return sample_rng(self.seed, LAP_STREAM, epoch, lap).permutation(len(self.source))
 
-    def _dealt_files(self, epoch, step, worker, num_workers):
-        """Endless indices into source.items for this worker: sample j of the rank's batch b (the DataLoader takes
-        batch b from worker b mod num_workers) is position (b * world_size + rank) * batch_size + j of the laps'
-        shared permutations, so a pass covers positions 0 .. world_size * length - 1 once each."""
+    def _dealt_files(self, epoch, batches):
+        """Endless (position, index into source.items) for the rank's batches `batches` (then more, for skipped
+        files): sample j of batch b is position (b * world_size + rank) * batch_size + j of the laps' shared
+        permutations, so a pass covers positions 0 .. world_size * length - 1 once each."""
         n, lap, order = len(self.source), -1, None
-        for b in itertools.count(worker, num_workers):
+        for b in batches:
             for j in range(self.batch_size):
-                here, i = divmod((b * self.world_size + self.rank) * self.batch_size + j, n)
+                position = (b * self.world_size + self.rank) * self.batch_size + j
+                here, i = divmod(position, n)
                 if here != lap:  # positions only grow: one lap's permutation at a time
-                    lap, order = here, self._lap_order(epoch, step, here)
-                yield int(order[i])
+                    lap, order = here, self._lap_order(epoch, here)
+                yield position, int(order[i])
 
-    def _dealt_shards(self, epoch, step, reader, readers):
+    def _dealt_shards(self, epoch, reader, readers):
         """Endless indices into source.items: this reader's positions in the readers' shared permutations."""
         n = len(self.source)
         for lap in itertools.count():  # position lap * n + i is order[i]: take i = reader - lap * n (mod readers)
-            order = self._lap_order(epoch, step, lap)
+            order = self._lap_order(epoch, lap)
             yield from order[(reader - lap * n) % readers::readers].tolist()  # empty in some laps when n < readers
 
-    def _raw_stream(self, dealt, rng):
-        """Endless (key, path-or-bytes) pairs: the dealt files in order, or the dealt shards' samples shuffled."""
-        items = (self.source.items[i] for i in dealt)
-        if self.source.kind == "files":
-            return file_samples(items, self.source.root)
-        return shuffled(self._shard_pairs(items), rng, self.shuffle_buffer)
+    def _file_stream(self, epoch, batches):
+        """Endless (rng, key, path) of the dealt files, each with the generator of its position."""
+        for position, i in self._dealt_files(epoch, batches):
+            (key, path), = file_samples([self.source.items[i]], self.source.root)
+            yield sample_rng(self.seed, TRAIN_STREAM, epoch, position), key, path
+
+    def _shard_stream(self, epoch, part, num_workers, served):
+        """Endless (rng, key, bytes) of the reader that plays DataLoader worker `part`'s part, read past its first
+        `served` samples (not decoded): the dealt shards' samples through the shuffle buffer, each with the
+        generator of (rank, part, epoch, its index in this stream)."""
+        reader, readers = part * self.world_size + self.rank, num_workers * self.world_size  # as reader_slot
+        ids = (self.rank, part, epoch)
+        dealt = (self.source.items[i] for i in self._dealt_shards(epoch, reader, readers))
+        pairs = shuffled(self._shard_pairs(dealt), sample_rng(self.seed, ORDER_STREAM, *ids), self.shuffle_buffer)
+        for index, (key, raw) in enumerate(pairs):
+            if index >= served:
+                yield sample_rng(self.seed, TRAIN_STREAM, *ids, index), key, raw
 
     def _shard_pairs(self, urls):
         """(key, bytes) pairs of the shards in order; raises when many shards in a row give nothing."""
@@ -140,24 +159,23 @@ class ImageMaskTrain(IterableDataset):
 
     def __iter__(self):
         worker, num_workers = worker_slot()
-        epoch, step = self._pass[:]
-        ids = (self.rank, worker, epoch, step)
-        buffer_rng = sample_rng(self.seed, ORDER_STREAM, *ids)  # this reader's shard shuffle buffer
-        give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
-        misses, index = 0, 0
-        todo = self._worker_length(worker, num_workers)
-        if self.source.kind == "files":
-            dealt = self._dealt_files(epoch, step, worker, num_workers)
+        epoch, first = self._pass[:]
+        # the DataLoader takes its i-th batch from worker i mod num_workers: this worker serves the pass's batches
+        # first + worker, first + worker + num_workers, ..., those of worker `part` in a pass started at batch 0
+        part, batches = (first + worker) % num_workers, self.length // self.batch_size
+        todo = self.batch_size * len(range(first + worker, batches, num_workers))
+        if self.source.kind == "files":  # then further positions, in place of unreadable files
+            stream = self._file_stream(epoch, itertools.count(first + worker, num_workers))
         else:  # a shard holds many samples: shards are dealt to readers, their samples mixed in a buffer
-            dealt = self._dealt_shards(epoch, step, *reader_slot(self.rank, self.world_size))
-        stream = self._raw_stream(dealt, buffer_rng)
+            served = self.batch_size * len(range(part, first, num_workers))
+            stream = self._shard_stream(epoch, part, num_workers, served)
+        give_up = max(1000, 2 * len(self.source))  # consecutive failures meaning "nothing here is readable"
+        misses = 0
         while todo > 0:
             misses += 1
             if misses > give_up:
                 raise RuntimeError(f"image source {self.source.name!r}: no usable image in {give_up} attempts")
-            key, raw = next(stream)
-            rng = sample_rng(self.seed, TRAIN_STREAM, *ids, index)
-            index += 1
+            rng, key, raw = next(stream)
             mask = self.masks(rng)  # drawn first: the mask stream does not depend on the images
             try:
                 sample = self.make_sample(key, raw, rng, mask)

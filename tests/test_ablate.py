@@ -197,7 +197,7 @@ def run_ablate(out, *extra, check=True, **popen):
 
 # the GAN on from step 3: no_gan differs
 STEPS = ["trainer.max_steps=6", "run.checkpoint_every_n_steps=2", "trainer.val_check_interval=6",
-         "loss.disc_start=2", "data.epoch_length=4"]
+         "loss.disc_start=2", "data.epoch_length=6"]  # passes of 3 batches: the kill at step 2 is mid-pass
 EVAL = ["--eval", "--num-images 3 --batch-size 3 --grid-images 2 --masks medium"]
 
 
@@ -208,9 +208,9 @@ def table(out):
 
 @pytest.mark.slow
 def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
-    """Three 6-step trainings, one killed at its step-2 checkpoint and resumed, the evaluation; then the same
-    command again: nothing trains, the same table. (The resumed variant's numbers are not an uninterrupted
-    run's: a resumed pass draws other crops and masks, see README, Ablations.)"""
+    """Three 6-step trainings, one killed at its step-2 checkpoint and resumed, the evaluation: the table an
+    uninterrupted ablation writes, number for number; then the same command again: nothing trains, the same
+    table."""
     out = tmp_path / "abl"
     proc = run_ablate(out, start_new_session=True)
     second = out / "no_condition" / "checkpoints" / "step00000002.ckpt"
@@ -245,6 +245,8 @@ def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
 
     again = run_ablate(out)  # everything finished: nothing trains, the same table
     assert again.stdout.count("), skipped") == 3 and table(out) == rows
+    run_ablate(tmp_path / "uninterrupted")
+    assert table(tmp_path / "uninterrupted") == rows  # the resumed pass continued where the kill stopped it
 
 
 def test_a_signal_to_ablate_reaches_the_variant_in_training():

@@ -292,17 +292,69 @@ def test_small_validation_sets_reach_every_rank(tmp_path, monkeypatch):
 
 def test_persistent_workers_follow_set_epoch():
     def two_passes(num_workers):
-        state = {"pass": (0, 0)}
+        state = {"trained": 0}
         ds = MasksOnly(fake_files(50), 16, MaskGenerator(16, p_full=0.0), length=4, batch_size=2)
-        loader = EpochLoader(ds, epoch_fn=lambda: state["pass"], batch_size=2, num_workers=num_workers,
+        loader = EpochLoader(ds, trained_fn=lambda: state["trained"], batch_size=2, num_workers=num_workers,
                              persistent_workers=num_workers > 0)
         first = torch.cat(list(loader))
-        state["pass"] = (1, 2)  # the trainer's (epoch, global step) at the second pass
+        state["trained"] = 2  # the trainer's count of batches trained at the second pass
         return first, torch.cat(list(loader))
 
     here, workers = two_passes(0), two_passes(1)
     assert not torch.equal(*here)
     assert torch.equal(here[0], workers[0]) and torch.equal(here[1], workers[1])
+
+
+class KeysAndMasks(ImageMaskTrain):
+    """The training stream's keys and masks, with no decoding."""
+
+    def make_sample(self, key, raw, rng, mask):
+        return {"key": key, "mask": torch.from_numpy(mask)}
+
+
+def batches_from(source, trained, num_workers, world=1, rank=0):
+    """[(keys, masks)] of the pass the loader serves when the trainer has trained `trained` batches (4 per pass)."""
+    ds = KeysAndMasks(source, 16, MaskGenerator(16, p_full=0.0), length=12, batch_size=3, rank=rank,
+                      world_size=world, shuffle_buffer=5)
+    loader = EpochLoader(ds, trained_fn=lambda: trained, batch_size=3, num_workers=num_workers)
+    return [(list(b["key"]), b["mask"]) for b in loader]
+
+
+def assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for (keys, masks), (keys_expected, masks_expected) in zip(got, expected):
+        assert keys == keys_expected and torch.equal(masks, masks_expected)
+
+
+@pytest.mark.parametrize("kind", ["files", "shards"])
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_a_pass_resumed_at_batch_b_serves_the_uninterrupted_pass_from_b_on(kind, num_workers, shard_set):
+    """A run resumed from a checkpoint saved after batch b of a pass trains batches b.. of that same pass (same
+    files, crops and masks, through the same DataLoader workers' parts), not a fresh stream."""
+    source = fake_files(10) if kind == "files" else resolve_source(shard_set)
+    whole = batches_from(source, 4, num_workers)  # pass 1 (the second), from its start
+    assert len(whole) == 4 and whole != batches_from(source, 0, num_workers)
+    for b in (1, 2, 3):
+        assert_same_batches(batches_from(source, 4 + b, num_workers), whole[b:])
+    assert batches_from(source, 8, num_workers) != whole  # pass 2 starts afresh
+
+
+def test_the_stream_of_a_folder_is_the_same_whatever_the_number_of_workers():
+    """Folder samples are dealt by position, their crops and masks drawn from (seed, epoch, position): a resume
+    with another data.num_workers still continues the pass exactly."""
+    source = fake_files(10)
+    for world, rank in ((1, 0), (2, 1)):
+        one = batches_from(source, 5, 0, world, rank)
+        assert_same_batches(batches_from(source, 5, 2, world, rank), one)
+        assert_same_batches(batches_from(source, 5, 3, world, rank), one)
+
+
+def test_set_epoch_refuses_a_start_past_the_pass():
+    ds = KeysAndMasks(fake_files(10), 16, MaskGenerator(16), length=12, batch_size=3)
+    ds.set_epoch(0, 4)  # the end: an empty pass
+    assert collect(ds) == []
+    with pytest.raises(ValueError, match="pass start batch 5 is outside 0 .. 4"):
+        ds.set_epoch(0, 5)
 
 
 def test_datamodule_batches_follow_the_contract(messy_folder):

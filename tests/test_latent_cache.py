@@ -178,13 +178,16 @@ def test_seed_streams_of_data_and_caches_are_distinct():
     from data.datasets import LAP_STREAM, ORDER_STREAM, TRAIN_STREAM, VAL_STREAM
     from data.latents import CACHE_ORDER_STREAM, CACHE_STREAM
     from data.masks import EVAL_STREAM, sample_rng
+    from ldm.models.asym_decoder import NOISE_STREAM
     live = {  # every call's ids at their first values
-        "train sample": (TRAIN_STREAM, 0, 0, 0, 0, 0), "reader buffer": (ORDER_STREAM, 0, 0, 0, 0),
-        "lap order": (LAP_STREAM, 0, 0, 0), "validation": (VAL_STREAM, 0), "eval masks": (EVAL_STREAM, 0),
-        "cache crop": (CACHE_STREAM, 0, 0), "cache order": (CACHE_ORDER_STREAM,),
+        "train sample (files)": (TRAIN_STREAM, 0, 0), "train sample (shards)": (TRAIN_STREAM, 0, 0, 0, 0),
+        "reader buffer": (ORDER_STREAM, 0, 0, 0), "lap order": (LAP_STREAM, 0, 0), "validation": (VAL_STREAM, 0),
+        "eval masks": (EVAL_STREAM, 0), "cache crop": (CACHE_STREAM, 0, 0), "cache order": (CACHE_ORDER_STREAM,),
+        "posterior noise": (NOISE_STREAM, 0, 0),
     }
     draws = {name: tuple(sample_rng(0, *ids).integers(2**32, size=4)) for name, ids in live.items()}
-    assert len(set(draws.values())) == len(draws), draws
+    same_stream = {draws["train sample (files)"], draws["train sample (shards)"]}  # never in one run
+    assert len(set(draws.values())) == len(draws) - 2 + len(same_stream), draws
 
 
 def write_tar(path, samples):

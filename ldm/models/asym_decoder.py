@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from ..modules.losses import (adaptive_weight_from_output_grads, discriminator_l
                               reconstruction_losses)
 from .nonfinite import NonFiniteSteps
 from ..modules.vae import AttnBlock, Blend, DiagonalGaussianDistribution, Downsample, ResnetBlock, Upsample
+
+NOISE_STREAM = 7  # seed-sequence tag of the posterior samples (data/datasets.py lists the others)
 
 
 @dataclass
@@ -96,12 +99,13 @@ class AsymmetricDecoderTraining(pl.LightningModule):
     def __init__(self, vae: AsymmetricAutoencoderKL, discriminator: nn.Module, perceptual: Optional[nn.Module],
                  loss: Optional[LossConfig] = None, optim: Optional[OptimConfig] = None, batch_size: int = 1,
                  sample_posterior: bool = True, warm_start_keys: Iterable[str] = (), channels_last: bool = False,
-                 compile: Union[bool, str, None] = None, run_config: Optional[dict] = None):
+                 compile: Union[bool, str, None] = None, run_config: Optional[dict] = None, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.vae, self.discriminator, self.perceptual = vae, discriminator, perceptual
         self.loss_cfg, self.optim_cfg = loss or LossConfig(), optim or OptimConfig()
-        self.batch_size, self.sample_posterior = batch_size, sample_posterior
+        self.batch_size, self.sample_posterior, self.seed = batch_size, sample_posterior, int(seed)
+        self._noise = None  # the posterior sample's generator, on the device, reseeded every batch
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
         if perceptual is not None:
             keep_out_of_checkpoints(perceptual)
@@ -141,7 +145,18 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
         else:
             posterior = self.vae.encode(image)
-        return posterior.sample() if self.sample_posterior else posterior.mode()
+        return posterior.sample(self.noise_generator(image.device)) if self.sample_posterior else posterior.mode()
+
+    def noise_generator(self, device) -> Optional[torch.Generator]:
+        """Under a Trainer, a generator seeded by (seed, rank, micro-batch of the run): the noise of a batch does
+        not depend on what ran before, so a resumed run draws what the uninterrupted one drew. Else None (the
+        global RNG)."""
+        if self._trainer is None:
+            return None
+        if self._noise is None or self._noise.device != torch.device(device):
+            self._noise = torch.Generator(device)
+        ids = [self.seed, NOISE_STREAM, self.global_rank, self.trainer.fit_loop.total_batch_idx]
+        return self._noise.manual_seed(int(np.random.SeedSequence(ids).generate_state(1, np.uint64)[0] >> 1))
 
     def inputs(self, batch):
         image, mask = batch["image"], batch["mask"]

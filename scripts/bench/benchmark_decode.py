@@ -3,10 +3,17 @@
     python scripts/bench/benchmark_decode.py --flops
     python scripts/bench/benchmark_decode.py --latency [--presets vanilla x1 x1.5 x2] [--sizes 512 1024 2048] [--repeats 3]
 
---latency: one subprocess per row (preset, px, implementation: ours eager, ours tiled (tiles of 64),
-diffusers' AsymmetricAutoencoderKL with the same random weights; vanilla: ours without the branch only);
-the median decode time of --repeats after one warm-up, and the process's peak memory (ru_maxrss on CPU,
-torch.cuda.max_memory_allocated on a GPU). A holed mask, batch 1, fp32.
+--latency: one subprocess per row (decoder, px, implementation); the median decode time of --repeats after
+one warm-up, and the process's peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU ru_maxrss,
+the process's peak resident memory, weights and torch included). A holed mask, batch 1, random weights
+(seed 0), the same in every implementation of a decoder:
+  ours        fp32, eager, untiled
+  tiled       ours in latent tiles of --tile (8 overlap), rows above 8 x --tile px (scripts/eval.py decodes in
+              tiles of 64 above 1024 px)
+  diffusers   diffusers' AsymmetricAutoencoderKL with our weights (vanilla: its AutoencoderKL), fp32
+  bf16        ours under bf16 autocast, channels_last (the README's GPU settings)
+  compiled    bf16 and channels_last with the decoder's blocks compiled (inductor; the warm-up compiles)
+Default --impls: ours tiled diffusers on a CPU, all five on a GPU.
 
 --flops:
 For each denoiser (SD 1.5 inpainting UNet at 512 px, SDXL inpainting UNet and FLUX.1 Fill transformer at
@@ -28,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from ldm.cli import at_least, multiple_of_8  # noqa: E402
 from ldm.modules.autoencoder import PRESETS, AsymmetricAutoencoderKL  # noqa: E402
 
 # the published model configs (diffusers' config.json of each), the parts that set the compute
@@ -84,29 +92,53 @@ def decoder_flops(preset, px) -> int:
         return count(lambda: vae.decode(z, image, mask, check=False))
 
 
-def row(preset, px, impl, repeats) -> dict:
-    """One measurement, in this process: {"s": median seconds, "peak_gib": peak memory}."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+IMPLS = ("ours", "tiled", "diffusers", "bf16", "compiled")
+
+
+def decode_fn(preset, px, impl, device, tile=64):
+    """() -> the decoded image of one row's decode: the same random weights (seed 0), latent and holed mask for
+    every implementation of a decoder."""
     torch.manual_seed(0)
-    kw = dict(use_condition=False) if preset == "vanilla" else PRESETS[preset]
-    vae = AsymmetricAutoencoderKL(**kw).eval()
+    vanilla = preset == "vanilla"
+    vae = AsymmetricAutoencoderKL(**(dict(use_condition=False) if vanilla else PRESETS[preset])).eval()
     z = torch.randn(1, 4, px // 8, px // 8, device=device)
     image, mask = torch.rand(1, 3, px, px, device=device) * 2 - 1, torch.zeros(1, 1, px, px, device=device)
     mask[..., px // 4:3 * px // 4, px // 4:3 * px // 4] = 1
-    cond = () if preset == "vanilla" else (image, mask)
+    cond = () if vanilla else (image, mask)
     if impl == "diffusers":
-        from diffusers import AsymmetricAutoencoderKL as Reference
+        import diffusers
         from ldm.keys import diffusers_config, ldm_to_diffusers
-        config = {k: v for k, v in diffusers_config(vae.config).items() if not k.startswith("_")}
-        ref = Reference(**config).eval()
+        if vanilla:  # SD's AutoencoderKL: our vanilla decoder is its decoder
+            ref = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                          down_block_types=("DownEncoderBlock2D",) * 4,
+                                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+        else:
+            ref = diffusers.AsymmetricAutoencoderKL.from_config(diffusers_config(vae.config))  # as an export
         ref.load_state_dict(ldm_to_diffusers(vae.state_dict()))
         del vae
-        ref.to(device)
-        fn = lambda: ref.decode(z, image, mask).sample  # noqa: E731
-    else:
-        tile = 64 if impl == "tiled" else None
-        vae.to(device)
-        fn = lambda: vae.decode(z, *cond, tile=tile)  # noqa: E731
+        ref.eval().to(device)
+        kwargs = {} if vanilla else dict(image=image, mask=mask)  # keywords: its second argument is a generator
+        return lambda: ref.decode(z, **kwargs).sample
+    if impl not in IMPLS:
+        raise ValueError(f"implementation {impl!r}: one of {', '.join(IMPLS)}")
+    vae.to(device)
+    if impl in ("ours", "tiled"):
+        return lambda: vae.decode(z, *cond, tile=tile if impl == "tiled" else None)
+    from ldm.models.asym_decoder import compile_blocks
+    vae.to(memory_format=torch.channels_last)
+    if impl == "compiled":
+        compile_blocks(vae.decoder)
+
+    def fn():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return vae.decode(z, *cond)
+    return fn
+
+
+def row(preset, px, impl, repeats, tile=64) -> dict:
+    """One measurement, in this process: {"s": median seconds, "peak_gib": peak memory, "device"}."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fn = decode_fn(preset, px, impl, device, tile)
     times = []
     with torch.no_grad():
         for _ in range(repeats + 1):
@@ -118,19 +150,23 @@ def row(preset, px, impl, repeats) -> dict:
     times = sorted(times[1:])
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"s": times[len(times) // 2], "peak_gib": peak / 2 ** 30, "device": str(device)}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    return {"s": times[len(times) // 2], "peak_gib": peak / 2 ** 30, "device": name}
 
 
-def latency_table(presets, sizes, repeats) -> None:
-    print("| decoder | px | implementation | decode s (median) | peak memory GiB | device |")
+def latency_table(presets, sizes, impls, repeats, tile) -> None:
+    print(f"| decoder | px | implementation | decode s (median of {repeats}) | peak memory GiB | device |")
     print("|---|---:|---|---:|---:|---|")
     for preset in presets:
         for px in sizes:
-            for impl in (("ours",) if preset == "vanilla" else ("ours", "diffusers")) + ("tiled",) * (px > 512):
-                cmd = [sys.executable, __file__, "--row", preset, str(px), impl, str(repeats)]
+            for impl in impls:
+                if impl == "tiled" and px <= 8 * tile:
+                    continue
+                cmd = [sys.executable, __file__, "--row", preset, str(px), impl, str(repeats), str(tile)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
-                    print(f"| {preset} | {px} | {impl} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+                    why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+                    print(f"| {preset} | {px} | {impl} | failed: {why} | | |", flush=True)
                     continue
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['peak_gib']:.2f} | {r['device']} |", flush=True)
@@ -141,18 +177,22 @@ def main(argv=None) -> int:
     p.add_argument("--flops", action="store_true", help="the FLOP shares")
     p.add_argument("--latency", action="store_true", help="the latency / peak memory table")
     p.add_argument("--presets", nargs="+", default=["vanilla", *PRESETS], choices=["vanilla", *PRESETS])
-    p.add_argument("--sizes", nargs="+", type=int, default=[512, 1024, 2048])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--row", nargs=4, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
+    p.add_argument("--sizes", nargs="+", type=multiple_of_8, default=[512, 1024, 2048])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
+                   help="implementations to time (default: ours tiled diffusers on a CPU, all on a GPU)")
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--tile", type=at_least(1), default=64, help="latent tile side of the tiled rows")
+    p.add_argument("--row", nargs=5, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
     args = p.parse_args(argv)
     if args.row:
-        preset, px, impl, repeats = args.row
-        print(json.dumps(row(preset, int(px), impl, int(repeats))))
+        preset, px, impl, repeats, tile = args.row
+        print(json.dumps(row(preset, int(px), impl, int(repeats), int(tile))))
         return 0
     if not (args.flops or args.latency):
         p.error("give --flops and/or --latency")
     if args.latency:
-        latency_table(args.presets, args.sizes, args.repeats)
+        impls = args.impls or (IMPLS if torch.cuda.is_available() else ("ours", "tiled", "diffusers"))
+        latency_table(args.presets, args.sizes, impls, args.repeats, args.tile)
     if not args.flops:
         return 0
     denoisers = [  # name, px, FLOPs of one call, calls (steps x guidance batches)

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .checkpointing import checkpoint_step, newest_readable_checkpoint
-from .config import ConfigError, dotlist, load_file, merge_layers, to_container
+from .config import ConfigError, config_changes, dotlist, load_file, merge_layers, to_container
 from .evaluation import COLUMNS, fmt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,18 +153,11 @@ def resolve(plan: Plan, base_yaml=ROOT / "configs" / "base.yaml") -> tuple:
     return base, {v.name: build(v.items, f"variant '{v.name}'") for v in plan.variants}
 
 
-def flat(tree, prefix="") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    if not isinstance(tree, dict) or not tree:
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-
-
 def delta(base, cfg) -> list:
-    """The keys where `cfg` differs from `base`, as `key=value` (JSON values), in the base's key order."""
-    old, new = flat(to_container(base)), flat(to_container(cfg))
-    keys = [k for k in old if k in new] + [k for k in new if k not in old]
-    return [f"{k}={new[k] if isinstance(new[k], str) else json.dumps(new[k])}" for k in keys if old.get(k, ...) != new[k]]
+    """The keys where `cfg` differs from `base`, as `key=value` (JSON values), in the base's key order (a
+    variant only adds to the base's keys)."""
+    return [f"{k}={now if isinstance(now, str) else json.dumps(now)}"
+            for k, (_, now) in config_changes(to_container(base), to_container(cfg)).items()]
 
 
 # ---- run folders -------------------------------------------------------------------------------------
@@ -180,9 +173,8 @@ def changes(run_dir: Path, cfg) -> list:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return []
-    old, new = (dict(flat(to_container(c)), **{"run.log_dir": None}) for c in (OmegaConf.load(saved), cfg))
-    keys = [k for k in new if old.get(k, ...) != new[k]] + [k for k in old if k not in new]
-    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys]
+    diff = config_changes(to_container(OmegaConf.load(saved)), to_container(cfg), ignore=("run.log_dir",))
+    return [f"{k}: {then!r} -> {now!r}" for k, (then, now) in diff.items()]
 
 
 def prepare(plan: Plan, configs: dict, on_change: str = "refuse") -> dict:

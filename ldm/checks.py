@@ -230,8 +230,9 @@ ANY_VALUE_OF_ITS_TYPE = ("model.autoencoder.use_condition", "model.autoencoder.g
 
 
 def leaves(tree, prefix="") -> dict:
-    """{dotted key: value} of the leaves of a nested dict (lists are leaves)."""
-    if not isinstance(tree, dict):
+    """{dotted key: value} of the leaves of a nested dict: {'a': {'b': 1}} -> {'a.b': 1} (lists and empty dicts
+    are leaves)."""
+    if not isinstance(tree, dict) or not tree:
         return {prefix[:-1]: tree}
     return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{prefix}{key}.").items()}
 

@@ -4,7 +4,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .checks import first_bad_value
+from .checks import first_bad_value, leaves
 
 
 PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
@@ -113,3 +113,12 @@ def load_file(path: str | Path) -> DictConfig:
 def to_container(cfg: DictConfig) -> dict:
     """The resolved config as plain Python containers (for checkpoints and constructors)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_changes(then: dict, now: dict, ignore: Iterable[str] = ()) -> dict:
+    """{dotted key: (value then, value now)} for every leaf that differs, "(absent)" where a side lacks it; in
+    `now`'s key order, then the keys only `then` has."""
+    old, new = leaves(then), leaves(now)
+    keys = [k for k in new if k not in ignore and old.get(k, ...) != new[k]]
+    keys += [k for k in old if k not in new and k not in ignore]
+    return {k: (old.get(k, "(absent)"), new.get(k, "(absent)")) for k in keys}

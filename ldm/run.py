@@ -20,7 +20,7 @@ from .callbacks import EMA, ImagesPerSecond, SampleGrids, StepProgressBar, StopO
 from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, checkpoint_step,
                             newest_readable_checkpoint, remove_partial_saves)
 from .cluster import trainer_arguments
-from .config import ConfigError, to_container
+from .config import ConfigError, config_changes, to_container
 from .convert import CheckpointError, load_into, read_checkpoint
 from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from .modules.autoencoder import AsymmetricAutoencoderKL
@@ -58,12 +58,6 @@ def resolve_resume(resume, run_dir: Path):
     return None if best is None else str(best)
 
 
-def _flat(tree, prefix=""):
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-
-
 SHAPING = ("model.autoencoder.", "discriminator.")  # config keys that shape the saved weights
 
 
@@ -75,9 +69,7 @@ def check_resume(cfg, system, resume, hint) -> None:
     ckpt = torch.load(resume, map_location="cpu", mmap=True, weights_only=False)
     saved = ckpt.get("config")
     if isinstance(saved, dict):  # written by train.py
-        old, new = _flat(saved), _flat(to_container(cfg))
-        changed = {k: (old.get(k, "(absent)"), new.get(k, "(absent)")) for k in sorted(old.keys() | new.keys())}
-        changed = {k: pair for k, pair in changed.items() if pair[0] != pair[1]}  # key: (then, now)
+        changed = config_changes(saved, to_container(cfg))  # key: (then, now)
         for key, (then, now) in changed.items():
             if key.startswith(SHAPING) and key != "model.autoencoder.gradient_checkpointing":
                 raise ConfigError(f"--resume {resume}: {key} was {then!r} in that run, now {now!r}; {hint}")

@@ -223,31 +223,61 @@ def test_eval_takes_a_vae_of_any_family(families, tmp_path, capsys):
     assert "decodes 4 latent channels (base sd1), --vae" in capsys.readouterr().err
 
 
-def test_latent_cache_of_a_16_channel_base_holds_its_posterior(families, tmp_path):
-    """scripts/cache_latents.py with configs/bases/flux.yaml and FLUX's ae.safetensors: (16, R/8, R/8) posteriors."""
+@pytest.mark.parametrize("base", BASES)
+def test_latent_cache_of_each_base_holds_its_posterior(families, base, tmp_path):
+    """scripts/cache_latents.py with configs/bases/<base>.yaml and the family's single file: (C, R/8, R/8)
+    posteriors of its encoder (C = 4 or 16), and train.py's datamodule takes the cache for that encoder."""
     import io
     import sys
 
     import numpy as np
     import webdataset as wds
     from PIL import Image
+
+    from data import ImageMaskDataModule
+    from data.latents import encoder_fingerprint
     sys.path.insert(0, str(ROOT / "scripts"))
     import cache_latents
-    _, _, single = families["flux"]
-    args = ["-c", str(ROOT / "configs" / "x1.yaml"), "-c", str(ROOT / "configs" / "bases" / "flux.yaml"),
+    _, _, single = families[base]
+    args = ["-c", str(ROOT / "configs" / "x1.yaml"), "-c", str(ROOT / "configs" / "bases" / f"{base}.yaml"),
             f"model.vae_ckpt={single}", "model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1",
             "model.autoencoder.encoder_ch=32", "model.autoencoder.encoder_num_res_blocks=1", "data.resolution=32",
             "--out", str(tmp_path), "--workers", "0", "--limit", "2", "--batch-size", "2"]
     assert cache_latents.main(args) == 0
-    samples = list(wds.tarfile_samples({"url": str(u)} for u in sorted(tmp_path.glob("*.tar"))))
+    shards = sorted(tmp_path.glob("*.tar"))
+    samples = list(wds.tarfile_samples({"url": str(u)} for u in shards))
     assert len(samples) == 2
     vae = load_autoencoder(single)
+    channels = base_kwargs(base)["z_channels"]
     for s in samples:
         mean = torch.from_numpy(np.load(io.BytesIO(s["mean.npy"])))
-        assert mean.shape == (16, 4, 4)
+        assert mean.shape == (channels, 4, 4)
         crop = torch.from_numpy(np.array(Image.open(io.BytesIO(s["png"])), dtype=np.float32)).permute(2, 0, 1)
         with torch.no_grad():
             assert (vae.encode(crop[None] / 127.5 - 1).mean[0] - mean).abs().max() < 1e-4
+    dm = ImageMaskDataModule(source=str(shards[0]), resolution=32, batch_size=2, num_workers=0, epoch_length=2,
+                             flip=False, encoder_fingerprint=encoder_fingerprint(vae))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["mean"].shape == batch["logvar"].shape == (2, channels, 4, 4)
+
+
+def test_bases_of_one_layout_train_the_same_network():
+    """sdxl trains sd1's network and sd3 FLUX's: a base's scaling and shift factors are config values that
+    export and inpaint read, never the training step, so the training tests of sd1 (tests/test_train.py) and of
+    FLUX's layout (here) cover the other two."""
+    def shapes(base):
+        torch.manual_seed(0)
+        vae = AsymmetricAutoencoderKL(**{**base_kwargs(base), "ch": 32, "num_res_blocks": 1, "encoder_ch": 32,
+                                         "encoder_num_res_blocks": 1})
+        return {k: v.shape for k, v in vae.state_dict().items()}, vae
+
+    for base, same in (("sdxl", "sd1"), ("sd3", "flux")):
+        (a, vae_a), (b, vae_b) = shapes(base), shapes(same)
+        assert a == b and base_kwargs(base)["scaling_factor"] != base_kwargs(same)["scaling_factor"]
+        z = torch.randn(1, base_kwargs(base)["z_channels"], 4, 4)
+        with torch.no_grad():
+            assert torch.equal(vae_a.decode(z), vae_b.decode(z))  # the same seed, the same numbers
+    assert shapes("sd1")[0] != shapes("flux")[0]
 
 
 @pytest.mark.slow

@@ -29,15 +29,11 @@ def test_every_implementation_decodes_the_same_image(preset):
 def test_decoder_flops_are_those_of_diffusers_decoders():
     """The FLOP shares count our vanilla decoder as diffusers' AutoencoderKL decode (SD's VAE) and x1 with its
     branch as diffusers' AsymmetricAutoencoderKL decode."""
-    import diffusers
-    from ldm.keys import diffusers_config
     from ldm.modules.autoencoder import PRESETS, AsymmetricAutoencoderKL
     with torch.device("meta"):
-        sd = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                     down_block_types=("DownEncoderBlock2D",) * 4,
-                                     up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
-        asym = diffusers.AsymmetricAutoencoderKL.from_config(
-            diffusers_config(AsymmetricAutoencoderKL(**PRESETS["x1"]).config))
+        sd = bench.build_diffusers(AsymmetricAutoencoderKL(use_condition=False), vanilla=True)
+        asym = bench.build_diffusers(AsymmetricAutoencoderKL(**PRESETS["x1"]), vanilla=False)
+        assert (type(sd).__name__, type(asym).__name__) == ("AutoencoderKL", "AsymmetricAutoencoderKL")
         z, image, mask = torch.randn(1, 4, 16, 16), torch.randn(1, 3, 128, 128), torch.ones(1, 1, 128, 128)
         theirs_sd = bench.count(lambda: sd.decode(z))
         theirs_x1 = bench.count(lambda: asym.decode(z, image=image, mask=mask))  # its 2nd argument: a generator

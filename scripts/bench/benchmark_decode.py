@@ -95,33 +95,40 @@ def decoder_flops(preset, px) -> int:
 IMPLS = ("ours", "tiled", "diffusers", "bf16", "compiled")
 
 
+def build_diffusers(vae, vanilla):
+    """diffusers' model of our decoder: SD's AutoencoderKL (our vanilla decoder is its decoder), else
+    AsymmetricAutoencoderKL from the config.json an export writes."""
+    import diffusers
+    from ldm.keys import diffusers_config
+    if vanilla:
+        return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                       down_block_types=("DownEncoderBlock2D",) * 4,
+                                       up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+    return diffusers.AsymmetricAutoencoderKL.from_config(diffusers_config(vae.config))
+
+
 def decode_fn(preset, px, impl, device, tile=64):
     """() -> the decoded image of one row's decode: the same random weights (seed 0), latent and holed mask for
     every implementation of a decoder."""
     torch.manual_seed(0)
     vanilla = preset == "vanilla"
-    vae = AsymmetricAutoencoderKL(**(dict(use_condition=False) if vanilla else PRESETS[preset])).eval()
+    with device:  # built where it runs: a random init of x2 on the host takes longer than its decode on a GPU
+        vae = AsymmetricAutoencoderKL(**(dict(use_condition=False) if vanilla else PRESETS[preset])).eval()
     z = torch.randn(1, 4, px // 8, px // 8, device=device)
     image, mask = torch.rand(1, 3, px, px, device=device) * 2 - 1, torch.zeros(1, 1, px, px, device=device)
     mask[..., px // 4:3 * px // 4, px // 4:3 * px // 4] = 1
     cond = () if vanilla else (image, mask)
     if impl == "diffusers":
-        import diffusers
-        from ldm.keys import diffusers_config, ldm_to_diffusers
-        if vanilla:  # SD's AutoencoderKL: our vanilla decoder is its decoder
-            ref = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                          down_block_types=("DownEncoderBlock2D",) * 4,
-                                          up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
-        else:
-            ref = diffusers.AsymmetricAutoencoderKL.from_config(diffusers_config(vae.config))  # as an export
+        from ldm.keys import ldm_to_diffusers
+        with device:
+            ref = build_diffusers(vae, vanilla)
         ref.load_state_dict(ldm_to_diffusers(vae.state_dict()))
         del vae
-        ref.eval().to(device)
+        ref.eval()
         kwargs = {} if vanilla else dict(image=image, mask=mask)  # keywords: its second argument is a generator
         return lambda: ref.decode(z, **kwargs).sample
     if impl not in IMPLS:
         raise ValueError(f"implementation {impl!r}: one of {', '.join(IMPLS)}")
-    vae.to(device)
     if impl in ("ours", "tiled"):
         return lambda: vae.decode(z, *cond, tile=tile if impl == "tiled" else None)
     from ldm.models.asym_decoder import compile_blocks

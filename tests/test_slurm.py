@@ -4,7 +4,9 @@ Two tasks on one node (`--ntasks-per-node=2`) stand for the GPUs of a node: trai
 from the allocation. tests/slurm_probe.py records every step each rank trains (with SLURM's restart count).
 """
 import csv
+import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -86,8 +88,8 @@ def test_a_warned_job_saves_requeues_and_resumes_and_a_killed_one_resumes_from_i
                                                                                               tmp_path):
     """The warning SLURM sends before a time limit (--signal=B:USR1@120, here sent at once as SLURM does, to the
     batch shell): the ranks save at the current step, the job requeues itself (restart 1), resumes there and ends
-    at the uninterrupted run's final step with no step trained twice. Then a kill without warning
-    (`scancel --signal=KILL`, requeued by hand): the next run resumes from the newest periodic checkpoint."""
+    at the uninterrupted run's final step with no step trained twice. Then a kill without warning (SIGKILL to
+    the training processes, requeued by hand): the next run resumes from the newest periodic checkpoint."""
     job = submit(slurm_cluster, tmp_path, "trainer.max_steps=14", "run.checkpoint_every_n_steps=4",
                  "+min_step_seconds=0.5", *NO_VAL)
     wait_for_step(slurm_cluster, job, tmp_path, 3)
@@ -99,9 +101,8 @@ def test_a_warned_job_saves_requeues_and_resumes_and_a_killed_one_resumes_from_i
 
     wait_for_step(slurm_cluster, job, tmp_path, 9)  # past the periodic checkpoint of step 8
     ckpts = tmp_path / "run" / "checkpoints"
-    # as a node that dies: SLURM SIGKILLs the step's tasks, no signal to save on. Not --full: the batch shell
-    # killed too ends the job, and slurmd's teardown of its steps sends SIGTERM first, which the ranks save on
-    slurm_cluster.run("scancel", "--signal=KILL", str(job))
+    for rank in (0, 1):  # as a node that dies: no signal to save on (scancel sends SIGTERM before SIGKILL)
+        os.kill(int((tmp_path / f"probe-pid{rank}").read_text()), signal.SIGKILL)
     assert slurm_cluster.wait(job, timeout=60) == "FAILED"  # and not requeued by the script: no warning came
     periodic = max(ckpt_step(p) for p in ckpts.glob("step*.ckpt"))
     killed_at = steps(tmp_path)[-1][1]

@@ -25,9 +25,10 @@ def worker_slot():
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def reader_slot(rank, world_size):
-    """(reader, readers): this worker among all ranks' workers; readers 0..world_size-1 are the ranks' worker 0."""
-    worker, num_workers = worker_slot()
+def reader_slot(rank, world_size, slot=None):
+    """(reader, readers): worker `slot` = (worker, num_workers) (default: this one, worker_slot()) among all
+    ranks' workers; readers 0..world_size-1 are the ranks' worker 0."""
+    worker, num_workers = slot or worker_slot()
     return worker * world_size + rank, num_workers * world_size
 
 
@@ -129,7 +130,7 @@ class ImageMaskTrain(IterableDataset):
         """Endless (rng, key, bytes) of the reader that plays DataLoader worker `part`'s part, read past its first
         `served` samples (not decoded): the dealt shards' samples through the shuffle buffer, each with the
         generator of (rank, part, epoch, its index in this stream)."""
-        reader, readers = part * self.world_size + self.rank, num_workers * self.world_size  # as reader_slot
+        reader, readers = reader_slot(self.rank, self.world_size, (part, num_workers))
         ids = (self.rank, part, epoch)
         dealt = (self.source.items[i] for i in self._dealt_shards(epoch, reader, readers))
         pairs = shuffled(self._shard_pairs(dealt), sample_rng(self.seed, ORDER_STREAM, *ids), self.shuffle_buffer)

@@ -110,6 +110,8 @@ def build_diffusers(vae, vanilla):
 def decode_fn(preset, px, impl, device, tile=64):
     """() -> the decoded image of one row's decode: the same random weights (seed 0), latent and holed mask for
     every implementation of a decoder."""
+    if impl not in IMPLS:
+        raise ValueError(f"implementation {impl!r}: one of {', '.join(IMPLS)}")
     torch.manual_seed(0)
     vanilla = preset == "vanilla"
     with device:  # built where it runs: a random init of x2 on the host takes longer than its decode on a GPU
@@ -127,8 +129,6 @@ def decode_fn(preset, px, impl, device, tile=64):
         ref.eval()
         kwargs = {} if vanilla else dict(image=image, mask=mask)  # keywords: its second argument is a generator
         return lambda: ref.decode(z, **kwargs).sample
-    if impl not in IMPLS:
-        raise ValueError(f"implementation {impl!r}: one of {', '.join(IMPLS)}")
     if impl in ("ours", "tiled"):
         return lambda: vae.decode(z, *cond, tile=tile if impl == "tiled" else None)
     from ldm.models.asym_decoder import compile_blocks

@@ -35,6 +35,14 @@ class EpochLoader(DataLoader):
         self.passes += 1
         return super().__iter__()
 
+    # Lightning warns that a mid-epoch resume is inexact unless the training loader has these. Its position is the
+    # trainer's own batch count (trained_fn), restored with the trainer's loops: there is nothing else to save.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def trained_batches(trainer) -> int:
     """Batches this rank has trained in the run, a checkpoint's included. Lightning saves at a batch end, where

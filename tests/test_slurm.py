@@ -89,15 +89,17 @@ def test_a_warned_job_saves_requeues_and_resumes_and_a_killed_one_resumes_from_i
     """The warning SLURM sends before a time limit (--signal=B:USR1@120, here sent at once as SLURM does, to the
     batch shell): the ranks save at the current step, the job requeues itself (restart 1), resumes there and ends
     at the uninterrupted run's final step with no step trained twice. Then a kill without warning (SIGKILL to
-    the training processes, requeued by hand): the next run resumes from the newest periodic checkpoint."""
-    job = submit(slurm_cluster, tmp_path, "trainer.max_steps=14", "run.checkpoint_every_n_steps=4",
+    the training processes, as a node that dies; requeued by hand): the next run resumes from the newest periodic
+    checkpoint. Then `scancel` (SIGTERM to the tasks, SIGKILL KillWait seconds later; requeued by hand): the ranks
+    save at the current step and the next run resumes there."""
+    job = submit(slurm_cluster, tmp_path, "trainer.max_steps=16", "run.checkpoint_every_n_steps=4",
                  "+min_step_seconds=0.5", *NO_VAL)
     wait_for_step(slurm_cluster, job, tmp_path, 3)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
     wait_requeued(slurm_cluster, job, restarts=1)
     first = [s for r, s in steps(tmp_path) if r == 0]
     saved = int(re.search(r"SIGUSR1: last checkpoint \S+ at step (\d+)", job_log(tmp_path, job)).group(1))
-    assert first == list(range(1, saved + 1)) and 3 <= saved < 14  # saved at the step it had reached
+    assert first == list(range(1, saved + 1)) and 3 <= saved < 9  # saved at the step it had reached
 
     wait_for_step(slurm_cluster, job, tmp_path, 9)  # past the periodic checkpoint of step 8
     ckpts = tmp_path / "run" / "checkpoints"
@@ -108,17 +110,27 @@ def test_a_warned_job_saves_requeues_and_resumes_and_a_killed_one_resumes_from_i
     killed_at = steps(tmp_path)[-1][1]
     slurm_cluster.run("scontrol", "requeue", str(job))
     wait_requeued(slurm_cluster, job, restarts=2)
+
+    wait_for_step(slurm_cluster, job, tmp_path, periodic + 2)  # saved at 10 or 11: not a periodic one
+    slurm_cluster.run("scancel", str(job))
+    assert slurm_cluster.wait(job, timeout=60) == "CANCELLED"
+    cancelled_at = steps(tmp_path)[-1][1]
+    assert ckpt_step(ckpts / "last.ckpt") == cancelled_at and cancelled_at % 4  # saved on SIGTERM
+    slurm_cluster.run("scontrol", "requeue", str(job))
+    wait_requeued(slurm_cluster, job, restarts=3)
     assert slurm_cluster.wait(job, timeout=300) == "COMPLETED", job_log(tmp_path, job)[-3000:]
 
     log = job_log(tmp_path, job)
-    assert log.count(f"resuming from {ckpts / 'last.ckpt'}") == 2  # rank 0 says it, each restart
+    assert log.count(f"resuming from {ckpts / 'last.ckpt'}") == 3  # rank 0 says it, each restart
+    assert f"SIGTERM: last checkpoint {ckpts / 'last.ckpt'} at step {cancelled_at}" in log
     assert [s for r, s in steps(tmp_path) if r == 1] == list(range(saved + 1, killed_at + 1))
-    assert [s for r, s in steps(tmp_path) if r == 2] == list(range(periodic + 1, 15))  # from the checkpoint on
+    assert [s for r, s in steps(tmp_path) if r == 2] == list(range(periodic + 1, cancelled_at + 1))  # checkpoint on
+    assert [s for r, s in steps(tmp_path) if r == 3] == list(range(cancelled_at + 1, 17))  # no step lost
     assert steps(tmp_path, 1) == steps(tmp_path, 0)
-    assert ckpt_step(ckpts / "last.ckpt") == 14
+    assert ckpt_step(ckpts / "last.ckpt") == 16
     with open(tmp_path / "run" / "metrics.csv") as f:  # continued over the restarts, not started again
         logged = {int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")}
-    assert set(range(14)) <= logged, sorted(logged)
+    assert set(range(16)) <= logged, sorted(logged)
 
 
 def test_a_wrong_config_fails_fast_with_its_error_and_is_not_requeued(slurm_cluster, tmp_path):

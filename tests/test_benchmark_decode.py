@@ -44,7 +44,8 @@ def test_decoder_flops_are_those_of_diffusers_decoders():
 
 def test_bad_arguments_are_usage_errors_naming_them(capsys):
     for argv, named in ((["--latency", "--sizes", "100"], "--sizes"), (["--latency", "--repeats", "0"], "--repeats"),
-                        (["--latency", "--impls", "fast"], "--impls"), ([], "--flops and/or --latency")):
+                        (["--latency", "--impls", "fast"], "--impls"),
+                        (["--latency", "--warmup", "-1"], "--warmup"), ([], "--flops and/or --latency")):
         with pytest.raises(SystemExit) as stop:
             bench.main(argv)
         assert stop.value.code == 2 and named in capsys.readouterr().err, argv
@@ -60,5 +61,7 @@ def test_latency_table_times_each_implementation_in_its_own_process(capsys):
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [
         (preset, impl) for preset in ("vanilla", "x1") for impl in ("ours", "tiled", "diffusers")]
     for r in rows:
-        seconds, peak = float(r[3]), float(r[4])  # a failed row would read "failed: ..."
-        assert 0 < seconds < 60 and 0.1 < peak < 20, r
+        seconds, first, peak = float(r[3]), float(r[4]), float(r[5])  # a failed row would read "failed: ..."
+        assert 0 < seconds < 60 and 0 < first < 60 and 0.1 < peak < 20, r
+    cold = bench.row("x1", 64, "ours", repeats=1, warmup=0)  # without a warm-up the one decode timed is the first
+    assert cold["s"] == cold["first_s"] > 0

@@ -4,7 +4,8 @@
     python scripts/bench/benchmark_decode.py --latency [--presets vanilla x1 x1.5 x2] [--sizes 512 1024 2048] [--repeats 3]
 
 --latency: one subprocess per row (decoder, px, implementation); the median decode time of --repeats after
-one warm-up, and the process's peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU ru_maxrss,
+--warmup decodes (1; on a CPU, where one decode takes minutes at 1024 px, 0 halves a row's time), the time of
+the first decode (with the compiled implementation, compiling), and the process's peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU ru_maxrss,
 the process's peak resident memory, weights and torch included). A holed mask, batch 1, random weights
 (seed 0), the same in every implementation of a decoder:
   ours        fp32, eager, untiled
@@ -142,41 +143,43 @@ def decode_fn(preset, px, impl, device, tile=64):
     return fn
 
 
-def row(preset, px, impl, repeats, tile=64) -> dict:
-    """One measurement, in this process: {"s": median seconds, "peak_gib": peak memory, "device"}."""
+def row(preset, px, impl, repeats, tile=64, warmup=1) -> dict:
+    """One measurement, in this process: {"s": median seconds of the decodes after `warmup`, "first_s": the first
+    decode's seconds, "peak_gib": peak memory, "device"}."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fn = decode_fn(preset, px, impl, device, tile)
     times = []
     with torch.no_grad():
-        for _ in range(repeats + 1):
+        for _ in range(warmup + repeats):
             t = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-    times = sorted(times[1:])
+    first, times = times[0], sorted(times[warmup:])
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"s": times[len(times) // 2], "peak_gib": peak / 2 ** 30, "device": name}
+    return {"s": times[len(times) // 2], "first_s": first, "peak_gib": peak / 2 ** 30, "device": name}
 
 
-def latency_table(presets, sizes, impls, repeats, tile) -> None:
-    print(f"| decoder | px | implementation | decode s (median of {repeats}) | peak memory GiB | device |")
-    print("|---|---:|---|---:|---:|---|")
+def latency_table(presets, sizes, impls, repeats, tile, warmup=1) -> None:
+    print(f"| decoder | px | implementation | decode s (median of {repeats} after {warmup} warm-up) | first decode s "
+          "| peak memory GiB | device |")
+    print("|---|---:|---|---:|---:|---:|---|")
     for preset in presets:
         for px in sizes:
             for impl in impls:
                 if impl == "tiled" and px <= 8 * tile:
                     continue
-                cmd = [sys.executable, __file__, "--row", preset, str(px), impl, str(repeats), str(tile)]
+                cmd = [sys.executable, __file__, "--row", preset, str(px), impl, str(repeats), str(tile), str(warmup)]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-                    print(f"| {preset} | {px} | {impl} | failed: {why} | | |", flush=True)
+                    print(f"| {preset} | {px} | {impl} | failed: {why} | | | |", flush=True)
                     continue
                 r = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['peak_gib']:.2f} | {r['device']} |", flush=True)
+                print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['first_s']:.2f} | {r['peak_gib']:.2f} | {r['device']} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -188,18 +191,19 @@ def main(argv=None) -> int:
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="implementations to time (default: ours tiled diffusers on a CPU, all on a GPU)")
     p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--warmup", type=at_least(0), default=1, help="untimed decodes before the timed ones")
     p.add_argument("--tile", type=at_least(1), default=64, help="latent tile side of the tiled rows")
-    p.add_argument("--row", nargs=5, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
+    p.add_argument("--row", nargs=6, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
     args = p.parse_args(argv)
     if args.row:
-        preset, px, impl, repeats, tile = args.row
-        print(json.dumps(row(preset, int(px), impl, int(repeats), int(tile))))
+        preset, px, impl, repeats, tile, warmup = args.row
+        print(json.dumps(row(preset, int(px), impl, int(repeats), int(tile), int(warmup))))
         return 0
     if not (args.flops or args.latency):
         p.error("give --flops and/or --latency")
     if args.latency:
         impls = args.impls or (IMPLS if torch.cuda.is_available() else ("ours", "tiled", "diffusers"))
-        latency_table(args.presets, args.sizes, impls, args.repeats, args.tile)
+        latency_table(args.presets, args.sizes, impls, args.repeats, args.tile, args.warmup)
     if not args.flops:
         return 0
     denoisers = [  # name, px, FLOPs of one call, calls (steps x guidance batches)

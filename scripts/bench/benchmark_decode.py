@@ -5,9 +5,9 @@
 
 --latency: one subprocess per row (decoder, px, implementation); the median decode time of --repeats after
 --warmup decodes (1; on a CPU, where one decode takes minutes at 1024 px, 0 halves a row's time), the time of
-the first decode (with the compiled implementation, compiling), and the process's peak memory (torch.cuda.max_memory_allocated on a GPU; on a CPU ru_maxrss,
-the process's peak resident memory, weights and torch included). A holed mask, batch 1, random weights
-(seed 0), the same in every implementation of a decoder:
+the first decode (with the compiled implementation, compiling), and the process's peak memory
+(torch.cuda.max_memory_allocated on a GPU; on a CPU ru_maxrss, the process's peak resident memory, weights and
+torch included). A holed mask, batch 1, random weights (seed 0), the same in every implementation of a decoder:
   ours        fp32, eager, untiled
   tiled       ours in latent tiles of --tile (8 overlap), rows above 8 x --tile px (scripts/eval.py decodes in
               tiles of 64 above 1024 px)
@@ -179,7 +179,8 @@ def latency_table(presets, sizes, impls, repeats, tile, warmup=1) -> None:
                     print(f"| {preset} | {px} | {impl} | failed: {why} | | | |", flush=True)
                     continue
                 r = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['first_s']:.2f} | {r['peak_gib']:.2f} | {r['device']} |", flush=True)
+                print(f"| {preset} | {px} | {impl} | {r['s']:.2f} | {r['first_s']:.2f} | {r['peak_gib']:.2f} "
+                      f"| {r['device']} |", flush=True)
 
 
 def main(argv=None) -> int:

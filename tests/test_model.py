@@ -171,3 +171,24 @@ def test_branch_gradients_only_where_pixels_are_known(p_hole):
         assert all(g is not None and not g.any() for g in branch.values()), branch.keys()
     else:
         assert all(g is not None and g.abs().sum() > 0 for g in branch.values())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_runs_on_a_fused_kernel(memory_format):
+    """The mid-block attention is the decode's one global operation: on SDPA's math kernel it holds the (HW)^2
+    scores (32 GiB at 2048 px). Restricted to the flash kernel (O(HW) memory) it must still run, and equal
+    softmax(q k^T / sqrt(C)) v computed in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from ldm.modules.vae import AttnBlock
+    torch.manual_seed(0)
+    block = AttnBlock(64).eval()
+    x = torch.randn(2, 64, 12, 10).contiguous(memory_format=memory_format)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = block(x)
+    block, x = block.double(), x.double()
+    with torch.no_grad():
+        y = block.norm(x)
+        q, k, v = (p(y).flatten(2) for p in (block.q, block.k, block.v))  # (B, C, HW)
+        weights = torch.softmax(q.transpose(1, 2) @ k / 64 ** 0.5, dim=-1)  # (B, HW, HW)
+        ref = x + block.proj_out((v @ weights.transpose(1, 2)).reshape(x.shape))
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)

@@ -11,15 +11,22 @@ covers the receptive field the tiles agree in the overlap.
 Per-tile GroupNorm statistics shift colours between tiles, so every GroupNorm normalises with the whole image's
 statistics, exactly: all tiles advance in lockstep, GroupNorm by GroupNorm. Each tile's pass over the up path is
 a generator that stops at every GroupNorm with the norm's input; the driver sums each tile core's per-group
-mean and mean square, parks the tile's tensors on `store` (host memory when decoding on a GPU), and once every
-tile has reached that norm, normalises each with the combined statistics and resumes it. The compute device
-holds one tile's activations at a time; `store` holds every tile's live state between two norms (the norm's
-input, the residual, the branch features): about three activations of the image at full resolution.
-(Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one GroupNorm
-per pass: ~25 passes for x1.)
+mean and mean square and parks the tile's tensors on a store; once every tile has reached that norm, it resumes
+the tiles one at a time, each with its input fetched back and normalised with the combined statistics. The
+compute device holds one tile's activations at a time. The store holds every tile's live state between two
+norms (the norm's input, the residual, the branch features), overlaps included: at its peak, in tiles of 64,
+8.5 / 12.7 / 19.0 / 25.4 GiB for vanilla / x1 / x1.5 / x2 at 2048 px (counted on the meta device; README).
+Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
+per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
+image's. (Re-estimating the statistics in repeated passes
+instead, each with the previous pass's, fixes one GroupNorm per pass: ~25 passes for x1.)
 """
 import math
-from typing import Optional
+import os
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +84,67 @@ def _normalise(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: tor
     return torch.addcmul(shift.to(x.dtype)[..., None, None], x, scale.to(x.dtype)[..., None, None])
 
 
-def _park(x, device):
-    return x.to(device, non_blocking=True) if x is not None else None
+class _Memory:
+    """Tile states in a device's memory (a GPU decode's: the host's)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def park(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def fetch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return x.to(device, non_blocking=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _OnDisk:
+    """A parked tensor's file; removed once nothing refers to it (a residual is fetched twice: its norm, its add)."""
+
+    def __init__(self, path: Path, shape: torch.Size, dtype: torch.dtype):
+        self.path, self.shape, self.dtype = path, shape, dtype
+        weakref.finalize(self, path.unlink, missing_ok=True)
+
+
+class _Files:
+    """Tile states in files of a temporary folder under `folder`, raw bytes in C order; removed on close."""
+
+    def __init__(self, folder: Union[str, os.PathLike]):
+        if not os.path.isdir(folder):
+            raise ValueError(f"tiled_decode: store {str(folder)!r} is not a folder (a torch.device keeps the "
+                             "tile states in its memory)")
+        self._dir = tempfile.TemporaryDirectory(prefix="tiled-decode-", dir=folder)
+        self._count = 0
+
+    def park(self, x: torch.Tensor) -> _OnDisk:
+        x = x.detach().to("cpu").contiguous()
+        self._count += 1
+        parked = _OnDisk(Path(self._dir.name) / f"{self._count}.bin", x.shape, x.dtype)
+        with open(parked.path, "wb") as f:
+            f.write(x.view(-1).view(torch.uint8).numpy())
+        return parked
+
+    @staticmethod
+    def fetch(parked: _OnDisk, device: torch.device) -> torch.Tensor:
+        x = torch.empty(parked.shape, dtype=parked.dtype)
+        with open(parked.path, "rb") as f:
+            if f.readinto(x.view(-1).view(torch.uint8).numpy()) != x.numel() * x.element_size():
+                raise RuntimeError(f"tiled_decode: {parked.path} is shorter than the tile state it held")
+        return x.to(device)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+def open_store(store, device: torch.device):
+    """Where tile states wait between two norms: None = host memory for an accelerator's decode, a temporary
+    folder (under $TMPDIR) for a CPU's; a torch.device = its memory; a folder path = files in it."""
+    if store is None:
+        store = torch.device("cpu") if device.type != "cpu" else tempfile.gettempdir()
+    return _Memory(store) if isinstance(store, torch.device) else _Files(store)
 
 
 # The tile programs hand each GroupNorm input over in a one-element list (a "box") and drop their own
@@ -89,6 +155,7 @@ def _resnet(block, box, unpark):
     box2 = [block.conv1(F.silu(a))]
     del a
     a = yield block.norm2, box2
+    del box2
     a = block.conv2(F.silu(a))
     x = unpark(box[0])
     return (block.nin_shortcut(x) if hasattr(block, "nin_shortcut") else x) + a
@@ -99,8 +166,8 @@ def _tile_program(decoder, h, masked_image, mask, store):
     (GroupNorm, boxed input) that receives the normalised input; returns the tile's image. The branch features
     wait on the store until their blend."""
     device = h.device
-    unpark = lambda t: _park(t, device)  # noqa: E731
-    feats = [_park(f, store) for f in decoder.encoder(masked_image)] if mask is not None else None
+    unpark = lambda t: store.fetch(t, device)  # noqa: E731
+    feats = [store.park(f) for f in decoder.encoder(masked_image)] if mask is not None else None
     for i in reversed(range(len(decoder.up))):
         if feats is not None:
             h = decoder.blend(h, unpark(feats[i + 1]), mask)  # up.i input
@@ -123,14 +190,24 @@ def _tile_program(decoder, h, masked_image, mask, store):
 @torch.no_grad()
 def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, tile: int = 64, overlap: int = 8,
-                 store: Optional[torch.device] = None) -> torch.Tensor:
+                 store: Union[torch.device, str, os.PathLike, None] = None) -> torch.Tensor:
     """AsymmetricDecoder forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
-    side `tile` with `overlap` latent pixels of context; tile states wait on `store` (default: the CPU)."""
+    side `tile` with `overlap` latent pixels of context. Tile states wait on `store` (open_store: by default
+    host memory for a GPU decode, files under $TMPDIR for a CPU one)."""
     if tile < 1 or overlap < 0:
         raise ValueError(f"tiled_decode: tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
     if (masked_image is None) != (mask is None):
         raise ValueError("tiled_decode: pass both masked_image and mask, or neither")
-    store = torch.device("cpu") if store is None else store
+    store = open_store(store, z.device)
+    try:
+        return _drive(decoder, z, masked_image, mask, tile, overlap, store)
+    finally:
+        store.close()
+
+
+def _drive(decoder, z, masked_image, mask, tile, overlap, store):
+    """Runs the tile programs norm by norm: one round per GroupNorm gathers every core's statistics while the
+    tiles park their inputs; the next round resumes each tile with its input normalised by them."""
     h = decoder.mid(decoder.conv_in(z))  # (B, 4ch, h, w): whole latent, exact attention
     f = 2 ** (len(decoder.up) - 1)
     tiles, programs = [], []
@@ -141,23 +218,27 @@ def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] 
             tiles.append(((cy0, cy1, cx0, cx1), (cy0 - py0, cy1 - py0, cx0 - px0, cx1 - px0), py1 - py0))
             programs.append(_tile_program(decoder, h[..., py0:py1, px0:px1], *crops, store))
     del h
-    out, sent = None, [None] * len(programs)
-    while programs[0] is not None:
-        stats, waiting = _Stats(), []
+    out, stats, waiting = None, None, [None] * len(programs)  # waiting: each tile's (GroupNorm, boxed input)
+    while programs[0] is not None:  # all tiles finish together: the same program
+        gathered = _Stats()
         for t, (program, (_, (y0, y1, x0, x1), side)) in enumerate(zip(programs, tiles)):
+            sent = None
+            if waiting[t] is not None:  # normalised here, one tile at a time: the device holds one tile's
+                norm, box = waiting[t]
+                sent = _normalise(norm, store.fetch(box[0], z.device), *stats.whole(norm))
+                waiting[t] = None
             try:
-                norm, box = program.send(sent[t])
-            except StopIteration as done:  # all tiles finish together: the same program
+                norm, box = program.send(sent)
+            except StopIteration as done:
                 out = _place(out, done.value, tiles[t], f, z.shape[-2:])
                 programs[t] = None
                 continue
-            sent[t], device = None, box[0].device
+            sent = None
             s = box[0].shape[-2] // side  # this activation's scale over the latent: 1, 2, 4, 8
-            stats.add(norm, box[0][..., y0 * s:y1 * s, x0 * s:x1 * s])
-            box[0] = _park(box[0], store)
-            waiting.append((norm, box, device))
-        for t, (norm, box, device) in enumerate(waiting):
-            sent[t] = _normalise(norm, _park(box[0], device), *stats.whole(norm))
+            gathered.add(norm, box[0][..., y0 * s:y1 * s, x0 * s:x1 * s])
+            box[0] = store.park(box[0])
+            waiting[t] = (norm, box)
+        stats = gathered
     return out
 
 

@@ -55,11 +55,11 @@ def test_bad_arguments_are_usage_errors_naming_them(capsys):
 
 @pytest.mark.slow
 def test_latency_table_times_each_implementation_in_its_own_process(capsys):
-    assert bench.main(["--latency", "--presets", "vanilla", "x1", "--sizes", "64", "--repeats", "1",
-                       "--tile", "4"]) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if re.match(r"\| (vanilla|x1) ", line)]
-    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
-        (preset, impl) for preset in ("vanilla", "x1") for impl in ("ours", "tiled", "diffusers")]
+    """One decoder's rows (a process each, ~7 s: torch and diffusers imported anew); that every implementation
+    decodes the same image, for every decoder, is test_every_implementation_decodes_the_same_image's."""
+    assert bench.main(["--latency", "--presets", "x1", "--sizes", "64", "--repeats", "1", "--tile", "4"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if re.match(r"\| x1 ", line)]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [("x1", impl) for impl in ("ours", "tiled", "diffusers")]
     for r in rows:
         seconds, first, peak = float(r[3]), float(r[4]), float(r[5])  # a failed row would read "failed: ..."
         assert 0 < seconds < 60 and 0 < first < 60 and 0.1 < peak < 20, r

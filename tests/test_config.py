@@ -28,8 +28,25 @@ REDUCED = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "mod
            "model.vae_ckpt=null"]  # the SD weights are the user's file (and of full width)
 
 
+@pytest.fixture(scope="module")
+def one_lpips_per_setting():
+    """LPIPS is frozen and the same for every config with the same `perceptual` settings: built once per setting
+    (lpips builds torchvision's whole VGG16 for it, about 2 s), not once per config."""
+    import ldm.run
+    real, built = ldm.run.PerceptualLoss, {}
+
+    def shared(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in built:
+            built[key] = real(**kwargs)
+        return built[key]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ldm.run, "PerceptualLoss", shared)
+        yield built
+
+
 @pytest.mark.parametrize("path", ALL, ids=[str(p.relative_to(ROOT / "configs")) for p in ALL])
-def test_every_config_instantiates_and_validates_at_reduced_size(path):
+def test_every_config_instantiates_and_validates_at_reduced_size(path, one_lpips_per_setting):
     """The whole run of each YAML at reduced widths: system, data and masks, one validation batch with LPIPS."""
     from data import ImageMaskDataModule
     from ldm.run import build_system
@@ -46,6 +63,7 @@ def test_every_config_instantiates_and_validates_at_reduced_size(path):
         system.validation_step(batch, 0)
     assert {"l1", "psnr_hole", "lpips_whole"} <= set(system.val_sums)  # LPIPS reported whatever its loss weight
     assert system.vae.decoder.use_condition == cfg.model.autoencoder.use_condition
+    assert system.perceptual is one_lpips_per_setting[tuple(sorted(cfg.perceptual.items()))]
 
 
 @pytest.mark.parametrize("name,ch,blocks,params", [

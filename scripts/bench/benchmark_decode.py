@@ -10,7 +10,7 @@ the first decode (with the compiled implementation, compiling), and the process'
 torch included). A holed mask, batch 1, random weights (seed 0), the same in every implementation of a decoder:
   ours        fp32, eager, untiled
   tiled       ours in latent tiles of --tile (8 overlap), rows above 8 x --tile px (scripts/eval.py decodes in
-              tiles of 64 above 1024 px)
+              tiles of 64 above 1024 px); the tile states wait in host memory on a GPU, in files on a CPU
   diffusers   diffusers' AsymmetricAutoencoderKL with our weights (vanilla: its AutoencoderKL), fp32
   bf16        ours under bf16 autocast, channels_last (the README's GPU settings)
   compiled    bf16 and channels_last with the decoder's blocks compiled (inductor; the warm-up compiles)

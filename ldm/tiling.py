@@ -18,8 +18,8 @@ norms (the norm's input, the residual, the branch features), overlaps included: 
 8.5 / 12.7 / 19.0 / 25.4 GiB for vanilla / x1 / x1.5 / x2 at 2048 px (counted on the meta device; README).
 Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
 per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
-image's. (Re-estimating the statistics in repeated passes
-instead, each with the previous pass's, fixes one GroupNorm per pass: ~25 passes for x1.)
+image's. (Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one
+GroupNorm per pass: ~25 passes for x1.)
 """
 import math
 import os

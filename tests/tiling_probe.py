@@ -1,6 +1,7 @@
-"""`python tiling_probe.py PX TILE`: one decode of the tests' tiny decoder (ch 32) at PX x PX with holes per mode,
-in this fresh process, and for each the peak resident memory over the memory resident before it (Linux: VmHWM,
-reset through /proc/self/clear_refs). Prints one JSON line: MiB per mode, and whether the modes agree."""
+"""The tiling tests' tiny decoder and holed inputs; and, as `python tiling_probe.py PX TILE`, one decode of it at
+PX x PX per mode in this fresh process, each with its peak resident memory over the memory resident before it
+(Linux: VmHWM, reset through /proc/self/clear_refs). Prints one JSON line: MiB per mode, and whether the modes
+agree."""
 import json
 import sys
 
@@ -9,6 +10,24 @@ import torch
 from probe_utils import ROOT  # noqa: F401  (puts the repository on sys.path)
 from ldm.modules.autoencoder import AsymmetricAutoencoderKL
 from ldm.tiling import tiled_decode
+
+
+def tiny_vae() -> AsymmetricAutoencoderKL:
+    """ch 32 at every level, one ResnetBlock per level: a 1024 px decode in seconds, every part of the real one."""
+    torch.manual_seed(0)
+    return AsymmetricAutoencoderKL(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, encoder_ch=32,
+                                   encoder_num_res_blocks=1).eval()
+
+
+def inputs(b, height, width, seed=0):
+    """(latent, image, mask) with holes crossing tile borders."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, 4, height // 8, width // 8, generator=g)
+    image = torch.rand(b, 3, height, width, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, height, width)
+    mask[..., height // 5:height // 2, width // 6:width // 2] = 1
+    mask[..., -height // 4:, -width // 3:] = 1
+    return z, image, mask
 
 
 def status(key: str) -> int:
@@ -26,12 +45,8 @@ def peak_over_resident(fn):
 
 
 def main(px: int, tile: int) -> dict:
-    torch.manual_seed(0)
-    vae = AsymmetricAutoencoderKL(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=0, encoder_ch=32,
-                                  encoder_num_res_blocks=1).eval()
-    z, image = torch.randn(1, 4, px // 8, px // 8), torch.rand(1, 3, px, px) * 2 - 1
-    mask = torch.zeros(1, 1, px, px)
-    mask[..., px // 5:px // 2, px // 6:px // 2] = 1
+    vae = tiny_vae()
+    z, image, mask = inputs(1, px, px)
     h, cond = vae.post_quant_conv(z), ((1 - mask) * image, mask)
     modes = {"files": lambda: tiled_decode(vae.decoder, h, *cond, tile=tile),  # the CPU default
              "memory": lambda: tiled_decode(vae.decoder, h, *cond, tile=tile, store=torch.device("cpu")),

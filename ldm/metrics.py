@@ -8,14 +8,13 @@ Every metric here is per sample, shape (B,). A region with no pixels in a sample
 or inf), so aggregate with `nanmean_dict`. Plain functions of tensors: no Lightning, no trainer state.
 """
 
-import os
-import tempfile
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
+
+from .files import atomic_write
 
 DATA_RANGE = 2.0  # images in [-1, 1]
 MAX_PSNR_DB = 100.0  # PSNR cap: MSE is floored at DATA_RANGE^2 * 10^(-MAX_PSNR_DB / 10)
@@ -259,16 +258,6 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
 
 
 def save_grid(grid, path):
-    """Write a uint8 (3,H,W) grid as PNG atomically: temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write a uint8 (3,H,W) grid as PNG, whole or not at all (ldm.files.atomic_write)."""
     array = grid.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3) uint8
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)  # readers never see a half-written PNG
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))

@@ -22,6 +22,7 @@ image's. (Re-estimating the statistics in repeated passes instead, each with the
 GroupNorm per pass: ~25 passes for x1.)
 """
 import math
+import numbers
 import os
 import tempfile
 import weakref
@@ -35,15 +36,26 @@ from torch import nn
 
 TILE_ABOVE = 1024  # the scripts decode in tiles above this side (px) unless told otherwise
 DEFAULT_TILE = 64  # latent px: 512 px tiles
+OVERLAP = 8  # latent px of context around each tile (decode's tile_overlap, the scripts')
 
 
 def auto_tile(tile: Optional[int], side: int) -> Optional[int]:
     """The scripts' --tile: None = DEFAULT_TILE above TILE_ABOVE px (else untiled), 0 = never, N = N."""
     if tile is None:
         return DEFAULT_TILE if side > TILE_ABOVE else None
-    if tile < 0:
-        raise ValueError(f"--tile must be >= 0 (latent px; 0 = never), got {tile}")
+    if tile != 0:
+        check_tile(tile, OVERLAP, "--tile")
     return tile or None
+
+
+def check_tile(tile, overlap, name="tile") -> None:
+    """A tile is an int larger than its overlap (True would be 1-pixel tiles, each widened by the overlap)."""
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not integer(overlap) or overlap < 0:
+        raise ValueError(f"tile_overlap must be an int >= 0 (latent px), got {overlap!r}")
+    if not integer(tile) or tile <= overlap:
+        raise ValueError(f"{name} must be an int larger than the overlap ({overlap} latent px), got {tile!r}")
 
 
 def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -116,15 +128,21 @@ class _Files:
         if not os.path.isdir(folder):
             raise ValueError(f"tiled_decode: store {str(folder)!r} is not a folder (a torch.device keeps the "
                              "tile states in its memory)")
-        self._dir = tempfile.TemporaryDirectory(prefix="tiled-decode-", dir=folder)
+        self.folder = folder
+        self._dir = tempfile.TemporaryDirectory(prefix="tiled-decode-", dir=folder, ignore_cleanup_errors=True)
         self._count = 0
 
     def park(self, x: torch.Tensor) -> _OnDisk:
         x = x.detach().to("cpu").contiguous()
         self._count += 1
         parked = _OnDisk(Path(self._dir.name) / f"{self._count}.bin", x.shape, x.dtype)
-        with open(parked.path, "wb") as f:
-            f.write(x.view(-1).view(torch.uint8).numpy())
+        try:
+            with open(parked.path, "wb") as f:
+                f.write(x.view(-1).view(torch.uint8).numpy())
+        except OSError as err:  # a full disk: say where, and that its files go (close, on the way out)
+            parked.path.unlink(missing_ok=True)
+            raise OSError(err.errno, f"tiled_decode: {err.strerror} in the tile store {self.folder} (its files are "
+                                     f"removed; give TMPDIR or store= a folder with room)") from None
         return parked
 
     @staticmethod
@@ -136,7 +154,7 @@ class _Files:
         return x.to(device)
 
     def close(self) -> None:
-        self._dir.cleanup()
+        self._dir.cleanup()  # errors ignored: never in place of the decode's own
 
 
 def open_store(store, device: torch.device):
@@ -194,8 +212,7 @@ def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] 
     """AsymmetricDecoder forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
     side `tile` with `overlap` latent pixels of context. Tile states wait on `store` (open_store: by default
     host memory for a GPU decode, files under $TMPDIR for a CPU one)."""
-    if tile < 1 or overlap < 0:
-        raise ValueError(f"tiled_decode: tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    check_tile(tile, overlap)
     if (masked_image is None) != (mask is None):
         raise ValueError("tiled_decode: pass both masked_image and mask, or neither")
     store = open_store(store, z.device)

@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="processes decoding and cropping images (0 = in this process)")
     p.add_argument("--limit", type=at_least(1), default=None, help="cache the first N images only")
     p.add_argument("--prefix", default="latents", help="shard file name prefix (default latents)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides on either side of the flags
 
 
 def source_items(data):

@@ -31,7 +31,7 @@ from data import (PRESETS, SkipCounter, load_crop, load_mask_files, make_eval_ma
                   resolve_source, save_masks)
 from data.sources import shard_samples  # noqa: E402
 from ldm import CheckpointError, load_autoencoder  # noqa: E402
-from ldm.cli import at_least, existing, fraction, multiple_of_8  # noqa: E402
+from ldm.cli import at_least, existing, fraction, multiple_of_8, tile_side  # noqa: E402
 from ldm.evaluation import OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, write_reports  # noqa: E402
 from ldm.metrics import feather_radius  # noqa: E402
 from ldm.tiling import TILE_ABOVE, auto_tile  # noqa: E402
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                    help="run checkpoints: use the EMA decoder (default: when present)")
     p.add_argument("--grid-images", type=at_least(1), default=4, help="images shown in grid.png")
     p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images (0: none)")
-    p.add_argument("--tile", type=int, default=None, help="tiled decode in latent tiles of N px (default: "
+    p.add_argument("--tile", type=tile_side, default=None, help="tiled decode in latent tiles of N px (default: "
                    f"64, i.e. 512 px, above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)

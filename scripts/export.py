@@ -8,12 +8,11 @@ diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (diffusers.
 official:  DIR/model.ckpt, {"state_dict": official ldm keys, "config": {"model": {"autoencoder": kwargs}}};
            4-channel bases with quant convs only (sd1, sdxl);
 decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json.
-Only weights and config are written; each file atomically (temp file, then os.replace).
+Only weights and config are written; each file whole or not at all, with the umask's mode (ldm/files.py).
 """
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -23,20 +22,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
 from ldm.cli import existing  # noqa: E402
+from ldm.files import atomic_write  # noqa: E402
 from ldm.keys import diffusers_config  # noqa: E402
 
 FORMATS = ("diffusers", "official", "decoder")
-
-
-def _atomic(path: Path, write) -> Path:
-    """write(tmp) then os.replace(tmp, path): readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _tensors(state: dict) -> dict:
@@ -44,7 +33,7 @@ def _tensors(state: dict) -> dict:
 
 
 def _json(path: Path, obj: dict) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def identity_quant_convs(z_channels: int) -> dict:
@@ -65,7 +54,7 @@ def save_diffusers(model, out) -> list[Path]:
     if not model.config["use_quant_conv"]:
         state = {**state, **identity_quant_convs(model.config["z_channels"])}
     weights = _tensors(ldm_to_diffusers(state))
-    return [_atomic(out / "diffusion_pytorch_model.safetensors",
+    return [atomic_write(out / "diffusion_pytorch_model.safetensors",
                     lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})),
             _json(out / "config.json", config)]
 
@@ -80,7 +69,7 @@ def save_official(model, out) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = {"state_dict": _tensors(model.state_dict()), "config": {"model": {"autoencoder": model.config}}}
-    return [_atomic(out / "model.ckpt", lambda tmp: torch.save(ckpt, tmp))]
+    return [atomic_write(out / "model.ckpt", lambda tmp: torch.save(ckpt, tmp))]
 
 
 def save_decoder(model, out) -> list[Path]:
@@ -89,7 +78,7 @@ def save_decoder(model, out) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     meta = {"format": DECODER_FORMAT, "autoencoder": json.dumps(model.config)}
-    return [_atomic(out / "decoder.safetensors", lambda tmp: save_file(_tensors(state), str(tmp), metadata=meta)),
+    return [atomic_write(out / "decoder.safetensors", lambda tmp: save_file(_tensors(state), str(tmp), metadata=meta)),
             _json(out / "config.json", {"format": DECODER_FORMAT, "autoencoder": model.config})]
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from data import load_crop  # noqa: E402
-from ldm.cli import at_least, existing, multiple_of_8, non_negative  # noqa: E402
+from ldm.cli import at_least, existing, multiple_of_8, non_negative, tile_side  # noqa: E402
 from ldm import CheckpointError, load_autoencoder  # noqa: E402
 from ldm.tiling import DEFAULT_TILE, TILE_ABOVE, auto_tile  # noqa: E402
 
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=multiple_of_8, default=None, help="square side in pixels, a multiple of 8 "
                                                           "(default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=at_least(0), default=None,
+    p.add_argument("--tile", type=tile_side, default=None,
                    help=f"decode in latent tiles of N px (default: {DEFAULT_TILE} above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     return p.parse_args(argv)

@@ -4,7 +4,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..tiling import tiled_decode
+from ..tiling import OVERLAP, tiled_decode
 from .vae import AsymmetricDecoder, DiagonalGaussianDistribution, Encoder
 
 # Widths of DESIGN.md; `ch` is channel width, not parameter count.
@@ -66,7 +66,7 @@ class AsymmetricAutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor, image: Optional[torch.Tensor] = None,
                mask: Optional[torch.Tensor] = None, check: bool = True, tile: Optional[int] = None,
-               tile_overlap: int = 8, slice_batch: bool = False) -> torch.Tensor:
+               tile_overlap: int = OVERLAP, slice_batch: bool = False) -> torch.Tensor:
         """Latent (B,embed_dim,h,w) -> image (B,3,8h,8w).
 
         Pass `image` and `mask` (batch B or 1, broadcast) to use the masked-image branch, or neither for a

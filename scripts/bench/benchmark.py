@@ -76,7 +76,7 @@ def parse_args(argv=None):
                    help="GiB per GPU (default: CUDA the whole card, the CPU estimate 80); on CUDA a cap below the "
                         "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.18 for an H100 80GB on a larger "
                         "card")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides on either side of the flags
 
     def flag(dest):
         return f"--{dest.replace('_', '-')}"

@@ -46,6 +46,7 @@ class Source:
 
 
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_BLOCKED = re.compile(r"GLOBAL ([\w.]+) whose module \w+ is blocked")
 _PICKLE_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\n")
 
 
@@ -71,6 +72,10 @@ def _torch_load(path: Path):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             m = _UNSUPPORTED.search(str(err))
+            blocked = _BLOCKED.search(str(err))  # os, subprocess, builtins ...: never stubbed
+            if blocked is not None:
+                raise CheckpointError(f"{path}: not loaded: its pickle calls for {blocked.group(1)} (unpickling it "
+                                      f"could run code); {EXPECTED}") from None
             if m is None:
                 raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)}); "
                                       f"{EXPECTED}") from None

@@ -99,7 +99,7 @@ class RunLock:
     def __init__(self, run_dir, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled
         self.path = self.run_dir / LOCK
-        self._text, self._made_dir, self._stop = None, False, threading.Event()
+        self._text, self._made, self._stop = None, [], threading.Event()
 
     def __enter__(self):
         if self.enabled:
@@ -111,7 +111,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Claim the folder (made if missing), or raise RunFolderBusy naming the live holder."""
-        self._made_dir = not self.run_dir.exists()
+        self._made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]  # deepest first
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._text = json.dumps(_me())
         tmp = self.run_dir / f".{LOCK}.{secrets.token_hex(4)}"
@@ -166,8 +166,8 @@ class RunLock:
                 pass  # gone (taken over after a long stall, or the folder removed): nothing to keep fresh
 
     def release(self) -> None:
-        """Remove the lock if it is still this process's; remove the run folder too if acquire() made it and
-        nothing was written (a config error stops a new run before it starts)."""
+        """Remove the lock if it is still this process's; remove the folders acquire() made too while nothing was
+        written into them (a config error stops a new run before it starts)."""
         self._stop.set()
         if self._text is None:
             return
@@ -177,8 +177,8 @@ class RunLock:
         except FileNotFoundError:
             pass
         self._text = None
-        if self._made_dir:
+        for folder in self._made:
             try:
-                self.run_dir.rmdir()
+                folder.rmdir()
             except OSError:
-                pass  # not empty: the run wrote into it
+                break  # not empty: the run wrote into it

@@ -95,18 +95,18 @@ def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_di
     assert not (tmp_path / "run" / "run.lock").exists()  # released at the end
 
 
-def _lock_of(run_dir: Path, host: str, age_s: float, pid=1) -> None:
+def _lock_of(run_dir: Path, host: str, age_s: float, pid=1, start="1") -> None:
     from ldm import runlock
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / runlock.LOCK
-    path.write_text(json.dumps({"host": host, "pid": pid, "start": "1", "job": "77", "since": "then"}))
+    path.write_text(json.dumps({"host": host, "pid": pid, "start": start, "job": "77", "since": "then"}))
     os.utime(path, (time.time() - age_s,) * 2)
 
 
-def test_a_holder_on_another_host_is_stale_once_its_heartbeat_stops(tmp_path, monkeypatch, capsys):
-    """Across hosts the PID says nothing: a heartbeat younger than STALE_S holds the folder, an older one is taken
-    over; the holder's own heartbeat keeps the file's mtime fresh. A lock made here by a process that ended is
-    stale at once (tested end to end above); the job id is named."""
+def test_a_holder_is_stale_by_its_pid_on_this_host_and_by_its_heartbeat_elsewhere(tmp_path, monkeypatch, capsys):
+    """Another host: a heartbeat younger than STALE_S holds the folder, an older one is taken over, and the holder's
+    own heartbeat keeps the file's mtime fresh. This host: the PID decides (alive, ended, or reused by another
+    process), whatever the heartbeat. The job id is named."""
     from ldm import runlock
     from ldm.runlock import RunFolderBusy, RunLock
     run_dir = tmp_path / "run"
@@ -122,6 +122,17 @@ def test_a_holder_on_another_host_is_stale_once_its_heartbeat_stops(tmp_path, mo
         time.sleep(0.5)
         assert time.time() - held.path.stat().st_mtime < 5  # the heartbeat touched it
     assert not held.path.exists()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    # on this host the PID decides, not the heartbeat: alive, ended, or alive but another process (PID reused)
+    for pid, start, busy in ((os.getppid(), None, True), (ended.pid, None, False), (os.getppid(), "1", False)):
+        _lock_of(run_dir, socket.gethostname(), age_s=10 * runlock.STALE_S, pid=pid, start=start)
+        if busy:
+            with pytest.raises(RunFolderBusy, match=f"in use by SLURM job 77, PID {pid} on {socket.gethostname()}"):
+                RunLock(run_dir).acquire()
+        else:
+            with RunLock(run_dir):
+                assert "(its process has ended)" in capsys.readouterr().err
     with RunLock(tmp_path / "logs" / "new"):
         pass
     assert not (tmp_path / "logs").exists()  # folders made for the lock go again if nothing was written into them

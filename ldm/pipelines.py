@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bases import describe
+from .latent_norm import LatentNorm, agree
 from .metrics import paste_back
 from .tiling import auto_tile
 
@@ -116,21 +118,29 @@ def entry(pipe) -> Pipeline:
     return found
 
 
-def latent_channels(folder) -> int:
-    """The latent width of a pipeline folder's VAE, from vae/config.json (nothing loaded)."""
-    config = Path(folder) / "vae" / "config.json"
+def vae_config(folder) -> dict:
+    """A pipeline folder's vae/config.json (nothing loaded)."""
+    path = Path(folder) / "vae" / "config.json"
     try:
-        return int(json.loads(config.read_text())["latent_channels"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise PipelineError(f"{config}: no latent_channels to read ({type(err).__name__}: {err})") from None
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{path}: not readable ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("latent_channels"), int):
+        raise PipelineError(f"{path}: no latent_channels")
+    return config
 
 
-def check_decoder(decoder, channels: int, name="the decoder") -> None:
-    """Our decoder must decode the pipeline VAE's latent width."""
-    ours = decoder.config["embed_dim"]
-    if ours != channels:
-        raise PipelineError(f"{name}: {ours} latent channels (base {decoder.config.get('base')}), the pipeline's "
-                            f"VAE {channels}: train on that pipeline's VAE")
+def check_decoder(decoder, vae: dict, name="the decoder") -> None:
+    """Our decoder must be of the pipeline VAE's family (`vae`: its config): the same latent width and, where the
+    VAE's config states one, the same latent normalisation (sd3 and flux are both 16 channels wide)."""
+    norm = LatentNorm.from_diffusers_config(vae)
+    theirs = {"z_channels": vae["latent_channels"], "use_quant_conv": vae.get("use_quant_conv", True),
+              "latent_norm": norm and norm.as_config()}
+    ours = {k: decoder.config.get(k) for k in ("z_channels", "use_quant_conv", "latent_norm")}
+    if ours["z_channels"] != theirs["z_channels"] or (theirs["latent_norm"] and ours["latent_norm"]
+                                                      and not agree(ours["latent_norm"], theirs["latent_norm"])):
+        raise PipelineError(f"{name}: a decoder for {describe(ours)} (base {decoder.config.get('base')}); the "
+                            f"pipeline's VAE has {describe(theirs)}: train on that pipeline's VAE")
 
 
 def load_pipeline(folder, device="cpu"):
@@ -216,12 +226,13 @@ def to_z(pipe, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
     spec = entry(pipe)
     if spec.unpack is not None:
         latents = spec.unpack(latents, h, w)
-    return latents if spec.denormalised else denormalise(pipe.vae.config, latents)
+    return latents if spec.denormalised else latent_norm(pipe).from_diffusion(latents)
 
 
-def denormalise(config, latents: torch.Tensor) -> torch.Tensor:
-    """Undo a VAE's latent normalisation, its config's: z = latents / scaling_factor + shift_factor."""
-    return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+def latent_norm(pipe) -> LatentNorm:
+    """The pipeline VAE's own latent normalisation, as its config states it (factors, or per-channel statistics;
+    none stated: the identity)."""
+    return LatentNorm.from_diffusers_config(pipe.vae.config) or LatentNorm()
 
 
 @torch.no_grad()

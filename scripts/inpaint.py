@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ldm.cli import at_least, existing, fraction, non_negative  # noqa: E402
 from ldm.evaluation import to_uint8  # noqa: E402
 from ldm.metrics import save_grid  # noqa: E402
-from ldm.pipelines import (PipelineError, check_decoder, inpaint, latent_channels, load_decoder,  # noqa: E402
-                           load_pipeline, read_batch, read_pair, select)
+from ldm.pipelines import (PipelineError, check_decoder, inpaint, load_decoder, load_pipeline,  # noqa: E402
+                           read_batch, read_pair, select, vae_config)
 from ldm.tiling import DEFAULT_TILE, TILE_ABOVE  # noqa: E402
 
 SINGLE = ("image", "mask", "prompt", "out")  # the flags one pair needs, and --batch replaces
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         jobs = read_batch(args.batch) if args.batch else [(args.image, args.mask, args.prompt, Path(args.out))]
         select(args.pipeline)
         decoder = load_decoder(args.vae, device)
-        check_decoder(decoder, latent_channels(args.pipeline), f"--vae {args.vae}")
+        check_decoder(decoder, vae_config(args.pipeline), f"--vae {args.vae}")
         pipe = load_pipeline(args.pipeline, device)
         for image_path, mask_path, prompt, out in jobs:
             image, mask = read_pair(image_path, mask_path)

@@ -42,14 +42,13 @@ def read(path):
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
-    """{latent channels: (our tiny decoder, its diffusers export)}: one per latent width, shared."""
+    """{base: (our tiny decoder of that base, its diffusers export)}, shared."""
     export, folder, out = load_script("export"), tmp_path_factory.mktemp("decoders"), {}
-    for seed, base in enumerate(("sd1", "flux")):
+    for seed, base in enumerate(("sd1", "sdxl", "sd3", "flux")):
         kw = {**base_kwargs(base), "ch": 32, "num_res_blocks": 1, "encoder_ch": 32, "encoder_num_res_blocks": 1}
         torch.manual_seed(seed)
-        model = jitter(AsymmetricAutoencoderKL(**kw), seed)
-        export.save_diffusers(model, folder / base)
-        out[kw["embed_dim"]] = (model, folder / base)
+        out[base] = (jitter(AsymmetricAutoencoderKL(**kw), seed), folder / base)
+        export.save_diffusers(out[base][0], folder / base)
     return out
 
 
@@ -78,7 +77,7 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
     their_vae = jitter(diffusers.AutoencoderKL(**TINY, **family_config(BASE[cls])), 0)
     pipe, folder = tiny_pipelines.build(cls, their_vae, tmp_path)
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == cls
-    ours, ours_folder = decoders[their_vae.config.latent_channels]
+    ours, ours_folder = decoders[BASE[cls]]
     image, mask, (image_file, mask_file) = inputs(tmp_path)
     out, compare = tmp_path / "out.png", cls == COMPARED
     assert inpaint.main(["--vae", str(ours_folder), "--pipeline", str(folder), "--image", str(image_file),
@@ -122,7 +121,7 @@ def test_batch_mode_runs_every_row_with_one_pipeline_load_and_pastes_at_full_siz
     (tmp_path / "list.csv").write_text('image,mask,prompt,out\n'
                                        'a/img.png,a/mask.png,"a cat, a dog",out/a.png\n\n'
                                        f'{tmp_path}/b/img.png, b/mask.png, the dog, out/b.jpg\n')
-    assert inpaint.main(["--vae", str(decoders[4][1]), "--pipeline", str(folder), "--batch",
+    assert inpaint.main(["--vae", str(decoders["sdxl"][1]), "--pipeline", str(folder), "--batch",
                          str(tmp_path / "list.csv"), "--steps", "2", "--size", "48", "--paste", "--device", "cpu"]) == 0
     assert len(loads) == 1
     for (image, mask, _), name in zip(rows, ("a.png", "b.jpg")):
@@ -135,13 +134,20 @@ def test_batch_mode_runs_every_row_with_one_pipeline_load_and_pastes_at_full_siz
             assert np.abs(got[~known] - pixels(image)[~known]).mean() > 10
 
 
-REFUSED = {  # what is wrong: (model_index.json, the VAE's latent channels, the message)
-    "no pipeline folder": (None, 4, "nowhere: no such folder with model_index.json"),
-    "foreign pipeline": ({"_class_name": "KandinskyV22Pipeline"}, 16,
+FLUX_VAE = {"latent_channels": 16, "use_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+REFUSED = {  # what is wrong: (model_index.json, vae/config.json, --vae of base, the message)
+    "no pipeline folder": (None, FLUX_VAE, "flux", "nowhere: no such folder with model_index.json"),
+    "foreign pipeline": ({"_class_name": "KandinskyV22Pipeline"}, FLUX_VAE, "flux",
                          "model_index.json names 'KandinskyV22Pipeline'; supported: StableDiffusionPipeline"),
-    "decoder of another width": ({"_class_name": "FluxPipeline"}, 16, "4 latent channels (base sd1), the "
-                                                                      "pipeline's VAE 16: train on that"),
-    "batch row": ({"_class_name": "FluxPipeline"}, 4, "list.csv:2: 3 columns, want 4: image, mask, prompt, out"),
+    "decoder of another width": ({"_class_name": "FluxPipeline"}, FLUX_VAE, "sd1",
+                                 "a decoder for 4 latent channels, quant convs, scaling_factor 0.18215, "
+                                 "shift_factor 0 (base sd1); the pipeline's VAE has 16 latent channels"),
+    "decoder of another family": ({"_class_name": "FluxPipeline"}, FLUX_VAE, "sd3",
+                                  "scaling_factor 1.5305, shift_factor 0.0609 (base sd3); the pipeline's VAE has "
+                                  "16 latent channels, no quant convs, scaling_factor 0.3611, shift_factor 0.1159: "
+                                  "train on that pipeline's VAE"),
+    "batch row": ({"_class_name": "FluxPipeline"}, FLUX_VAE, "flux",
+                  "list.csv:2: 3 columns, want 4: image, mask, prompt, out"),
 }
 
 
@@ -149,16 +155,16 @@ REFUSED = {  # what is wrong: (model_index.json, the VAE's latent channels, the 
 def test_inpaint_refuses_before_loading_the_pipeline_in_one_line(case, decoders, tmp_path, capsys, monkeypatch):
     inpaint = load_script("inpaint")
     monkeypatch.setattr(inpaint, "load_pipeline", lambda *a: pytest.fail("loaded"))
-    index, channels, message = REFUSED[case]
+    index, vae, base, message = REFUSED[case]
     folder = tmp_path / ("nowhere" if index is None else "pipeline")
     if index is not None:
         (folder / "vae").mkdir(parents=True)
-        (folder / "vae" / "config.json").write_text(json.dumps({"latent_channels": channels}))
+        (folder / "vae" / "config.json").write_text(json.dumps(vae))
         (folder / "model_index.json").write_text(json.dumps(index))
     (tmp_path / "list.csv").write_text("x.png,y.png,p,o.png\nx.png,y.png,p\n")
     for name in ("x.png", "y.png"):
         (tmp_path / name).touch()
-    args = ["--vae", str(decoders[4][1]), "--pipeline", str(folder)]
+    args = ["--vae", str(decoders[base][1]), "--pipeline", str(folder)]
     args += (["--batch", str(tmp_path / "list.csv")] if case == "batch row" else
              ["--image", str(tmp_path / "x.png"), "--mask", str(tmp_path / "y.png"), "--prompt", "p",
               "--out", str(tmp_path / "o.png")])

@@ -8,6 +8,8 @@ Every metric here is per sample, shape (B,). A region with no pixels in a sample
 or inf), so aggregate with `nanmean_dict`. Plain functions of tensors: no Lightning, no trainer state.
 """
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -258,6 +260,8 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
 
 
 def save_grid(grid, path):
-    """Write a uint8 (3,H,W) grid as PNG, whole or not at all (ldm.files.atomic_write)."""
+    """Write a uint8 (3,H,W) image, whole or not at all, with the permissions the umask gives (ldm.files.atomic_write),
+    in the format its extension names (PNG when none)."""
     array = grid.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3) uint8
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=kind))

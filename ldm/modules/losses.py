@@ -183,9 +183,9 @@ def _skip_draws(count):
 
 def _vgg16_without_classifier(pretrained=False):
     """torchvision's vgg16 for lpips, which keeps only `.features`: those weights, and the CPU generator's state after
-    them, are torchvision's, but the 120M-parameter classifier is shapes on the meta device, its draws skipped
-    (building it cost 2 s in every run). The random stream stays that of torchvision.models.vgg16, so what is built
-    after LPIPS (the discriminator) is initialised as before."""
+    them, are torchvision's, but the 120M-parameter classifier is shapes on the meta device and its random draws are
+    skipped, not made (making them into 495 MB took 1.3 s of the 2 s build). The random stream stays that of
+    torchvision.models.vgg16, so what is built after LPIPS (the discriminator) is initialised as before."""
     tv = torchvision.models.vgg
     features = tv.make_layers(tv.cfgs["D"])  # Conv2d's default init: the draws torchvision's build makes first
     with torch.device("meta"):
@@ -193,8 +193,8 @@ def _vgg16_without_classifier(pretrained=False):
     _skip_draws(sum(p.numel() for m in classifier for p in m.parameters()))  # nn.Linear's default init
     with torch.device("meta"):  # the classifier again on meta; VGG's own init of the features unless pretrained
         vgg = tv.VGG(features, init_weights=not pretrained)
-    if pretrained:  # as torchvision's VGG16_Weights: the file _require_trunk_weights checked, features.* only
-        state = torch.load(trunk_weights_path("vgg"), map_location="cpu", weights_only=True)
+    if pretrained:  # torchvision's own load of the file _require_trunk_weights checked; features.* only
+        state = _TRUNK_WEIGHTS["vgg"].get_state_dict(progress=False, check_hash=True)
         vgg.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
                                       if k.startswith("features.")})
     else:
@@ -238,6 +238,7 @@ class PerceptualLoss(lpips.LPIPS):
             # keys are `lin*.model.1.weight` and lpips loads them with strict=False, so without the
             # dropout slot the heads would silently stay random. model_path is explicit because
             # lpips finds its default via inspect.getfile(self.__init__), i.e. this file.
+            # lpips builds its trunk through pretrained_networks.tv (torchvision.models) and keeps `.features`
             with mock.patch.object(pretrained_networks, "tv", _FeaturesOnlyModels()):
                 super().__init__(
                     pretrained=True,

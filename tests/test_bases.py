@@ -296,8 +296,8 @@ def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_
     assert config["scaling_factor"] == (ref.config.scaling_factor if base != "flux2" else 1.0)
     assert load_autoencoder(tmp_path / "diffusers").config["latent_norm"] == stated_norm(ref)
     with no_diffusers_warnings():  # low_cpu_mem_usage=False: else it warns that `accelerate` is not installed
-        theirs, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(tmp_path / "diffusers", low_cpu_mem_usage=False,
-                                                                         output_loading_info=True)
+        theirs, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(
+            tmp_path / "diffusers", low_cpu_mem_usage=False, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, kw["z_channels"], 8, 8, generator=g)

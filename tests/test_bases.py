@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ldm import PRESETS, AsymmetricAutoencoderKL, load_autoencoder
 from ldm.convert import CheckpointError, diffusers_to_ldm
@@ -196,7 +196,8 @@ def test_x1_decoder_is_the_familys_diffusers_decoder_plus_the_branch(base):
 
 def test_a_flux2_vae_with_another_decoder_width_warm_starts_only_a_decoder_of_those_widths(tmp_path, caplog):
     """BFL's small FLUX.2 decoder (decoder_block_out_channels): the decoder's widths are read as the file's, not the
-    encoder's; the encoder always loads, the decoder core only into a decoder of exactly its widths."""
+    encoder's; the encoder always loads, the decoder core only into a decoder of exactly its widths. A folder that
+    lacks its batch-norm statistics is refused, naming the missing buffer."""
     from ldm import load_into
     torch.manual_seed(0)
     ref = jitter(family_vae("flux2", block_out_channels=[64, 128, 256, 256], layers_per_block=1,
@@ -218,6 +219,10 @@ def test_a_flux2_vae_with_another_decoder_width_warm_starts_only_a_decoder_of_th
         assert any(k.startswith("encoder.") for k in report.loaded)
         assert any(k.startswith("decoder.up.") for k in report.loaded) == warm
         assert ("SD decoder not loaded, widths differ" in caplog.text) != warm
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"  # a folder without its latent statistics
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("bn.")}, weights)
+    with pytest.raises(CheckpointError, match=r"safetensors: batch-norm latent statistics without bn.running_mean$"):
+        load_autoencoder(tmp_path / "vae")
 
 
 def test_flux2_decoder_parameter_counts():

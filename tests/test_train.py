@@ -117,25 +117,24 @@ def _equal(a, b) -> bool:
 
 @pytest.mark.slow
 def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
-    """Passes of 3 batches, posterior sampling, 2 loader workers, the GAN on from step 2: stopped by SIGUSR1 mid-pass
-    (step 4) or at a pass's end (step 3) and resumed, the run ends with the uninterrupted run's weights, bit for
-    bit: the resumed pass serves the batches the uninterrupted one served, and a batch's posterior noise is
-    drawn from (seed, rank, micro-batch). Before, a resumed pass drew fresh crops, masks and noise."""
+    """Passes of 3 batches, posterior sampling, 2 loader workers, the GAN on from step 2: stopped by SIGUSR1 at a
+    pass's end (step 3), resumed and stopped again mid-pass (step 4), and resumed, the run ends with the
+    uninterrupted run's weights, bit for bit: the resumed pass serves the batches the uninterrupted one served, and
+    a batch's posterior noise is drawn from (seed, rank, micro-batch). Before, a resumed pass drew fresh crops,
+    masks and noise."""
     common = ["trainer.max_steps=7", "data.epoch_length=6", "model.sample_posterior=true", "data.num_workers=2",
               "loss.disc_start=2", "run.checkpoint_every_n_steps=100", "trainer.val_check_interval=100"]
     run_train(tmp_path, *common, name="whole")
     whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    for stop in (4, 3):
-        name = f"stopped{stop}"
-        run_train(tmp_path, *common, f"+signal=SIGUSR1@{stop}", name=name, script="tests/fault_probe.py")
-        stopped = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert stopped["global_step"] == stop
-        proc = run_train(tmp_path, *common, name=name, resume="auto")
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    for stop in (3, 4, None):  # one run stopped at 3 (`--resume auto`: no checkpoint yet), at 4, then to its end
+        proc = run_train(tmp_path, *common, *([f"+signal=SIGUSR1@{stop}"] if stop else []), name="stopped",
+                         resume="auto", script="tests/fault_probe.py" if stop else "train.py")
         assert "dataloader is not resumable" not in proc.stderr  # Lightning's warning: the loader says it is
-        resumed = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert resumed["global_step"] == 7
-        for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
-            assert _equal(resumed[key], whole[key]), (stop, key)
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == (stop or 7)
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
+        assert _equal(resumed[key], whole[key]), key
 
 
 def test_existing_run_is_not_overwritten_unless_asked(tmp_path):

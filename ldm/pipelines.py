@@ -4,8 +4,9 @@ Which pipeline: a folder's model_index.json `_class_name` with its suffix ("Inpa
 "Pipeline") taken off is the family's stem, and the entry of PIPELINES that lists that stem runs it. So a
 text-to-image download runs as its family's inpainting pipeline, as diffusers' AutoPipelineForInpainting maps
 them where it does (StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux* -> FluxInpaintPipeline,
-ZImage* -> ZImageInpaintPipeline); it maps no FLUX.1 Fill, Kontext or Chroma folder, which the same rule sends
-to FluxFillPipeline, FluxKontextInpaintPipeline and ChromaInpaintPipeline. Adding a pipeline is one entry.
+ZImage* -> ZImageInpaintPipeline); it maps no FLUX.1 Fill, Kontext, Chroma or FLUX.2 Klein folder, which the same
+rule sends to FluxFillPipeline, FluxKontextInpaintPipeline, ChromaInpaintPipeline and Flux2KleinInpaintPipeline
+(FLUX.2 dev, Flux2Pipeline, has another text encoder than Klein's: not selected). Adding a pipeline is one entry.
 
 Which size: the input's aspect at the pipeline's pixel budget (its native side squared, or a given side's
 square), each side the nearest multiple the pipeline accepts; the image and mask are resized to it, the pipeline
@@ -78,6 +79,8 @@ PIPELINES = (
              call={"_auto_resize": False}),
     Pipeline("ChromaInpaintPipeline", ("Chroma",), unpack=unpack_2x2, multiple=patch_multiple),
     Pipeline("ZImageInpaintPipeline", ("ZImage",), multiple=patch_multiple, native=1024),  # patches, not packed
+    # FLUX.2's VAE: the pipeline unpacks, undoes its VAE's batch norm and unpatchifies before returning the latents
+    Pipeline("Flux2KleinInpaintPipeline", ("Flux2Klein",), denormalised=True, multiple=patch_multiple),
 )
 
 

@@ -1,5 +1,5 @@
-"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image) and decode with
-our decoder, at the image's own shape.
+"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image, FLUX.2 Klein) and
+decode with our decoder, at the image's own shape.
 
     python scripts/inpaint.py --vae OUR_CHECKPOINT --pipeline PIPELINE_FOLDER --image IMG --mask MASK \\
         --prompt "..." --out OUT.png [--compare] [--paste] [--size N] [--steps 50] [--seed 0] [--device auto]

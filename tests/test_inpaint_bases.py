@@ -14,13 +14,14 @@ diffusers = pytest.importorskip("diffusers")
 import tiny_pipelines  # noqa: E402
 from ldm import pipelines  # noqa: E402
 from probe_utils import load_script  # noqa: E402
-from test_bases import TINY, base_kwargs, family_config  # noqa: E402
+from test_bases import TINY, base_kwargs, family_config, family_vae  # noqa: E402
 from test_interop import jitter  # noqa: E402
 
 # each pipeline class ldm/pipelines.py drives -> the base whose VAE it runs on (configs/bases/<base>.yaml)
 BASE = {"StableDiffusionInpaintPipeline": "sd1", "StableDiffusionXLInpaintPipeline": "sdxl",
         "StableDiffusion3InpaintPipeline": "sd3", "FluxFillPipeline": "flux", "FluxInpaintPipeline": "flux",
-        "FluxKontextInpaintPipeline": "flux", "ChromaInpaintPipeline": "flux", "ZImageInpaintPipeline": "flux"}
+        "FluxKontextInpaintPipeline": "flux", "ChromaInpaintPipeline": "flux", "ZImageInpaintPipeline": "flux",
+        "Flux2KleinInpaintPipeline": "flux2"}
 SIZE = (64, 96)  # the input (H, W): not square, not the decode size
 # (h, w) of the decode for a 64 x 64 px budget at 96:64, by the multiple the pipeline takes: 8 px (a latent pixel
 # of the tiny VAEs; the tiny SD3 has patch size 1) or 16 px (2x2 latent patches)
@@ -44,7 +45,7 @@ def read(path):
 def decoders(tmp_path_factory):
     """{base: (our tiny decoder of that base, its diffusers export)}, shared."""
     export, folder, out = load_script("export"), tmp_path_factory.mktemp("decoders"), {}
-    for seed, base in enumerate(("sd1", "sdxl", "sd3", "flux")):
+    for seed, base in enumerate(("sd1", "sdxl", "sd3", "flux", "flux2")):
         kw = {**base_kwargs(base), "ch": 32, "num_res_blocks": 1, "encoder_ch": 32, "encoder_num_res_blocks": 1}
         torch.manual_seed(seed)
         out[base] = (jitter(AsymmetricAutoencoderKL(**kw), seed), folder / base)
@@ -74,7 +75,7 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
         cls, decoders, tmp_path):
     inpaint = load_script("inpaint")
     torch.manual_seed(0)
-    their_vae = jitter(diffusers.AutoencoderKL(**TINY, **family_config(BASE[cls])), 0)
+    their_vae = jitter(family_vae(BASE[cls], **TINY), 0)  # FLUX.2's: random batch-norm statistics
     pipe, folder = tiny_pipelines.build(cls, their_vae, tmp_path)
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == cls
     ours, ours_folder = decoders[BASE[cls]]
@@ -87,8 +88,10 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
     assert got.shape == (*SIZE, 3)
 
     # by hand: the input resized to the decode size, the pipeline's final latents there (diffusers' own unpacking),
-    # its VAE's factors, our decoder with the image and mask, resized back to the input's size
-    h, w = DECODE[16 if hasattr(pipe, "_unpack_latents") or cls == "ZImageInpaintPipeline" else 8]
+    # its VAE's factors (FLUX.2 Klein: undone by the pipeline itself), our decoder with the image and mask, resized
+    # back to the input's size
+    klein = cls == "Flux2KleinInpaintPipeline"
+    h, w = DECODE[16 if hasattr(pipe, "_unpack_latents") or cls == "ZImageInpaintPipeline" or klein else 8]
     x = F.interpolate(image, (h, w), mode="bicubic", antialias=True).clamp(-1, 1)
     m = (F.interpolate(mask, (h, w), mode="bilinear", antialias=True) > 0.5).float()
     with torch.no_grad():
@@ -98,7 +101,7 @@ def test_inpaint_decodes_the_pipelines_final_latents_with_our_conditioned_decode
         if hasattr(pipe, "_unpack_latents"):
             assert latents.shape == (1, h * w // 256, 64)  # packed: (B, (h/2)(w/2), 4C) at 8 px a latent pixel
             latents = pipe._unpack_latents(latents, h, w, pipe.vae_scale_factor)
-        z = latents / their_vae.config.scaling_factor + (their_vae.config.shift_factor or 0.0)
+        z = latents if klein else latents / their_vae.config.scaling_factor + (their_vae.config.shift_factor or 0.0)
         assert z.shape == (1, ours.config["embed_dim"], h // 8, w // 8)
         want = pixels(F.interpolate(ours.decode(z, x, m), SIZE, mode="bicubic", antialias=True)).astype(int)
         assert np.abs(got - want).max() <= 1, np.abs(got - want).max()  # rounding of an fp32 decode to 8 bits

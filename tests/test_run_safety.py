@@ -18,8 +18,9 @@ import torch
 
 from ldm.checkpointing import AtomicCheckpointIO
 from ldm.convert import CheckpointError, read_checkpoint
+import train
 from test_reliability import NO_VAL, start_train, step_of, wait_for
-from test_train import ROOT, run_train
+from test_train import ROOT, TINY, run_train
 
 
 def errors(stderr: str) -> list:
@@ -63,8 +64,9 @@ def test_a_checkpoint_that_pickles_a_command_is_refused_and_never_runs(tmp_path)
 
 # ---------------------------------------------------------------- one job per run folder
 @pytest.mark.slow
-def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_died(tmp_path):
-    """Job A trains; job B (`--resume auto`, as a double-submitted sbatch) exits 2 naming A and writes nothing.
+def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_died(tmp_path, capsys):
+    """Job A trains; job B (`--resume auto`, as a double-submitted sbatch; train.main in this process: a second
+    process, one start-up of torch fewer) exits 2 naming A and writes nothing.
     A is killed (SIGKILL: no chance to release the lock); C resumes on 2 DDP processes (rank 1 is C's own, not
     refused) from A's 1-process checkpoint, takes the stale lock over and trains to the last step."""
     a = start_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", *NO_VAL,
@@ -73,14 +75,15 @@ def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_di
     try:
         wait_for(ckpts / "step00000002.ckpt", a)
         before = {p: p.stat().st_mtime_ns for p in ckpts.glob("step*.ckpt")}
-        b = run_train(tmp_path, "trainer.max_steps=6", resume="auto", check=False)
-        assert b.returncode == 2, b.stderr[-2000:]
+        code = train.main([*TINY, f"run.log_dir={tmp_path}", "--name", "run", "--resume", "auto"])
+        stderr = capsys.readouterr().err
+        assert code == 2, stderr[-2000:]
         lock = json.loads((tmp_path / "run" / "run.lock").read_text())
         assert (lock["host"], lock["pid"]) == (socket.gethostname(), a.pid)
-        [line] = errors(b.stderr)
+        [line] = errors(stderr)
         assert line.startswith(f"error: run folder {tmp_path / 'run'} is in use by PID {a.pid} on "
                                f"{socket.gethostname()}, since {lock['since']} (heartbeat ") and "--name" in line, line
-        assert "resuming from" not in b.stderr  # refused before it read (or pruned) anything
+        assert "resuming from" not in stderr  # refused before it read (or pruned) anything
         assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p.exists())  # A's, not rewritten by B
     finally:
         a.kill()  # SIGKILL: no chance to release the lock

@@ -3,7 +3,8 @@
 Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL or
 AsymmetricAutoencoderKL folder, pipeline folder with vae/, or weights file), official (asymmetric-VQGAN Lightning
 checkpoint), run (this codebase's `vae.*` checkpoints), decoder (this codebase's decoder export).
-SD-only weights initialise the frozen encoder, the quant convs and, where the layout is SD's, the decoder core.
+Plain VAE weights initialise the frozen encoder, the quant convs and, where the layout is the VAE's own, the
+decoder core.
 """
 import json
 import logging
@@ -19,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from .keys import (ATTN_WEIGHT, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED, CheckpointError,  # noqa: F401
                    config_from_diffusers, diffusers_to_ldm, infer_config, ldm_to_diffusers)
-from .latent_norm import upgrade
-from .modules.autoencoder import AsymmetricAutoencoderKL
+from .modules.common import AsymmetricAutoencoder
+from .modules.families import build_autoencoder, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ class Source:
     ema: bool = False
 
     @property
-    def sd_only(self) -> bool:
-        """Plain SD autoencoder weights (sd, ldm or diffusers, without a masked-image branch in them)."""
+    def plain_vae(self) -> bool:
+        """A VAE's own weights (sd, ldm or diffusers, without a masked-image branch `decoder.encoder.*`)."""
         return self.format in ("sd", "ldm", "diffusers") and not any(k.startswith("decoder.encoder.")
                                                                       for k in self.state)
 
@@ -153,6 +154,7 @@ def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
     return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **upgrade(declared)})
 
 
+
 def _read_file(path: Path) -> Source:
     if path.suffix == ".safetensors":
         tensors, meta = _read_safetensors(path)
@@ -182,7 +184,8 @@ def _read_folder(path: Path) -> Source:
         weights = folder / "decoder.safetensors"
         return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    if cls not in ("AutoencoderKL", "AsymmetricAutoencoderKL"):
+    readers = {"AutoencoderKL": config_from_diffusers, "AsymmetricAutoencoderKL": config_from_diffusers}
+    if cls not in readers:
         raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL or "
                               "AsymmetricAutoencoderKL (or a decoder export)")
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -191,7 +194,7 @@ def _read_folder(path: Path) -> Source:
         raise CheckpointError(f"{folder}: no {' or '.join(names)} beside config.json")
     src = _read_file(weights)
     try:
-        src.config.update(config_from_diffusers(cfg, str(cfg_path)))
+        src.config.update(readers[cls](cfg, str(cfg_path)))
     except KeyError as err:
         raise CheckpointError(f"{cfg_path}: lacks {err}") from None
     return src
@@ -258,26 +261,27 @@ def _mismatch(target: dict, state: dict) -> Optional[str]:
     return None
 
 
-def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
+def _apply(model: AsymmetricAutoencoder, src: Source, parts) -> LoadReport:
     """Copy src's weights (restricted to `parts`) into model; refuse anything that does not fit exactly."""
     target = model.state_dict()
     want = {k: v for k, v in src.state.items() if k.split(".")[0] in parts}
-    core = {k: v for k, v in want.items() if src.sd_only and k.startswith("decoder.")}
+    core = {k: v for k, v in want.items() if src.plain_vae and k.startswith("decoder.")}
     strict = {k: v for k, v in want.items() if k not in core}
     problem = _mismatch(target, strict)
     if problem:
         raise CheckpointError(f"{src.path}: does not fit the model ({model.config}): {problem}")
-    if core:  # SD decoder: loads only onto a decoder core of exactly its layout (x1 warm start)
+    if core:  # the VAE's decoder: loads only onto a decoder core of exactly its layout (x1 warm start)
         model_core = {k: v for k, v in target.items() if k.startswith("decoder.")
                       and not k.startswith("decoder.encoder.")}
         problem = _mismatch(model_core, core) or next(
             (f"{k} is not in the checkpoint" for k in model_core if k not in core), None)
         if problem:
-            log.warning("%s: SD decoder not loaded, widths differ (%s); the decoder starts fresh", src.path, problem)
+            log.warning("%s: the VAE's decoder not loaded, widths differ (%s); the decoder starts fresh", src.path,
+                        problem)
         else:
             strict.update(core)
     fresh = [k for k in target if k.split(".")[0] in parts and k not in strict]
-    allowed = "decoder." if src.sd_only else ("encoder.", "quant_conv.") if src.format == "decoder" else None
+    allowed = "decoder." if src.plain_vae else ("encoder.", "quant_conv.") if src.format == "decoder" else None
     bad = [k for k in fresh if allowed is None or not k.startswith(allowed)]
     if bad:
         raise CheckpointError(f"{src.path}: {src.format} checkpoint lacks {bad[0]} (and {len(bad) - 1} more) "
@@ -286,13 +290,13 @@ def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
     return LoadReport(str(src.path), src.format, sorted(strict), fresh, src.dropped, src.skipped, src.ema)
 
 
-def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
+def load_into(model: AsymmetricAutoencoder, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
     """Load the weights of any readable checkpoint (a path, or a Source read_checkpoint returned) into an
     already-built model, restricted to `parts`.
 
-    Tensors must fit exactly (else CheckpointError naming the first key and both shapes). SD-only weights
-    load the encoder and quant convs, and the decoder core only where its layout is exactly SD's.
-    Use parts=("encoder", "quant_conv") to add the frozen SD encoder to a decoder export.
+    Tensors must fit exactly (else CheckpointError naming the first key and both shapes). A VAE's own weights
+    (SD, Qwen-Image) load the encoder and quant convs, and the decoder core only where its layout is exactly the
+    VAE's. Use parts=("encoder", "quant_conv") to add the frozen VAE encoder to a decoder export.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -304,24 +308,24 @@ def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[b
 
 
 def load_autoencoder(path, device="cpu", ema: Optional[bool] = None,
-                     autoencoder_kwargs: Optional[dict] = None) -> AsymmetricAutoencoderKL:
-    """Any readable checkpoint -> AsymmetricAutoencoderKL (eval, fp32, on `device`), widths read from it.
+                     autoencoder_kwargs: Optional[dict] = None) -> AsymmetricAutoencoder:
+    """Any readable checkpoint -> its family's autoencoder (eval, fp32, on `device`), widths read from it.
 
     `autoencoder_kwargs` override the widths read from the checkpoint (a checkpoint that then does not fit
-    is refused). SD-only weights give the x1 layout with a fresh masked-image branch; a decoder export gives
-    a RANDOM encoder (warned; add one with load_into(vae, sd_vae, parts=("encoder", "quant_conv"))).
+    is refused). A VAE's own weights give its family's x1 layout with a fresh masked-image branch; a decoder
+    export gives a RANDOM encoder (warned; add one with load_into(vae, the_vae, parts=("encoder", "quant_conv"))).
     The LoadReport is kept as `vae.load_report`.
     """
     src = read_checkpoint(path, ema)
     kwargs = {**src.config, **(autoencoder_kwargs or {})}
     try:
-        model = AsymmetricAutoencoderKL(**kwargs)
-    except TypeError as err:
-        raise CheckpointError(f"{path}: its config {kwargs} does not build an AsymmetricAutoencoderKL ({err})")
+        model = build_autoencoder(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config {kwargs} does not build an autoencoder ({err})") from None
     report = _apply(model, src, PARTS)
     log.info("%s", report)
     if src.format == "decoder":
         warnings.warn(f"{path}: decoder export, so the ENCODER AND quant_conv ARE RANDOM: encode() is "
-                      "meaningless until you load_into(vae, <SD VAE>, parts=('encoder', 'quant_conv'))")
+                      "meaningless until you load_into(vae, <its VAE>, parts=('encoder', 'quant_conv'))")
     model.load_report = report
     return model.to(device=device, dtype=torch.float32).eval()

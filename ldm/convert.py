@@ -1,10 +1,11 @@
 """Checkpoints in: format detection and loading (rename table: ldm/keys.py; writers: scripts/export.py).
 
-Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL or
-AsymmetricAutoencoderKL folder, pipeline folder with vae/, or weights file), official (asymmetric-VQGAN Lightning
-checkpoint), run (this codebase's `vae.*` checkpoints), decoder (this codebase's decoder export).
-Plain VAE weights initialise the frozen encoder, the quant convs and, where the layout is the VAE's own, the
-decoder core.
+Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL,
+AsymmetricAutoencoderKL or AutoencoderKLQwenImage folder, pipeline folder with vae/, or weights file), wan (the
+Wan / Qwen-Image VAE single file), official (asymmetric-VQGAN Lightning checkpoint), run (this codebase's `vae.*`
+checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family (SD's ldm names, or
+Qwen-Image's: ldm/keys_qwenimage.py). Plain VAE weights initialise the frozen encoder, the quant convs and, where
+the layout is the VAE's own, the decoder core.
 """
 import json
 import logging
@@ -19,7 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .keys import (ATTN_WEIGHT, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED, CheckpointError,  # noqa: F401
-                   config_from_diffusers, diffusers_to_ldm, infer_config, ldm_to_diffusers)
+                   config_from_diffusers, diffusers_to_ldm, infer_config as infer_sd, ldm_to_diffusers)
+from .keys_qwenimage import (config_from_diffusers as qwenimage_from_diffusers, infer_config as infer_qwenimage,
+                             is_qwenimage, is_wan, to_frame, wan_keys)
 from .modules.common import AsymmetricAutoencoder
 from .modules.families import build_autoencoder, upgrade
 
@@ -31,7 +34,7 @@ class Source:
     """Autoencoder weights read from one checkpoint, in ldm keys, with the kwargs that fit them."""
 
     path: Path
-    format: str  # sd | ldm | diffusers | official | run | decoder
+    format: str  # sd | ldm | diffusers | wan | official | run | decoder
     state: dict
     config: dict
     dropped: list = field(default_factory=list)  # removed by name (decoder.up_layers.*)
@@ -42,9 +45,9 @@ class Source:
 
     @property
     def plain_vae(self) -> bool:
-        """A VAE's own weights (sd, ldm or diffusers, without a masked-image branch `decoder.encoder.*`)."""
-        return self.format in ("sd", "ldm", "diffusers") and not any(k.startswith("decoder.encoder.")
-                                                                      for k in self.state)
+        """A VAE's own weights (sd, ldm, diffusers or wan, without a masked-image branch `decoder.encoder.*`)."""
+        return self.format in ("sd", "ldm", "diffusers", "wan") and not any(k.startswith("decoder.encoder.")
+                                                                             for k in self.state)
 
 
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
@@ -125,7 +128,16 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
             fmt, sub = name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             skipped = [k for k in tensors if not k.startswith(prefix)]  # UNet, text encoder, discriminator
             break
-    if any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
+    if is_wan(sub):  # Wan / Qwen-Image single file: renamed to diffusers' names
+        fmt, sub = "wan", wan_keys(sub)
+    one_frame = []
+    if is_qwenimage(sub):  # diffusers' names are ours: 3D kernels cut to one frame, the time_convs dropped
+        fmt = "diffusers" if fmt == "ldm" else fmt
+        sub, one_frame = to_frame(sub)
+        if one_frame:
+            log.info("%s: dropping %d time_conv tensors (temporal resampling: never runs on one frame)", path,
+                     len(one_frame))
+    elif any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
         fmt, sub = "diffusers", diffusers_to_ldm(sub)
     if not any(k.startswith(("encoder.", "decoder.")) for k in sub):
         found = ", ".join(list(state)[:3]) or "nothing"
@@ -133,6 +145,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if fmt == "ldm" and any(k.startswith("decoder.encoder.") for k in sub):
         fmt = "official"
     sub, dropped, more = _drop_by_name(path, sub)
+    dropped += one_frame
     stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
     if stray:
         log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
@@ -153,6 +166,10 @@ def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
         raise CheckpointError(f"{path}: decoder export holding {stray}; expected decoder.* and post_quant_conv.*")
     return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **upgrade(declared)})
 
+
+def infer_config(state: dict, where: str) -> dict:
+    """The kwargs a state dict's weights imply, by its family's key layout."""
+    return (infer_qwenimage if is_qwenimage(state) else infer_sd)(state, where)
 
 
 def _read_file(path: Path) -> Source:
@@ -184,10 +201,11 @@ def _read_folder(path: Path) -> Source:
         weights = folder / "decoder.safetensors"
         return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    readers = {"AutoencoderKL": config_from_diffusers, "AsymmetricAutoencoderKL": config_from_diffusers}
+    readers = {"AutoencoderKL": config_from_diffusers, "AsymmetricAutoencoderKL": config_from_diffusers,
+               "AutoencoderKLQwenImage": qwenimage_from_diffusers}
     if cls not in readers:
-        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL or "
-                              "AsymmetricAutoencoderKL (or a decoder export)")
+        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL, "
+                              "AsymmetricAutoencoderKL or AutoencoderKLQwenImage (or a decoder export)")
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
     weights = next((folder / n for n in names if (folder / n).is_file()), None)
     if weights is None:
@@ -222,7 +240,7 @@ def _with_ema(src: Source, ema: Optional[bool]) -> Source:
 
 
 def read_checkpoint(path, ema: Optional[bool] = None) -> Source:
-    """Detect the format of a file or folder and read its autoencoder weights in ldm keys."""
+    """Detect the format of a file or folder and read its autoencoder weights in its family's keys (SD: ldm's)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; {EXPECTED}")

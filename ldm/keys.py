@@ -8,8 +8,8 @@ from .latent_norm import LatentNorm
 DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
 PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
-            "run checkpoint), a diffusers AutoencoderKL/AsymmetricAutoencoderKL folder (or pipeline folder "
-            "with vae/), or a decoder export")
+            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AsymmetricAutoencoderKL/"
+            "AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
 
 # ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
 # {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},

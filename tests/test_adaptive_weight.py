@@ -9,7 +9,7 @@ from ldm.models.asym_decoder import lr_lambda
 from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, adaptive_weight_from_output_grads, generator_loss
 
 
-@pytest.mark.parametrize("family", ["sd"])
+@pytest.mark.parametrize("family", ["sd", "qwenimage"])
 def test_output_grad_adaptive_weight_matches_official_definition(family):
     """The same number by two routes: in float64, so that the test holds whatever CPU kernels sum the float32
     gradients (their order differs between the routes). Qwen-Image's decode clamps its output: with conv_out

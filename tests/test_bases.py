@@ -1,5 +1,7 @@
-"""The four bases (configs/bases/): import each family's VAE as diffusers saves it and as its original single
-file, train on it, export it, and refuse a VAE of another family. Reference models are random, saved by diffusers."""
+"""The bases (configs/bases/): import each family's VAE as diffusers saves it and as its original single file,
+train on it, export it, and refuse a VAE of another family. Reference models are random, saved by diffusers.
+Qwen-Image's (another layout: ldm/modules/qwenimage.py) decodes and encodes one frame; tests/test_qwenimage.py
+has its own tests."""
 import json
 import re
 from pathlib import Path
@@ -9,18 +11,23 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from ldm import AsymmetricAutoencoderKL, load_autoencoder
+from ldm import AsymmetricAutoencoderKL, build_autoencoder, load_autoencoder
 from ldm.convert import diffusers_to_ldm
+from ldm.keys_qwenimage import wan_keys
+from ldm.latent_norm import LatentNorm
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, convert_wan_vae_to_diffusers  # noqa: E402
 from probe_utils import load_script
 from test_interop import jitter
 
 ROOT = Path(__file__).resolve().parents[1]
-BASES = ("sd1", "sdxl", "sd3", "flux")
+SD_BASES = ("sd1", "sdxl", "sd3", "flux")  # the SD layout (ldm/modules/autoencoder.py)
+BASES = (*SD_BASES, "qwenimage")
 TOL = 1e-4
 TINY = dict(block_out_channels=[32, 64, 128, 128], layers_per_block=1)  # = encoder_ch 32, 1 block per level
+# = encoder_ch 32 (base_dim 24), 2 blocks per level: diffusers' Wan converter knows no other count
+QWEN_TINY = dict(base_dim=24, num_res_blocks=2)
 BLOCKS = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 
 
@@ -32,7 +39,7 @@ def base_kwargs(base):
 
 
 def factors(base):
-    """(scaling_factor, shift_factor) of the base's latent_norm (one value each for these four)."""
+    """(scaling_factor, shift_factor) of the base's latent_norm (one value each for the SD bases)."""
     norm = base_kwargs(base)["latent_norm"]
     assert norm["patch_size"] == 1 and len(norm["scale"]) == len(norm["shift"]) == 1
     return norm["scale"][0], norm["shift"][0]
@@ -49,21 +56,66 @@ def family_config(base):
 def test_base_configs_state_the_families_of_bases_md():
     want = {"sd1": (4, True, 0.18215, 0.0), "sdxl": (4, True, 0.13025, 0.0), "sd3": (16, False, 1.5305, 0.0609),
             "flux": (16, False, 0.3611, 0.1159)}
-    for base in BASES:
+    for base in SD_BASES:
         kw = base_kwargs(base)
-        assert (kw["z_channels"], kw["use_quant_conv"], *factors(base)) == want[base]
+        assert (kw["family"], kw["z_channels"], kw["use_quant_conv"], *factors(base)) == ("sd", *want[base])
         assert kw["embed_dim"] == kw["z_channels"] and kw["base"] == base
     assert base_kwargs("sd1") == OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "base.yaml")
                                                         .model.autoencoder)  # sd1 is the default
+    kw = base_kwargs("qwenimage")  # the released model's statistics: diffusers' AutoencoderKLQwenImage defaults
+    with torch.device("meta"):
+        released = diffusers.AutoencoderKLQwenImage().config
+    assert (kw["family"], kw["z_channels"], kw["embed_dim"], kw["use_quant_conv"], kw["base"]) == (
+        "qwenimage", released.z_dim, released.z_dim, True, "qwenimage")
+    assert LatentNorm.from_config(kw["latent_norm"]) == LatentNorm.from_mean_std(released.latents_mean,
+                                                                               released.latents_std)
+
+
+def qwen_reference(seed):
+    """A random diffusers AutoencoderKLQwenImage: its RMS norms' gammas and biases perturbed, its output conv
+    scaled so that the decode's clamp to [-1, 1] acts."""
+    torch.manual_seed(seed)
+    ref = jitter(diffusers.AutoencoderKLQwenImage(**QWEN_TINY), seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(".gamma"):
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        ref.decoder.conv_out.weight.mul_(4)
+    return ref
+
+
+def their_decode(ref, z):
+    """The family's diffusers decode of latents (B, C, h, w): Qwen-Image's as one frame (B, C, 1, h, w)."""
+    if isinstance(ref, diffusers.AutoencoderKLQwenImage):
+        return ref.decode(z[:, :, None]).sample[:, :, 0]
+    return ref.decode(z).sample
+
+
+def their_mean(ref, image):
+    if isinstance(ref, diffusers.AutoencoderKLQwenImage):
+        return ref.encode(image[:, :, None]).latent_dist.mean[:, :, 0]
+    return ref.encode(image).latent_dist.mean
 
 
 def family_files(base, folder: Path):
-    """A random diffusers AutoencoderKL of the family saved by diffusers (as a pipeline folder's vae/) and as its
-    original single file: SD1 ldm .ckpt, sdxl_vae.safetensors, a full SD3 checkpoint, BFL's FLUX ae.safetensors."""
-    torch.manual_seed(BASES.index(base))
-    ref = jitter(diffusers.AutoencoderKL(**TINY, **family_config(base)), BASES.index(base))
+    """A random diffusers VAE of the family saved by diffusers (as a pipeline folder's vae/) and as its
+    original single file: SD1 ldm .ckpt, sdxl_vae.safetensors, a full SD3 checkpoint, BFL's FLUX ae.safetensors,
+    Qwen-Image's Wan-layout qwen_image_vae.safetensors."""
+    if base == "qwenimage":
+        ref = qwen_reference(BASES.index(base))
+    else:
+        torch.manual_seed(BASES.index(base))
+        ref = jitter(diffusers.AutoencoderKL(**TINY, **family_config(base)), BASES.index(base))
     ref.save_pretrained(folder / "pipeline" / "vae")
     (folder / "pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "SomePipeline"}))
+    if base == "qwenimage":  # the Wan layout, as diffusers' own converter reads it back
+        state = {k: v.contiguous() for k, v in wan_keys(ref.state_dict(), to_wan=True).items()}
+        back = convert_wan_vae_to_diffusers(dict(state))
+        assert back.keys() == ref.state_dict().keys() and "decoder.middle.0.residual.0.gamma" in state
+        assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+        save_file(state, folder / "qwen_image_vae.safetensors")
+        return ref, folder / "pipeline", folder / "qwen_image_vae.safetensors"
     state = diffusers_to_ldm(ref.state_dict())
     # the single file is in the layout diffusers' own converter reads: it gives back exactly the weights
     back = convert_ldm_vae_checkpoint(state, dict(ref.config))
@@ -89,49 +141,67 @@ def families(tmp_path_factory):
 
 @pytest.mark.parametrize("base", BASES)
 def test_each_family_imports_as_folder_and_single_file_equal_to_diffusers(families, base):
+    """Qwen-Image's: our 2D decoder and encoder on one frame equal diffusers' causal 3D ones, the clamp included."""
     ref, pipeline, single = families[base]
     g = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
-    z = torch.randn(1, ref.config.latent_channels, 8, 8, generator=g)
-    with torch.no_grad():
-        mean, dec = ref.encode(image).latent_dist.mean, ref.decode(z).sample
     kw = base_kwargs(base)
+    image = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
+    z = torch.randn(2, kw["z_channels"], 8, 6, generator=g)
+    with torch.no_grad():
+        mean, dec = their_mean(ref, image), their_decode(ref, z)
     for path in (pipeline, single):  # a pipeline folder reads its vae/ (test_interop: a vae folder itself)
         vae = load_autoencoder(path)
-        assert vae.config["z_channels"] == kw["z_channels"] and vae.config["use_quant_conv"] == kw["use_quant_conv"]
+        assert vae.config["family"] == kw["family"] and vae.config["z_channels"] == kw["z_channels"]
+        assert vae.config["use_quant_conv"] == kw["use_quant_conv"]
         assert hasattr(vae.quant_conv, "weight") == kw["use_quant_conv"]
         with torch.no_grad():  # x1 layout: the decoder core warm-starts from the family's decoder
             assert (vae.encode(image).mean - mean).abs().max() < TOL, (base, path)
             assert (vae.decode(z) - dec).abs().max() < TOL, (base, path)
         assert vae.load_report.fresh and all(k.startswith("decoder.encoder.") for k in vae.load_report.fresh)
-    folder_vae = load_autoencoder(pipeline)  # config.json states the factors
+    folder_vae = load_autoencoder(pipeline)  # config.json states the latent normalisation
     assert folder_vae.config["latent_norm"] == kw["latent_norm"]
-    assert (folder_vae.latent_norm.scale, folder_vae.latent_norm.shift) == tuple((v,) for v in factors(base))
+    assert folder_vae.latent_norm == LatentNorm.from_config(kw["latent_norm"])
+    if base == "qwenimage":  # a test that can fail: the clamp acts, and the 3D kernels' first taps are not zero
+        assert (dec.abs() == 1).any() and (dec.abs() < 1).any()
+        assert ref.decoder.up_blocks[0].resnets[0].conv1.weight[:, :, 0].abs().min() > 0
 
 
 @pytest.mark.parametrize("base", BASES)
 def test_x1_decoder_is_the_familys_diffusers_decoder_plus_the_branch(base):
+    """Qwen-Image's as its one-frame weights: each 3D kernel's last temporal slice, no time_convs (temporal
+    resampling: never run on one frame)."""
     kw = base_kwargs(base)
     sd = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2)
     with torch.device("meta"):
-        ours = AsymmetricAutoencoderKL(**kw)
-        family = diffusers.AutoencoderKL(**sd, **family_config(base))
-        asym = diffusers.AsymmetricAutoencoderKL(**BLOCKS, down_block_out_channels=sd["block_out_channels"],
-                                                 up_block_out_channels=sd["block_out_channels"],
-                                                 layers_per_down_block=2, layers_per_up_block=2,
-                                                 latent_channels=kw["z_channels"])
+        ours = build_autoencoder(**kw)
+        if base == "qwenimage":
+            family = diffusers.AutoencoderKLQwenImage()  # the released widths: base_dim 96
+        else:
+            family = diffusers.AutoencoderKL(**sd, **family_config(base))
+            asym = diffusers.AsymmetricAutoencoderKL(**BLOCKS, down_block_out_channels=sd["block_out_channels"],
+                                                     up_block_out_channels=sd["block_out_channels"],
+                                                     layers_per_down_block=2, layers_per_up_block=2,
+                                                     latent_channels=kw["z_channels"])
 
     def count(m):
-        return sum(p.numel() for p in m.parameters())
-    assert count(ours.decoder) == count(family.decoder) + count(asym.decoder.condition_encoder)
+        return sum(p[:, :, -1].numel() if p.ndim == 5 else p.numel() for n, p in m.named_parameters()
+                   if ".time_conv." not in n)
+    assert count(ours.decoder) - count(ours.decoder.encoder) == count(family.decoder)
+    if base != "qwenimage":
+        assert count(ours.decoder.encoder) == count(asym.decoder.condition_encoder)
     assert count(ours.encoder) + count(ours.quant_conv) == count(family.encoder) + count(family.quant_conv or
                                                                                          torch.nn.Identity())
 
 
+def tiny_widths(base):
+    """The tiny widths of the family files' encoders (QWEN_TINY, TINY), and a tiny decoder."""
+    return ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "model.autoencoder.encoder_ch=32",
+            f"model.autoencoder.encoder_num_res_blocks={2 if base == 'qwenimage' else 1}"]
+
+
 def _train_args(base, vae_ckpt, log_dir, *extra):
     return ["-c", str(ROOT / "configs" / "x1.yaml"), "-c", str(ROOT / "configs" / "bases" / f"{base}.yaml"),
-            f"model.vae_ckpt={vae_ckpt}", "model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1",
-            "model.autoencoder.encoder_ch=32", "model.autoencoder.encoder_num_res_blocks=1",
+            f"model.vae_ckpt={vae_ckpt}", *tiny_widths(base),
             "perceptual.pretrained=false", "discriminator.ndf=8", "discriminator.n_layers=2",
             "data.resolution=32", "data.batch_size=2", "data.num_workers=0", "data.val_size=2",
             "trainer.accelerator=cpu", "trainer.devices=1", "trainer.enable_progress_bar=false",
@@ -139,7 +209,8 @@ def _train_args(base, vae_ckpt, log_dir, *extra):
             "optim.warmup_steps=1", "loss.disc_start=1", "ema.decay=0.9", f"run.log_dir={log_dir}", *extra]
 
 
-@pytest.mark.parametrize(("base", "other"), [("sd1", "flux"), ("flux", "sd1"), ("sdxl", "sd3")])
+@pytest.mark.parametrize(("base", "other"), [("sd1", "flux"), ("flux", "sd1"), ("sdxl", "sd3"), ("flux", "qwenimage"),
+                                             ("qwenimage", "sd3")])
 def test_a_vae_of_another_family_is_refused_naming_both(families, base, other, tmp_path, capsys):
     import train
     _, pipeline, single = families[other]
@@ -166,7 +237,7 @@ def test_sdxl_single_file_trains_in_an_sd1_or_sdxl_run_but_its_folder_only_in_sd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("base", SD_BASES)  # Qwen-Image's export: tests/test_qwenimage.py
 def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_path):
     """A few steps (GAN, EMA, validation) with configs/bases/<base>.yaml on the family's VAE -> export
     diffusers -> from_pretrained -> decode(z, image, mask) equals ours, with holes and with an all-ones mask."""
@@ -248,8 +319,7 @@ def test_latent_cache_of_each_base_holds_its_posterior(families, base, tmp_path)
     import cache_latents
     _, _, single = families[base]
     args = ["-c", str(ROOT / "configs" / "x1.yaml"), "-c", str(ROOT / "configs" / "bases" / f"{base}.yaml"),
-            f"model.vae_ckpt={single}", "model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1",
-            "model.autoencoder.encoder_ch=32", "model.autoencoder.encoder_num_res_blocks=1", "data.resolution=32",
+            f"model.vae_ckpt={single}", *tiny_widths(base), "data.resolution=32",
             "--out", str(tmp_path), "--workers", "0", "--limit", "2", "--batch-size", "2"]
     assert cache_latents.main(args) == 0
     shards = sorted(tmp_path.glob("*.tar"))
@@ -289,20 +359,28 @@ def test_bases_of_one_layout_train_the_same_network():
 
 
 @pytest.mark.slow
-def test_a_16_channel_base_compiles_resumes_and_trains_under_ddp(families, tmp_path):
-    """FLUX's layout (16 channels, no quant convs) through the run's other features: model.compile (aot_eager),
-    a resume to a later max_steps, and two DDP processes on the CPU (gloo, trainer.strategy=ddp) to the last step."""
+@pytest.mark.parametrize("base", ["flux", "qwenimage"])
+def test_a_16_channel_base_compiles_resumes_and_trains_under_ddp(families, base, tmp_path):
+    """FLUX's layout (16 channels, no quant convs) and Qwen-Image's (another family) through the run's other
+    features: model.compile (aot_eager), a resume to a later max_steps that ends with the weights of the run
+    never stopped, and two DDP processes on the CPU (gloo, trainer.strategy=ddp) to the last step."""
     import subprocess
     import sys
 
     import train
-    _, pipeline, _ = families["flux"]
-    args = _train_args("flux", pipeline, tmp_path, "model.compile=aot_eager")
+    from test_train import _equal
+    _, pipeline, _ = families[base]
+    args = _train_args(base, pipeline, tmp_path, "model.compile=aot_eager")
     assert train.main([*args, "--name", "run"]) == 0
     assert train.main([*args, "trainer.max_steps=4", "--name", "run", "--resume", "auto"]) == 0
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert train.main([*args, "trainer.max_steps=4", "--name", "whole"]) == 0
+    saved, whole = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                    for name in ("run", "whole"))
     assert saved["global_step"] == 4 and saved["config"]["trainer"]["max_steps"] == 4
-    ddp = [*_train_args("flux", pipeline, tmp_path), "trainer.devices=2", "trainer.strategy=ddp", "--name", "ddp"]
+    assert saved["config"]["model"]["autoencoder"]["family"] == base_kwargs(base)["family"]
+    for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
+        assert _equal(saved[key], whole[key]), key
+    ddp = [*_train_args(base, pipeline, tmp_path), "trainer.devices=2", "trainer.strategy=ddp", "--name", "ddp"]
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *ddp], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

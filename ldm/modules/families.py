@@ -4,8 +4,9 @@ decoder) whose class implements ldm/modules/common.py's AsymmetricAutoencoder; n
 from ..latent_norm import upgrade as upgrade_latent_norm
 from .autoencoder import AsymmetricAutoencoderKL
 from .common import AsymmetricAutoencoder
+from .qwenimage import AsymmetricAutoencoderKLQwenImage
 
-FAMILIES = {cls.family: cls for cls in (AsymmetricAutoencoderKL,)}
+FAMILIES = {cls.family: cls for cls in (AsymmetricAutoencoderKL, AsymmetricAutoencoderKLQwenImage)}
 DEFAULT = "sd"  # configs and checkpoints from before families: the SD layout
 
 

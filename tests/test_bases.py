@@ -145,8 +145,8 @@ def test_each_family_imports_as_folder_and_single_file_equal_to_diffusers(famili
     ref, pipeline, single = families[base]
     g = torch.Generator().manual_seed(0)
     kw = base_kwargs(base)
-    image = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
-    z = torch.randn(2, kw["z_channels"], 8, 6, generator=g)
+    image = torch.rand(1, 3, 64, 48, generator=g) * 2 - 1
+    z = torch.randn(1, kw["z_channels"], 8, 6, generator=g)
     with torch.no_grad():
         mean, dec = their_mean(ref, image), their_decode(ref, z)
     for path in (pipeline, single):  # a pipeline folder reads its vae/ (test_interop: a vae folder itself)
@@ -362,21 +362,26 @@ def test_bases_of_one_layout_train_the_same_network():
 @pytest.mark.parametrize("base", ["flux", "qwenimage"])
 def test_a_16_channel_base_compiles_resumes_and_trains_under_ddp(families, base, tmp_path):
     """FLUX's layout (16 channels, no quant convs) and Qwen-Image's (another family) through the run's other
-    features: model.compile (aot_eager), a resume to a later max_steps that ends with the weights of the run
-    never stopped, and two DDP processes on the CPU (gloo, trainer.strategy=ddp) to the last step."""
+    features: model.compile (aot_eager); a run stopped by SIGUSR1 at step 2 of 4 and resumed ends with the
+    weights of the run never stopped, bit for bit; two DDP processes on the CPU (gloo, trainer.strategy=ddp)
+    to the last step."""
+    import signal
     import subprocess
     import sys
 
     import train
+    from fault_probe import SignalSelf
     from test_train import _equal
     _, pipeline, _ = families[base]
-    args = _train_args(base, pipeline, tmp_path, "model.compile=aot_eager")
-    assert train.main([*args, "--name", "run"]) == 0
-    assert train.main([*args, "trainer.max_steps=4", "--name", "run", "--resume", "auto"]) == 0
-    assert train.main([*args, "trainer.max_steps=4", "--name", "whole"]) == 0
+    args = _train_args(base, pipeline, tmp_path, "model.compile=aot_eager", "trainer.max_steps=4")
+    assert train.main([*args, "--name", "run"], extra_callbacks=[SignalSelf(signal.SIGUSR1, 2)]) == 0
+    stopped = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert stopped["global_step"] == 2
+    assert train.main([*args, "--name", "run", "--resume", "auto"]) == 0
+    assert train.main([*args, "--name", "whole"]) == 0
     saved, whole = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
                     for name in ("run", "whole"))
-    assert saved["global_step"] == 4 and saved["config"]["trainer"]["max_steps"] == 4
+    assert saved["global_step"] == 4
     assert saved["config"]["model"]["autoencoder"]["family"] == base_kwargs(base)["family"]
     for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
         assert _equal(saved[key], whole[key]), key

@@ -1,10 +1,11 @@
 """Checkpoints in: format detection and loading (rename table: ldm/keys.py; writers: scripts/export.py).
 
 Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL,
-AsymmetricAutoencoderKL or AutoencoderKLQwenImage folder, pipeline folder with vae/, or weights file), wan (the
-Wan / Qwen-Image VAE single file), official (asymmetric-VQGAN Lightning checkpoint), run (this codebase's `vae.*`
-checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family (SD's ldm names, or
-Qwen-Image's: ldm/keys_qwenimage.py). Plain VAE weights initialise the frozen encoder, the quant convs and, where
+AutoencoderKLFlux2, AsymmetricAutoencoderKL or AutoencoderKLQwenImage folder, pipeline folder with vae/, or weights
+file), wan (the Wan / Qwen-Image VAE single file), official (asymmetric-VQGAN Lightning checkpoint), run (this
+codebase's `vae.*` checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family (SD's
+ldm names, or Qwen-Image's: ldm/keys_qwenimage.py). FLUX.2's batch-norm statistics (bn.*) become the Source's
+latent_norm, with its config.json's eps. Plain VAE weights initialise the frozen encoder, the quant convs and, where
 the layout is the VAE's own, the decoder core.
 """
 import json
@@ -19,8 +20,9 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .keys import (ATTN_WEIGHT, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED, CheckpointError,  # noqa: F401
-                   config_from_diffusers, diffusers_to_ldm, infer_config as infer_sd, ldm_to_diffusers)
+from .keys import (ATTN_WEIGHT, BATCH_NORM, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED,  # noqa: F401
+                   CheckpointError, config_from_diffusers, diffusers_to_ldm, infer_config as infer_sd,
+                   latent_norm_from_batch_norm, ldm_to_diffusers)
 from .keys_qwenimage import (config_from_diffusers as qwenimage_from_diffusers, infer_config as infer_qwenimage,
                              is_qwenimage, is_wan, to_frame, wan_keys)
 from .modules.common import AsymmetricAutoencoder
@@ -42,6 +44,7 @@ class Source:
     ema_state: Optional[dict] = None  # `ema_state_dict`: EMA decoder weights to overlay
     live: Optional["Source"] = None  # Lightning WeightAveraging: state_dict is the EMA, this the live weights
     ema: bool = False
+    batch_norm: dict = field(default_factory=dict)  # bn.* buffers (FLUX.2): latent statistics, not model weights
 
     @property
     def plain_vae(self) -> bool:
@@ -120,7 +123,7 @@ def _is_identity(weight, bias) -> bool:
 
 
 def _from_state(path: Path, state: dict, top: dict) -> Source:
-    """Classify a flat state dict (SD, ldm, official, run, diffusers keys) into a Source."""
+    """Classify a flat state dict (SD, ldm, official, run, diffusers, Wan keys) into a Source."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     fmt, sub, skipped = "ldm", tensors, []
     for prefix, name in (("first_stage_model.", "sd"), ("vae.", "run")):
@@ -146,6 +149,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
         fmt = "official"
     sub, dropped, more = _drop_by_name(path, sub)
     dropped += one_frame
+    batch_norm = {k[len(BATCH_NORM):]: sub.pop(k) for k in [k for k in sub if k.startswith(BATCH_NORM)]}
     stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
     if stray:
         log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
@@ -157,7 +161,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
         config.update(upgrade(declared["model"].get("autoencoder") or {}))
     ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
-    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state)
+    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state, batch_norm=batch_norm)
 
 
 def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
@@ -201,10 +205,10 @@ def _read_folder(path: Path) -> Source:
         weights = folder / "decoder.safetensors"
         return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    readers = {"AutoencoderKL": config_from_diffusers, "AsymmetricAutoencoderKL": config_from_diffusers,
-               "AutoencoderKLQwenImage": qwenimage_from_diffusers}
+    readers = {"AutoencoderKL": config_from_diffusers, "AutoencoderKLFlux2": config_from_diffusers,
+               "AsymmetricAutoencoderKL": config_from_diffusers, "AutoencoderKLQwenImage": qwenimage_from_diffusers}
     if cls not in readers:
-        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL, "
+        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL, AutoencoderKLFlux2, "
                               "AsymmetricAutoencoderKL or AutoencoderKLQwenImage (or a decoder export)")
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
     weights = next((folder / n for n in names if (folder / n).is_file()), None)
@@ -215,6 +219,8 @@ def _read_folder(path: Path) -> Source:
         src.config.update(readers[cls](cfg, str(cfg_path)))
     except KeyError as err:
         raise CheckpointError(f"{cfg_path}: lacks {err}") from None
+    if src.batch_norm or "batch_norm_eps" in cfg:  # the latent statistics are weights: bn.running_mean, running_var
+        src.config["latent_norm"] = latent_norm_from_batch_norm(cfg, src.batch_norm, str(weights))
     return src
 
 
@@ -244,7 +250,12 @@ def read_checkpoint(path, ema: Optional[bool] = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; {EXPECTED}")
-    return _with_ema(_read_folder(path) if path.is_dir() else _read_file(path), ema)
+    src = _read_folder(path) if path.is_dir() else _read_file(path)
+    if src.batch_norm and not path.is_dir():  # their eps and patch size are in a config.json
+        raise CheckpointError(f"{path}: batch-norm latent statistics ({BATCH_NORM}running_mean: an original FLUX.2 VAE "
+                              "file?) without a config.json; diffusers 0.42 has no single-file loader for it: give "
+                              "a diffusers AutoencoderKLFlux2 folder (or the FLUX.2 pipeline folder holding it)")
+    return _with_ema(src, ema)
 
 
 # ---- loading into a model ------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from .latent_norm import LatentNorm
 DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
 PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
-            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AsymmetricAutoencoderKL/"
-            "AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
+            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AutoencoderKLFlux2/"
+            "AsymmetricAutoencoderKL/AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
+BATCH_NORM = "bn."  # a frozen BatchNorm's running statistics over the patchified latent (FLUX.2): latent_norm data
 
 # ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
 # {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},
@@ -141,10 +142,11 @@ def infer_config(state: dict, where: str) -> dict:
 
 
 def config_from_diffusers(cfg: dict, where: str) -> dict:
-    """diffusers AutoencoderKL / AsymmetricAutoencoderKL config.json -> AsymmetricAutoencoderKL kwargs."""
+    """diffusers AutoencoderKL / AutoencoderKLFlux2 / AsymmetricAutoencoderKL config.json -> our kwargs (a decoder
+    of other widths than the encoder, AutoencoderKLFlux2's decoder_block_out_channels, as its widths)."""
     asym = cfg.get("_class_name") == "AsymmetricAutoencoderKL"
     down = cfg["down_block_out_channels"] if asym else cfg["block_out_channels"]
-    up = cfg["up_block_out_channels"] if asym else cfg["block_out_channels"]
+    up = cfg["up_block_out_channels"] if asym else cfg.get("decoder_block_out_channels") or cfg["block_out_channels"]
     checks = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
               "mid_block_add_attention": True, "use_post_quant_conv": cfg.get("use_quant_conv", True)}
     for key, want in checks.items():
@@ -163,6 +165,24 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     return dict(family="sd", ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
                 encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z,
                 **({"latent_norm": norm} if norm else {}), **({"base": base} if base else {}))
+
+
+def latent_norm_from_batch_norm(cfg: dict, stats: dict, where: str) -> dict:
+    """The latent_norm a VAE's batch-norm statistics (running_mean, running_var; bn.* weights) and its config.json
+    (batch_norm_eps, patch_size) state: latents = (patchify(z) - mean) / sqrt(var + eps), as FLUX.2's pipelines."""
+    for key in ("running_mean", "running_var"):
+        if key not in stats:
+            raise CheckpointError(f"{where}: batch-norm latent statistics without {BATCH_NORM}{key}")
+    patch = cfg.get("patch_size", [2, 2])
+    patch = [patch, patch] if isinstance(patch, int) else list(patch)
+    if len(patch) != 2 or patch[0] != patch[1]:
+        raise CheckpointError(f"{where}: config.json has patch_size={cfg['patch_size']!r}; square patches expected")
+    channels = cfg.get("latent_channels", 4) * patch[0] ** 2
+    if stats["running_mean"].numel() != channels or stats["running_var"].numel() != channels:
+        raise CheckpointError(f"{where}: {BATCH_NORM}running_mean holds {stats['running_mean'].numel()} values, the "
+                              f"{patch[0]}x{patch[0]}-patchified latent {channels} channels")
+    eps = float(cfg.get("batch_norm_eps", 1e-4))  # AutoencoderKLFlux2's default
+    return LatentNorm.from_batch_norm(stats["running_mean"], stats["running_var"], eps, patch[0]).as_config()
 
 
 def diffusers_config(kw: dict) -> dict:

@@ -34,7 +34,7 @@ REDUCED = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "mod
 @pytest.fixture(scope="module")
 def one_lpips_per_setting():
     """LPIPS is frozen and the same for every config with the same `perceptual` settings: built once per setting
-    (lpips builds torchvision's whole VGG16 for it, about 2 s), not once per config."""
+    (VGG16's features, about 0.7 s of CPU), not once per config."""
     import ldm.run
     real, built = ldm.run.PerceptualLoss, {}
 

@@ -13,7 +13,7 @@ from ldm.keys import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
 from probe_utils import load_script  # noqa: E402
-from test_bases import QWEN_TINY, base_kwargs, family_files, their_decode, their_mean  # noqa: E402
+from test_bases import base_kwargs, qwen_files as write_qwen_files, their_decode, their_mean  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)  # base_dim 24
@@ -46,7 +46,7 @@ def test_parameter_counts_of_the_presets_and_the_width_rule(preset, base_dim, de
 
 @pytest.fixture(scope="module")
 def qwen_files(tmp_path_factory):
-    return family_files("qwenimage", tmp_path_factory.mktemp("qwenimage"))
+    return write_qwen_files(tmp_path_factory.mktemp("qwenimage"))
 
 
 def inputs(b, height, width, seed=0):
@@ -133,3 +133,29 @@ def test_diffusers_export_holds_the_branch_off_x1_decoder_and_refuses_the_rest(q
     assert back.config["family"] == "qwenimage" and back.load_report.format == "decoder"
     with torch.no_grad():
         assert torch.equal(back.decode(z, image, mask), branch.decode(z, image, mask))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(qwen_files, tmp_path):
+    """A tiny Qwen-Image run (the GAN on from step 1, EMA, validation) stopped by SIGUSR1 at step 2 of 4 and resumed
+    ends with the weights of the run never stopped, bit for bit: the live ones (discriminator too) and the EMA.
+    (DDP, compile and a resume to a later max_steps: tests/test_bases.py.)"""
+    import signal
+
+    import train
+    from fault_probe import SignalSelf
+    from test_bases import _train_args
+    from test_train import _equal
+    _, pipeline, _ = qwen_files
+    args = _train_args("qwenimage", pipeline, tmp_path, "trainer.max_steps=4")
+    assert train.main([*args, "--name", "run"], extra_callbacks=[SignalSelf(signal.SIGUSR1, 2)]) == 0
+    stopped = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert stopped["global_step"] == 2 and stopped["config"]["model"]["autoencoder"]["family"] == "qwenimage"
+    assert train.main([*args, "--name", "run", "--resume", "auto"]) == 0
+    assert train.main([*args, "--name", "whole"]) == 0
+    resumed, whole = (torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu",
+                                 weights_only=False) for name in ("run", "whole"))
+    assert resumed["global_step"] == whole["global_step"] == 4
+    for key in ("current_model_state", "state_dict"):
+        assert _equal(resumed[key], whole[key]), key
+    assert not _equal(stopped["state_dict"], whole["state_dict"])  # steps 3 and 4 changed the weights

@@ -19,7 +19,8 @@ norms (the norm's input, the residual, the branch features), overlaps included: 
 Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
 per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
 image's. (Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one
-GroupNorm per pass: ~25 passes for x1.)
+GroupNorm per pass: ~25 passes for x1.) A decoder whose norms are per pixel (the Qwen-Image family's RMS norm:
+`whole_image_norms` False) needs no statistics beyond the attention's: each tile runs its up path at once.
 """
 import math
 import os

@@ -113,7 +113,8 @@ def test_base_configs_state_the_families_of_bases_md():
     assert base_kwargs("flux2")["latent_norm"] == {"patch_size": 2, "shift": None, "scale": None}  # the file's
     assert base_kwargs("sd1") == OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "base.yaml")
                                                         .model.autoencoder)  # sd1 is the default
-    assert {base: base_kwargs(base)["family"] for base in BASES} == {**{b: "sd" for b in BASES}, "qwenimage": "qwenimage"}
+    named = {base: base_kwargs(base)["family"] for base in BASES}
+    assert named == {**{b: "sd" for b in BASES}, "qwenimage": "qwenimage"}
     kw = base_kwargs("qwenimage")  # the released model's statistics: diffusers' AutoencoderKLQwenImage defaults
     with torch.device("meta"):
         released = diffusers.AutoencoderKLQwenImage().config

@@ -1,13 +1,14 @@
 """The Qwen-Image family (Qwen-Image, Qwen-Image-Edit; its VAE is fine-tuned from the Wan 2.1 video VAE): blocks,
-frozen encoder, asymmetric decoder and key map, on one frame as 2D convolutions.
+frozen encoder and asymmetric decoder, on one frame as 2D convolutions (its key map: ldm/keys_qwenimage.py).
 
 Parameter names are diffusers' AutoencoderKLQwenImage's, so that its folders load by key copy (the Wan
-single-file layout is renamed by one table: ldm/keys_qwenimage.py). An image is one frame: diffusers' causal 3D
-convolutions pad two frames of zeros before the first, so on a first frame a kernel (O, I, 3, kh, kw) multiplies
-zeros with its first two temporal taps and the frame's output is the 2D convolution with its last temporal slice
-[:, :, -1] (keys_qwenimage.to_frame). The temporal resampling convs (`time_conv`) never run on a first frame (diffusers'
+single-file layout is renamed by one table). An image is one frame: diffusers' causal 3D convolutions pad two
+frames of zeros before the first, so on a first frame a kernel (O, I, 3, kh, kw) multiplies zeros with its first
+two temporal taps and the frame's output is the 2D convolution with its last temporal slice [:, :, -1]
+(keys_qwenimage.to_frame). The temporal resampling convs (`time_conv`) never run on a first frame (diffusers'
 feature cache skips them), so this module has none. RMS norm is per pixel: the up path needs no whole-image
-statistics (a tiled decode runs each tile's up path at once). tests/test_qwenimage.py proves both against diffusers.
+statistics (a tiled decode runs each tile's up path at once). tests/test_bases.py proves the one-frame decode and
+encode equal diffusers', tests/test_qwenimage.py the tiled decode equal the untiled one.
 """
 from typing import Optional, Sequence
 

@@ -23,9 +23,9 @@ from .cluster import trainer_arguments
 from .config import ConfigError, config_changes, to_container
 from .convert import CheckpointError, load_into, read_checkpoint
 from .files import FULL, atomic_write, os_error
-from .latent_norm import fill, upgrade
+from .latent_norm import fill
 from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
-from .modules.autoencoder import AsymmetricAutoencoderKL
+from .modules.families import build_autoencoder, upgrade
 from .modules.losses import NLayerDiscriminator, PerceptualLoss
 
 
@@ -132,7 +132,7 @@ def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining
         # the file's latent statistics where the base leaves them to it: then in config.yaml and every checkpoint
         cfg.model.autoencoder.latent_norm = fill(to_container(cfg.model.autoencoder).get("latent_norm"),
                                                  src.config.get("latent_norm"))
-    vae = AsymmetricAutoencoderKL(**to_container(cfg.model.autoencoder))
+    vae = build_autoencoder(**to_container(cfg.model.autoencoder))
     if src is not None:
         try:
             report = load_into(vae, src)

@@ -19,7 +19,8 @@ norms (the norm's input, the residual, the branch features), overlaps included: 
 Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
 per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
 image's. (Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one
-GroupNorm per pass: ~25 passes for x1.)
+GroupNorm per pass: ~25 passes for x1.) A decoder whose norms are per pixel (the Qwen-Image family's RMS norm:
+`whole_image_norms` False) needs no statistics beyond the attention's: each tile runs its up path at once.
 """
 import math
 import numbers
@@ -180,12 +181,15 @@ def _resnet(block, box, unpark):
 
 
 def _tile_program(decoder, h, masked_image, mask, store):
-    """AsymmetricDecoder.up_path of one tile (h: its crop of the mid-block output) as a generator of
+    """The decoder's up_path of one tile (h: its crop of the mid-block output) as a generator of
     (GroupNorm, boxed input) that receives the normalised input; returns the tile's image. The branch features
-    wait on the store until their blend."""
+    wait on the store until their blend. A decoder whose norms are per pixel (not whole_image_norms: RMS norm)
+    needs no statistics: its tile runs the up path at once."""
+    if not decoder.whole_image_norms:
+        return decoder.up_path(h, decoder.branch(masked_image) if mask is not None else None, mask)
     device = h.device
     unpark = lambda t: store.fetch(t, device)  # noqa: E731
-    feats = [store.park(f) for f in decoder.encoder(masked_image)] if mask is not None else None
+    feats = [store.park(f) for f in decoder.branch(masked_image)] if mask is not None else None
     for i in reversed(range(len(decoder.up))):
         if feats is not None:
             h = decoder.blend(h, unpark(feats[i + 1]), mask)  # up.i input
@@ -209,7 +213,7 @@ def _tile_program(decoder, h, masked_image, mask, store):
 def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, tile: int = 64, overlap: int = 8,
                  store: Union[torch.device, str, os.PathLike, None] = None) -> torch.Tensor:
-    """AsymmetricDecoder forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
+    """The decoder's forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
     side `tile` with `overlap` latent pixels of context. Tile states wait on `store` (open_store: by default
     host memory for a GPU decode, files under $TMPDIR for a CPU one)."""
     check_tile(tile, overlap)
@@ -225,8 +229,8 @@ def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] 
 def _drive(decoder, z, masked_image, mask, tile, overlap, store):
     """Runs the tile programs norm by norm: one round per GroupNorm gathers every core's statistics while the
     tiles park their inputs; the next round resumes each tile with its input normalised by them."""
-    h = decoder.mid(decoder.conv_in(z))  # (B, 4ch, h, w): whole latent, exact attention
-    f = 2 ** (len(decoder.up) - 1)
+    h = decoder.mid_path(z)  # (B, 4ch, h, w): whole latent, exact attention
+    f = decoder.upsample_factor
     tiles, programs = [], []
     for cy0, cy1, py0, py1 in spans(z.shape[-2], tile, overlap):
         for cx0, cx1, px0, px1 in spans(z.shape[-1], tile, overlap):

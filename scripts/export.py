@@ -20,10 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
+from ldm.convert import DECODER_FORMAT, CheckpointError, load_autoencoder  # noqa: E402
 from ldm.cli import existing  # noqa: E402
 from ldm.files import atomic_write  # noqa: E402
-from ldm.keys import diffusers_config  # noqa: E402
 
 FORMATS = ("diffusers", "official", "decoder")
 
@@ -36,24 +35,14 @@ def _json(path: Path, obj: dict) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def identity_quant_convs(z_channels: int) -> dict:
-    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
-    how diffusers' AsymmetricAutoencoderKL, which always has both, holds a VAE without them (SD3, FLUX.1)."""
-    def eye(n):
-        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
-    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
-            for k, v in eye(n).items()}
-
-
 def save_diffusers(model, out) -> list[Path]:
-    """A folder diffusers.AsymmetricAutoencoderKL.from_pretrained reads with no missing/unexpected keys."""
+    """A folder the family's diffusers class (AsymmetricAutoencoderKL, AutoencoderKLQwenImage) reads with
+    from_pretrained, with no missing or unexpected keys (model.diffusers_form: what diffusers cannot hold is
+    refused, naming why)."""
+    config, state = model.diffusers_form()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = diffusers_config(model.config)
-    state = model.state_dict()
-    if not model.config["use_quant_conv"]:
-        state = {**state, **identity_quant_convs(model.config["z_channels"])}
-    weights = _tensors(ldm_to_diffusers(state))
+    weights = _tensors(state)
     return [atomic_write(out / "diffusion_pytorch_model.safetensors",
                     lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})),
             _json(out / "config.json", config)]
@@ -61,7 +50,7 @@ def save_diffusers(model, out) -> list[Path]:
 
 def save_official(model, out) -> list[Path]:
     """A Lightning-style checkpoint in the official key layout (what the official code loads)."""
-    if not model.config["use_quant_conv"] or model.config["z_channels"] != 4:
+    if model.family != "sd" or not model.config["use_quant_conv"] or model.config["z_channels"] != 4:
         raise CheckpointError(f"--format official holds 4-channel VAEs with quant convs (sd1, sdxl); this model "
                               f"({model.config.get('base') or 'unnamed base'}: {model.config['z_channels']} latent "
                               f"channels, use_quant_conv={model.config['use_quant_conv']}) has another layout: use "

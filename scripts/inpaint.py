@@ -1,5 +1,5 @@
-"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image, FLUX.2 Klein) and
-decode with our decoder, at the image's own shape.
+"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image, FLUX.2 Klein,
+Qwen-Image, Qwen-Image-Edit) and decode with our decoder, at the image's own shape.
 
     python scripts/inpaint.py --vae OUR_CHECKPOINT --pipeline PIPELINE_FOLDER --image IMG --mask MASK \\
         --prompt "..." --out OUT.png [--compare] [--paste] [--size N] [--steps 50] [--seed 0] [--device auto]
@@ -9,8 +9,9 @@ decode with our decoder, at the image's own shape.
 (ldm/pipelines.py PIPELINES). --vae is any checkpoint of ours that scripts/export.py reads (a run checkpoint, a
 diffusers or decoder export) trained on that pipeline's VAE. The image and mask (white = hole) keep their aspect:
 they are resized to the pipeline's pixel budget (its native side squared, or --size N squared) with sides a
-multiple it accepts; the pipeline runs there with its own VAE to its final latents, which we decode with our
-decoder conditioned on the resized image and mask, and OUT is that decode resized back to the input's size.
+multiple it accepts (Qwen-Image-Edit picks its own size, about 1024^2 px: no --size); the pipeline runs there with
+its own VAE to its final latents, which we decode with our decoder conditioned on the resized image and mask, and
+OUT is that decode resized back to the input's size.
 --paste puts the input's own pixels back in the known region (mask black) at full resolution. --compare also
 writes OUT_pipeline.EXT: the pipeline VAE's plain decode of the same latents, resized (and pasted) the same way.
 --batch runs every row of a CSV file (image, mask, prompt, out; paths relative to the file) with one pipeline

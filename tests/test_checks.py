@@ -23,6 +23,7 @@ BAD = [
     (["data.masks.p_full=1.5"], "data.masks.p_full"),
     (["seed=-1"], "seed"),
     (["model.vae_ckpt=3"], "model.vae_ckpt"),
+    (["model.autoencoder.family=sdxl"], "model.autoencoder.family"),
     (["model.autoencoder.encoder_ch_mult=[1,0,4,4]"], "model.autoencoder.encoder_ch_mult"),
     (["model.autoencoder.ch_mult=[1,2,4]"], "model.autoencoder.ch_mult"),  # upsamples twice, the encoder 3 times
     (["model.autoencoder.ch=0"], "model.autoencoder.ch"),

@@ -197,9 +197,9 @@ def decoder_flops(cfg) -> int:
     Counted without gradient checkpointing: its recompute is extra work, not model FLOPs (MFU's numerator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm import AsymmetricAutoencoderKL
+    from ldm import build_autoencoder
     with torch.device("meta"):
-        vae = AsymmetricAutoencoderKL(**{**cfg.model.autoencoder, "gradient_checkpointing": False})
+        vae = build_autoencoder(**{**cfg.model.autoencoder, "gradient_checkpointing": False})
         b, r = cfg.data.batch_size, cfg.data.resolution
         z = torch.empty(b, cfg.model.autoencoder.embed_dim, r // 8, r // 8)
         image, mask = torch.empty(b, 3, r, r), torch.empty(b, 1, r, r)

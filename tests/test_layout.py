@@ -7,7 +7,7 @@ PACKAGES = ("ldm", "data")
 # tests that run train.py's command line in-process (its exit codes, its callbacks hook): the only importers of train
 COMMAND_LINE_TESTS = {"ddp_probe.py", "fault_probe.py", "resume_probe.py", "test_reliability.py",
                       "test_latent_cache.py", "test_checks.py", "test_bases.py", "slurm_probe.py", "test_train.py",
-                      "test_qwenimage.py"}
+                      "test_qwenimage.py", "test_run_safety.py"}
 
 
 def module_name(path: Path) -> str:

@@ -27,6 +27,7 @@ COLUMNS = [("fid", "FID", "{:.2f}"), ("lpips_whole", "LPIPS", "{:.4f}"), ("lpips
            ("psnr_known", "PSNR known", "{:.2f}"), ("psnr_hole", "PSNR hole", "{:.2f}"),
            ("ssim_whole", "SSIM", "{:.4f}"), ("ssim_known", "SSIM known", "{:.4f}"),
            ("ssim_hole", "SSIM hole", "{:.4f}"), ("pre_error", "pre_error", "{:.2e}"),
+           ("de2000_known", "dE00 known", "{:.3f}"), ("seam", "seam", "{:.4f}"),
            ("mask_area", "hole %", "{:.1%}"), ("n", "n", "{:.0f}")]
 # torch-fidelity's Inception weights (its URL_INCEPTION_V3); torch.hub keeps downloads under <hub>/checkpoints
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

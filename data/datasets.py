@@ -15,7 +15,8 @@ from .images import SkipCounter, load_crop
 from .masks import sample_rng
 from .sources import file_samples, shard_samples
 
-# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6, posterior noise: 7)
+# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6, posterior noise: 7,
+# validation's latent noise: 8)
 TRAIN_STREAM, ORDER_STREAM, VAL_STREAM, LAP_STREAM = 0, 1, 2, 5
 
 
@@ -219,7 +220,7 @@ class ImageMaskVal(IterableDataset):
             except Exception as error:
                 self.skipped.add(key, error)
                 continue
-            yield to_sample(pixels, mask, key)
+            yield {**to_sample(pixels, mask, key), "index": i}
 
 
 def collect(dataset, n=None):

@@ -136,6 +136,8 @@ RULES = [
                                      lambda v: isinstance(v, str) and v.strip() != "")),
     ("model.compile", value("null, true, false or a torch.compile backend name",
                             lambda v: v is None or isinstance(v, (bool, str)))),  # the backend: train.py
+    ("model.latent_noise", NON_NEGATIVE_NUMBER),
+    ("model.val_latent_noise", NON_NEGATIVE_NUMBER),
     ("data.source", value("a non-empty string", lambda v: isinstance(v, str) and v != "")),
     ("data.val_source", value("null or a non-empty string", lambda v: v is None or (isinstance(v, str) and v != ""))),
     ("data.val_size", nullable(POSITIVE)),

@@ -48,6 +48,7 @@ BAD = [
     (["data.epoch_length=0"], "data.epoch_length"),
     (["data.crop_min_scale=0"], "data.crop_min_scale"),
     (["data.shuffle_buffer=-1"], "data.shuffle_buffer"),
+    (["data.aspect_ratios=[1.0,1.01]"], "data.aspect_ratios"),  # the same bucket twice
     (["data.masks.mix.thick=0", "data.masks.mix.medium=0", "data.masks.mix.thin=0"], "data.masks.p_full"),
     (["data.masks.presets.thick.boxes.weight=-0.3"], "data.masks.presets.thick.boxes.weight"),
     (["data.masks.presets.thin.strokes.min_times=0"], "data.masks.presets.thin.strokes.min_times"),

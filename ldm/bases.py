@@ -1,17 +1,18 @@
 """Latent-diffusion bases (configs/bases/*.yaml): which one a VAE file is, and refusing a VAE of another.
 
-A base is the latent layout of an autoencoder family: z_channels, use_quant_conv, scaling_factor, shift_factor.
+A base is the latent layout of an autoencoder family: z_channels, use_quant_conv, latent_norm (ldm/latent_norm.py).
 A file tells what it holds: its weights give the latent width and the quant convs, a config.json (or a run
-checkpoint's config) the factors. What it cannot tell (sd1 and sdxl single files have the same shapes, as
-do sd3 and flux) the configured base decides.
+checkpoint's config, or statistics among the weights) the latent normalisation. What it cannot tell (sd1 and sdxl
+single files have the same shapes, as do sd3 and flux) the configured base decides.
 """
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from .keys import CheckpointError
+from .latent_norm import LatentNorm, agree
 
-LAYOUT = ("z_channels", "use_quant_conv", "scaling_factor", "shift_factor")
+LAYOUT = ("z_channels", "use_quant_conv", "latent_norm")
 
 
 def read_bases(folder) -> dict:
@@ -26,16 +27,18 @@ def file_layout(config: dict) -> dict:
 
 
 def _agrees(a: dict, b: dict) -> bool:
-    """Whether two layouts agree on the keys both state (factors to 1e-6)."""
-    def same(x, y):
-        return abs(x - y) < 1e-6 if isinstance(x, float) or isinstance(y, float) else x == y
-    return all(same(a[k], b[k]) for k in LAYOUT if k in a and k in b)
+    """Whether two layouts agree on the keys both state (latent statistics to 1e-6)."""
+    def same(k):
+        return agree(a[k], b[k]) if k == "latent_norm" else a[k] == b[k]
+    return all(same(k) for k in LAYOUT if a.get(k) is not None and b.get(k) is not None)
 
 
 def describe(layout: dict) -> str:
     parts = [f"{layout['z_channels']} latent channels" if "z_channels" in layout else None,
              "quant convs" if layout.get("use_quant_conv", True) else "no quant convs"]
-    parts += [f"{k} {layout[k]:g}" for k in ("scaling_factor", "shift_factor") if k in layout]
+    norm = layout.get("latent_norm")
+    if norm and norm.get("shift") is not None and norm.get("scale") is not None:
+        parts.append(LatentNorm.from_config(norm).describe())
     return ", ".join(p for p in parts if p)
 
 

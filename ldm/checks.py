@@ -78,6 +78,17 @@ def groupnorm_width(mults: str) -> Rule:
                 lambda v, at: not _mults(at(mults)) or all(v * m % GROUPS == 0 for m in at(mults)))
 
 
+def latent_statistics(what: str, test: Callable) -> Rule:
+    """null, or a list of one value or one per channel of the patchified latent (embed_dim x patch_size^2)."""
+    def channels(at):
+        p = at(".patch_size")
+        return at("model.autoencoder.embed_dim") * (p * p if _is_int(p) and p >= 1 else 1)
+    return Rule(lambda at: f"null (as the VAE file states) or a list of 1 or {channels(at)} {what} (one per channel "
+                           f"of the latent in {at('.patch_size')}x{at('.patch_size')} patches)",
+                lambda v, at: v is None or (isinstance(v, list) and len(v) in (1, channels(at))
+                                            and all(test(x) for x in v)))
+
+
 def _resolution_ok(r, at) -> bool:
     """A multiple of the encoder's downsampling (8 for 4 levels), and big enough for LPIPS's VGG (4 poolings)
     and for the discriminator when the GAN will switch on (n_layers halvings, then two 4x4 convs)."""
@@ -148,8 +159,10 @@ RULES = [
     ("model.autoencoder.embed_dim", Rule(  # without quant convs the latent is the encoder's z itself
         lambda at: f"equal to model.autoencoder.z_channels ({at('.z_channels')}) when use_quant_conv is false",
         lambda v, at: at(".use_quant_conv") or v == at(".z_channels"))),
-    ("model.autoencoder.scaling_factor", between(0, math.inf, lo_open=True, hi_open=True)),
-    ("model.autoencoder.shift_factor", value("a finite number", _is_number)),
+    ("model.autoencoder.latent_norm.patch_size", POSITIVE),
+    ("model.autoencoder.latent_norm.shift", latent_statistics("finite numbers", _is_number)),
+    ("model.autoencoder.latent_norm.scale", latent_statistics("finite non-zero numbers",
+                                                              lambda v: _is_number(v) and v != 0)),
     ("model.autoencoder.base", value("a non-empty name (sd1, sdxl, sd3, flux: configs/bases/)",
                                      lambda v: isinstance(v, str) and v.strip() != "")),
     ("model.compile", value("null, true, false or a torch.compile backend name",

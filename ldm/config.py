@@ -8,7 +8,8 @@ from .checks import first_bad_value, leaves
 
 
 PASSTHROUGH = ("trainer.",)  # keys handed to pytorch_lightning.Trainer, whose values may be int or str
-NULLABLE = ("data.val_size", "ema.decay")  # keys set in the base whose null means something (all images, EMA off)
+# keys set in the base whose null means something (all images, EMA off, the VAE file's latent statistics)
+NULLABLE = ("data.val_size", "ema.decay", "model.autoencoder.latent_norm.shift", "model.autoencoder.latent_norm.scale")
 
 
 class ConfigError(ValueError):

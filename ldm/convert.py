@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from .keys import (ATTN_WEIGHT, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED, CheckpointError,  # noqa: F401
                    config_from_diffusers, diffusers_to_ldm, infer_config, ldm_to_diffusers)
+from .latent_norm import upgrade
 from .modules.autoencoder import AsymmetricAutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     config = infer_config(sub, str(path))
     declared = top.get("config")  # run checkpoints and official exports: config["model"]["autoencoder"]
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
-        config.update(declared["model"].get("autoencoder") or {})
+        config.update(upgrade(declared["model"].get("autoencoder") or {}))
     ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
     return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state)
 
@@ -149,7 +150,7 @@ def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
     stray = next((k for k in tensors if not k.startswith(("decoder.", "post_quant_conv."))), None)
     if stray:
         raise CheckpointError(f"{path}: decoder export holding {stray}; expected decoder.* and post_quant_conv.*")
-    return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **declared})
+    return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **upgrade(declared)})
 
 
 def _read_file(path: Path) -> Source:

@@ -1,6 +1,8 @@
 """Key layouts: the one ldm <-> diffusers rename table, and the widths that a state dict or config.json implies."""
 import re
 
+from .latent_norm import LatentNorm
+
 DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
 PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
@@ -153,10 +155,12 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     layers_up = cfg["layers_per_up_block"] if asym else cfg["layers_per_block"]
     z = cfg.get("latent_channels", 4)
     # use_quant_conv is read off the weights (absent, or identity 1x1 convs in an export: ldm/convert.py)
-    factors = {k: float(cfg.get(k) or 0.0) for k in ("scaling_factor", "shift_factor") if k in cfg}
+    # our exports state the whole latent normalisation in _latent_norm (diffusers skips "_" keys), others their factors
+    norm = cfg.get("_latent_norm") or (n.as_config() if (n := LatentNorm.from_diffusers_config(cfg)) else None)
+    base = cfg.get("_base") or cfg.get("base")  # "base": exports before 2026-12
     return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
                 encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z,
-                **factors, **({"base": cfg["base"]} if cfg.get("base") else {}))
+                **({"latent_norm": norm} if norm else {}), **({"base": base} if base else {}))
 
 
 def diffusers_config(kw: dict) -> dict:
@@ -165,6 +169,7 @@ def diffusers_config(kw: dict) -> dict:
     if kw["z_channels"] != kw["embed_dim"] or not kw["use_condition"]:
         raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
                               f"masked-image branch (use_condition=True); got {kw}")
+    norm = LatentNorm.from_config(kw.get("latent_norm"))
     try:
         from importlib.metadata import version
         dversion = version("diffusers")
@@ -179,7 +184,7 @@ def diffusers_config(kw: dict) -> dict:
             "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
             "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
             "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
-            # shift_factor and base are not AsymmetricAutoencoderKL arguments: diffusers ignores them (with a
-            # log line), a reader learns what the latents are: z = latents / scaling_factor + shift_factor
-            "scaling_factor": kw.get("scaling_factor", 0.18215), "shift_factor": kw.get("shift_factor", 0.0),
-            "base": kw.get("base")}
+            # scaling_factor: what diffusers' SD pipelines read (1 where the statistics are per channel); the
+            # whole normalisation and the base's name for readers, in keys diffusers skips without a warning
+            "scaling_factor": norm.scale[0] if norm.channels is None and norm.patch_size == 1 else 1.0,
+            "_latent_norm": norm.as_config(), "_base": kw.get("base")}

@@ -10,7 +10,6 @@ or inf), so aggregate with `nanmean_dict`. Plain functions of tensors: no Lightn
 """
 
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -299,15 +298,17 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
 
 
 def save_grid(grid, path):
-    """Write a uint8 (3,H,W) grid as PNG atomically: temp file in the same folder, then os.replace."""
+    """Write a uint8 (3,H,W) image atomically (a temporary file in the same folder, then os.replace), in the format
+    its extension names (PNG when none), with the permissions the umask gives."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     array = grid.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3) uint8
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open(): 0666 less the umask
     try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)  # readers never see a half-written PNG
+        with open(tmp, "wb") as f:
+            Image.fromarray(array).save(f, format=kind)
+        os.replace(tmp, path)  # readers never see a half-written file
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

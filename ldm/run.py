@@ -22,6 +22,7 @@ from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoin
 from .cluster import trainer_arguments
 from .config import ConfigError, config_changes, to_container
 from .convert import CheckpointError, load_into, read_checkpoint
+from .latent_norm import fill, upgrade
 from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from .modules.autoencoder import AsymmetricAutoencoderKL
 from .modules.losses import NLayerDiscriminator, PerceptualLoss
@@ -69,6 +70,8 @@ def check_resume(cfg, system, resume, hint) -> None:
     ckpt = torch.load(resume, map_location="cpu", mmap=True, weights_only=False)
     saved = ckpt.get("config")
     if isinstance(saved, dict):  # written by train.py
+        if isinstance(saved.get("model", {}).get("autoencoder"), dict):  # keys renamed since: today's names
+            saved["model"]["autoencoder"] = upgrade(saved["model"]["autoencoder"])
         changed = config_changes(saved, to_container(cfg))  # key: (then, now)
         for key, (then, now) in changed.items():
             if key.startswith(SHAPING) and key != "model.autoencoder.gradient_checkpointing":
@@ -113,14 +116,21 @@ def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining
     """The networks and the training recipe, from the config (weights loaded where configured). A VAE file of
     another base than model.autoencoder's is refused; `bases` ({name: autoencoder kwargs}, ldm.bases.read_bases
     of configs/bases/) lets the error name the file's base."""
-    vae = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
-    warm_keys = []
+    src, warm_keys = None, []
     if cfg.model.vae_ckpt:
         try:
             src = read_checkpoint(cfg.model.vae_ckpt)
             check_base(str(cfg.model.vae_ckpt), src.config, to_container(cfg.model.autoencoder), bases or {})
+        except CheckpointError as err:  # unreadable, or of another base
+            raise ConfigError(f"model.vae_ckpt: {err}") from None
+        # the file's latent statistics where the base leaves them to it: then in config.yaml and every checkpoint
+        cfg.model.autoencoder.latent_norm = fill(to_container(cfg.model.autoencoder).get("latent_norm"),
+                                                 src.config.get("latent_norm"))
+    vae = AsymmetricAutoencoderKL(**to_container(cfg.model.autoencoder))
+    if src is not None:
+        try:
             report = load_into(vae, src)
-        except CheckpointError as err:  # unreadable, or widths that do not match model.autoencoder
+        except CheckpointError as err:  # widths that do not match model.autoencoder
             raise ConfigError(f"model.vae_ckpt: {err}") from None
         warm_keys = [k for k in report.loaded if k.startswith("decoder.")]
     # built after the VAE: random-init order (hence the demo's numbers) stays as it was; built whatever

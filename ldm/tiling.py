@@ -15,7 +15,7 @@ mean and mean square and parks the tile's tensors on a store; once every tile ha
 the tiles one at a time, each with its input fetched back and normalised with the combined statistics. The
 compute device holds one tile's activations at a time. The store holds every tile's live state between two
 norms (the norm's input, the residual, the branch features), overlaps included: at its peak, in tiles of 64,
-8.5 / 12.7 / 19.0 / 25.4 GiB for vanilla / x1 / x1.5 / x2 at 2048 px (counted on the meta device; README).
+8.5 / 12.7 / 19.0 / 25.4 GiB for vanilla / x1 / x1.5 / x2 at 2048 px (counted on the meta device; docs/decoding.md).
 Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
 per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
 image's. (Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one

@@ -65,7 +65,7 @@ def test_every_set_file_resolves(path):
     ablate.eval_script.parse_args(ablate.eval_argv(plan, base, configs))  # its eval flags are eval.py's
 
 
-def test_condition_set_is_the_readme_comparison():
+def test_condition_set_is_the_documented_comparison():
     chosen = load_set(ROOT / "configs" / "ablations" / "sets" / "condition.yaml")
     plan = Plan(chosen["name"], chosen["base"], chosen["variants"], chosen["eval_args"])
     base, configs = resolve(plan)

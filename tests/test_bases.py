@@ -31,12 +31,19 @@ def base_kwargs(base):
     return OmegaConf.to_container(cfg.model.autoencoder)
 
 
+def factors(base):
+    """(scaling_factor, shift_factor) of the base's latent_norm (one value each for these four)."""
+    norm = base_kwargs(base)["latent_norm"]
+    assert norm["patch_size"] == 1 and len(norm["scale"]) == len(norm["shift"]) == 1
+    return norm["scale"][0], norm["shift"][0]
+
+
 def family_config(base):
     """The diffusers AutoencoderKL arguments of the family (BASES.md), from the base's YAML."""
-    kw = base_kwargs(base)
+    kw, (scale, shift) = base_kwargs(base), factors(base)
     return dict(latent_channels=kw["z_channels"], use_quant_conv=kw["use_quant_conv"],
-                use_post_quant_conv=kw["use_quant_conv"], scaling_factor=kw["scaling_factor"],
-                shift_factor=kw["shift_factor"] or None, norm_num_groups=32, **BLOCKS)
+                use_post_quant_conv=kw["use_quant_conv"], scaling_factor=scale,
+                shift_factor=shift or None, norm_num_groups=32, **BLOCKS)
 
 
 def test_base_configs_state_the_families_of_bases_md():
@@ -44,7 +51,7 @@ def test_base_configs_state_the_families_of_bases_md():
             "flux": (16, False, 0.3611, 0.1159)}
     for base in BASES:
         kw = base_kwargs(base)
-        assert (kw["z_channels"], kw["use_quant_conv"], kw["scaling_factor"], kw["shift_factor"]) == want[base]
+        assert (kw["z_channels"], kw["use_quant_conv"], *factors(base)) == want[base]
         assert kw["embed_dim"] == kw["z_channels"] and kw["base"] == base
     assert base_kwargs("sd1") == OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "base.yaml")
                                                         .model.autoencoder)  # sd1 is the default
@@ -98,8 +105,8 @@ def test_each_family_imports_as_folder_and_single_file_equal_to_diffusers(famili
             assert (vae.decode(z) - dec).abs().max() < TOL, (base, path)
         assert vae.load_report.fresh and all(k.startswith("decoder.encoder.") for k in vae.load_report.fresh)
     folder_vae = load_autoencoder(pipeline)  # config.json states the factors
-    assert (folder_vae.config["scaling_factor"], folder_vae.config["shift_factor"]) == (
-        kw["scaling_factor"], kw["shift_factor"])
+    assert folder_vae.config["latent_norm"] == kw["latent_norm"]
+    assert (folder_vae.latent_norm.scale, folder_vae.latent_norm.shift) == tuple((v,) for v in factors(base))
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -177,8 +184,9 @@ def test_train_export_and_decode_in_diffusers_for_each_base(families, base, tmp_
     export.export(ckpt, tmp_path / "diffusers", "diffusers")
     config = json.loads((tmp_path / "diffusers" / "config.json").read_text())
     kw = base_kwargs(base)
-    assert (config["base"], config["scaling_factor"], config["shift_factor"], config["latent_channels"]) == (
-        base, kw["scaling_factor"], kw["shift_factor"], kw["z_channels"])
+    assert (config["_base"], config["scaling_factor"], config["_latent_norm"], config["latent_channels"]) == (
+        base, factors(base)[0], kw["latent_norm"], kw["z_channels"])
+    assert load_autoencoder(tmp_path / "diffusers").config["latent_norm"] == kw["latent_norm"]
     theirs, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(tmp_path / "diffusers", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     g = torch.Generator().manual_seed(1)
@@ -273,7 +281,7 @@ def test_bases_of_one_layout_train_the_same_network():
 
     for base, same in (("sdxl", "sd1"), ("sd3", "flux")):
         (a, vae_a), (b, vae_b) = shapes(base), shapes(same)
-        assert a == b and base_kwargs(base)["scaling_factor"] != base_kwargs(same)["scaling_factor"]
+        assert a == b and factors(base) != factors(same)
         z = torch.randn(1, base_kwargs(base)["z_channels"], 4, 4)
         with torch.no_grad():
             assert torch.equal(vae_a.decode(z), vae_b.decode(z))  # the same seed, the same numbers

@@ -33,8 +33,10 @@ BAD = [
     (["model.autoencoder.z_channels=0"], "model.autoencoder.z_channels"),
     (["model.autoencoder.embed_dim=0"], "model.autoencoder.embed_dim"),
     (["model.autoencoder.use_quant_conv=false", "model.autoencoder.embed_dim=8"], "model.autoencoder.embed_dim"),
-    (["model.autoencoder.scaling_factor=0"], "model.autoencoder.scaling_factor"),
-    (["model.autoencoder.shift_factor=.inf"], "model.autoencoder.shift_factor"),
+    (["model.autoencoder.latent_norm.scale=[0]"], "model.autoencoder.latent_norm.scale"),
+    (["model.autoencoder.latent_norm.shift=[.inf]"], "model.autoencoder.latent_norm.shift"),
+    (["model.autoencoder.latent_norm.scale=[1,2]"], "model.autoencoder.latent_norm.scale"),  # 1 or 4 values
+    (["model.autoencoder.latent_norm.patch_size=0"], "model.autoencoder.latent_norm.patch_size"),
     (["model.autoencoder.base=' '"], "model.autoencoder.base"),
     (["model.compile=3"], "model.compile"),
     (["model.latent_noise=-0.1"], "model.latent_noise"),

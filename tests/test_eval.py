@@ -1,4 +1,5 @@
-"""scripts/eval.py, ldm/evaluation.py, scripts/inpaint.py on tiny random models (scripts/ablate.py: test_ablate.py)."""
+"""scripts/eval.py, ldm/evaluation.py on tiny random models (scripts/ablate.py: test_ablate.py; scripts/inpaint.py:
+test_inpaint_bases.py)."""
 import csv
 import importlib.util
 import json
@@ -227,55 +228,6 @@ def test_missing_inception_weights_give_a_note_naming_file_and_folder(tmp_path, 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / INCEPTION_FILE).write_bytes(b"")
     assert inception_weights() == (tmp_path / "checkpoints" / INCEPTION_FILE, None)
-
-
-# ---- inpaint.py ------------------------------------------------------------------------------------------
-def tiny_pipeline_folder(folder):
-    """A random StableDiffusionInpaintPipeline (64 px, 9-channel UNet) saved with save_pretrained, offline."""
-    import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (folder / "tok").mkdir(parents=True)
-    (folder / "tok" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-    export.save_diffusers(tiny(0), folder / "sd_vae")  # the pipeline's own VAE, replaced by --vae
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=diffusers.AsymmetricAutoencoderKL.from_pretrained(folder / "sd_vae"), text_encoder=text,
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=16), unet=unet,
-        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
-
-
-def test_inpaint_script_end_to_end_with_tiny_components(tmp_path, capsys):
-    pytest.importorskip("diffusers")
-    inpaint = load_script("inpaint")
-    pipeline = tiny_pipeline_folder(tmp_path)
-    export.save_diffusers(tiny(1), tmp_path / "ours")
-    Image.new("RGB", (80, 60), (200, 100, 50)).save(tmp_path / "img.png")
-    hole = Image.new("L", (80, 60), 0)
-    hole.paste(255, (30, 20, 50, 40))
-    hole.save(tmp_path / "mask.png")
-    args = ["--vae", str(tmp_path / "ours"), "--pipeline", str(pipeline), "--image", str(tmp_path / "img.png"),
-            "--mask", str(tmp_path / "mask.png"), "--prompt", "a cat", "--steps", "2", "--device", "cpu",
-            "--out", str(tmp_path / "out.png")]
-    assert inpaint.main(args) == 0
-    with Image.open(tmp_path / "out.png") as out:
-        assert out.size == (64, 64) and out.mode == "RGB"
-    args[args.index("--pipeline") + 1] = str(tmp_path / "nowhere")
-    assert inpaint.main(args) == 2
-    assert f"--pipeline {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
 
 
 def test_fid_reads_inception_weights_in_torch_fidelitys_format(tmp_path, monkeypatch):

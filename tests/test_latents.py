@@ -100,10 +100,11 @@ def test_without_sampling_training_decodes_the_mean(build):
 
 
 def test_latent_noise_adds_tau_times_noise_with_tau_per_sample_up_to_its_maximum(build):
-    """model.latent_noise=2: z = mean + std * eps + tau * n, tau = 2 * U(0, 1) per sample, eps, tau, n drawn in that
-    order from the step's generator (the resume test pins that generator to the run's micro-batch)."""
-    system, cfg = build("model.latent_noise=2.0", "data.batch_size=4")
-    assert system.latent_noise == 2.0
+    """model.latent_noise=0.4: z = mean + std * eps + tau * n / 0.18215 (SD's latent_norm: the noise is added to the
+    diffusion model's latents), tau = 0.4 * U(0, 1) per sample, eps, tau, n drawn in that order from the step's
+    generator (the resume test pins that generator to the run's micro-batch)."""
+    system, cfg = build("model.latent_noise=0.4", "data.batch_size=4")
+    assert system.latent_noise == 0.4 and system.vae.latent_norm.scale == (0.18215,)
     image, mask = batch(cfg)
     with torch.no_grad():
         posterior = system.vae.encode(image)
@@ -112,18 +113,18 @@ def test_latent_noise_adds_tau_times_noise_with_tau_per_sample_up_to_its_maximum
     (z,), (state,) = seen["z"], seen["generator"]
     g = generator(state)
     eps = torch.randn(z.shape, generator=g)
-    tau = 2.0 * torch.rand(z.shape[0], 1, 1, 1, generator=g)
+    tau = 0.4 * torch.rand(z.shape[0], 1, 1, 1, generator=g)
     n = torch.randn(z.shape, generator=g)
-    want = posterior.mean.double() + posterior.std.double() * eps.double() + tau.double() * n.double()
+    want = posterior.mean.double() + posterior.std.double() * eps.double() + tau.double() * n.double() / 0.18215
     torch.testing.assert_close(z.double(), want, rtol=0, atol=1e-5)
-    residual = (z - posterior.sample(generator(state))).flatten(1).std(1)  # about tau, one per sample
-    assert residual.max() > 2 * residual.min() and residual.max() < 2.0 * 1.5, residual
+    residual = (z - posterior.sample(generator(state))).flatten(1).std(1) * 0.18215  # about tau, one per sample
+    assert residual.max() > 2 * residual.min() and residual.max() < 0.4 * 1.5, residual
 
 
 def test_validation_decodes_the_mean_and_the_robustness_check_a_fixed_perturbation(build):
     """Validation decodes the posterior mean (the paper's evaluation), never a sample. With model.val_latent_noise=0.5
-    it also decodes mean + 0.5 * n, n standard normal and fixed per validation image (the same in another batch),
-    and reports the known region's metrics there as noisy_*."""
+    it also decodes mean + 0.5 * n / 0.18215 (SD's latent_norm), n standard normal and fixed per validation image (the
+    same in another batch), and reports the known region's metrics there as noisy_*."""
     system, cfg = build("model.val_latent_noise=0.5")
     image, mask = batch(cfg)
     system.eval()
@@ -135,7 +136,7 @@ def test_validation_decodes_the_mean_and_the_robustness_check_a_fixed_perturbati
         system.validation_step({"image": image[1:], "mask": mask[1:], "index": torch.tensor([8])}, 1)
     clean, noisy, clean_alone, noisy_alone = seen["z"]
     torch.testing.assert_close(clean, mean, rtol=0, atol=1e-6)
-    n = (noisy - mean) / 0.5
+    n = (noisy - mean) * 0.18215 / 0.5
     assert n.std().item() == pytest.approx(1.0, abs=0.15) and abs(n.mean().item()) < 0.15  # 128 draws
     torch.testing.assert_close(noisy_alone[0], noisy[1], rtol=0, atol=1e-5)  # image 8's noise, whatever its batch
     assert not torch.allclose(n[0], n[1], atol=0.1)

@@ -217,16 +217,24 @@ def test_sample_grid_shape_and_panel_order():
     assert (tile(0, 5).int() - 51).abs().max() <= 1
 
 
-def test_save_grid_writes_readable_png_atomically(tmp_path):
+def test_save_grid_writes_readable_png_atomically_with_the_umasks_permissions(tmp_path):
     image, mask = _image(), _quarter_mask()
     grid = sample_grid(image, image, mask)
     path = tmp_path / "sub" / "grid.png"
-    save_grid(grid, str(path))
+    old = os.umask(0o027)
+    try:
+        save_grid(grid, str(path))
+        save_grid(grid, str(tmp_path / "sub" / "grid.jpg"))  # the format the extension names
+    finally:
+        os.umask(old)
     with Image.open(path) as img:
         assert img.format == "PNG"
         array = np.array(img.convert("RGB"))
     assert torch.equal(torch.from_numpy(array).permute(2, 0, 1), grid)
-    assert os.listdir(path.parent) == ["grid.png"]  # no temp file left behind
+    with Image.open(tmp_path / "sub" / "grid.jpg") as img:
+        assert img.format == "JPEG"
+    assert sorted(os.listdir(path.parent)) == ["grid.jpg", "grid.png"]  # no temp file left behind
+    assert path.stat().st_mode & 0o777 == 0o640
 
 
 # ---- colour (CIEDE2000) and seam --------------------------------------------------------------------------

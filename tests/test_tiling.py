@@ -16,7 +16,7 @@ import ldm.tiling as tiling
 from ldm.tiling import auto_tile, open_store, spans, tiled_decode
 from tiling_probe import inputs, tiny_vae
 
-MIN_PSNR_DB = 80.0  # tiled vs untiled (float32); measured 106-130 dB (README, Decoding at any resolution)
+MIN_PSNR_DB = 80.0  # tiled vs untiled (float32); measured 106-130 dB (docs/decoding.md)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Tiny random inpainting pipelines of the four bases, saved with save_pretrained; tokenizers written to disk
-(no hub)."""
+"""Tiny random inpainting pipelines of every pipeline ldm/pipelines.py drives, saved with save_pretrained; tokenizers
+written to disk (no hub)."""
 import json
 from pathlib import Path
 
+import diffusers
 import torch
 
 CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
@@ -44,47 +45,90 @@ def clip_text(projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**CLIP)).eval()
 
 
-def build(kind: str, vae, folder: Path) -> Path:
-    """A random `kind` pipeline (sd1 | sdxl | sd3 | flux) around `vae` (its family's AutoencoderKL), saved."""
-    import diffusers
+def t5_text():
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(2)
+    return T5EncoderModel(T5Config(vocab_size=16, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
+                                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+
+
+def qwen_text(folder: Path):
+    """Z-Image's text side: a tiny Qwen3 and a word tokenizer with a chat template (the pipeline applies one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate("<pad> <unk> a an the cat dog".split())},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    torch.manual_seed(3)
+    text = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, head_dim=8, vocab_size=8, max_position_embeddings=512))
+    return text.eval(), tokenizer
+
+
+def flux_transformer(vae, fill=False):
+    """FLUX.1's transformer over packed latents (4C); Fill's also takes the packed masked-image latents (4C) and
+    the 8x8 mask (256)."""
+    c = 4 * vae.config.latent_channels
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=2 * c + 4 * 64 if fill else c, out_channels=c, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=False)
+
+
+def components(cls: str, vae, folder: Path) -> dict:
+    """The tiny components but the VAE of the diffusers pipeline class `cls` around `vae`."""
     torch.manual_seed(0)
-    tok = clip_tokenizer(folder / "tokenizers" / "clip")
-    if kind == "sd1":  # the 9-channel inpainting UNet
-        pipe = diffusers.StableDiffusionInpaintPipeline(
-            vae=vae, text_encoder=clip_text(False), tokenizer=tok, unet=diffusers.UNet2DConditionModel(
-                **UNET, in_channels=9, out_channels=4, cross_attention_dim=32),
-            scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-    elif kind == "sdxl":  # a base-model UNet (4 channels): the inpainting pipeline blends the known latents
+    clip = dict(tokenizer=clip_tokenizer(folder / "tokenizers" / "clip"))
+    if cls == "StableDiffusionInpaintPipeline":  # the 9-channel inpainting UNet
+        return dict(**clip, text_encoder=clip_text(False), unet=diffusers.UNet2DConditionModel(
+            **UNET, in_channels=9, out_channels=4, cross_attention_dim=32), scheduler=diffusers.DDIMScheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if cls == "StableDiffusionXLInpaintPipeline":  # a base-model UNet (4 channels): the known latents blended in
         unet = diffusers.UNet2DConditionModel(**UNET, in_channels=4, out_channels=4, cross_attention_dim=64,
                                               addition_embed_type="text_time", addition_time_embed_dim=8,
                                               projection_class_embeddings_input_dim=6 * 8 + 32)
-        pipe = diffusers.StableDiffusionXLInpaintPipeline(
-            vae=vae, text_encoder=clip_text(False), text_encoder_2=clip_text(True), tokenizer=tok, tokenizer_2=tok,
-            unet=unet, scheduler=diffusers.EulerDiscreteScheduler(), requires_aesthetics_score=False,
-            force_zeros_for_empty_prompt=True)
-    elif kind == "sd3":  # no T5 (text_encoder_3 None: zeros of joint_attention_dim)
+        return dict(**clip, text_encoder=clip_text(False), text_encoder_2=clip_text(True),
+                    tokenizer_2=clip["tokenizer"], unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+                    requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+    if cls == "StableDiffusion3InpaintPipeline":  # no T5 (text_encoder_3 None: zeros of joint_attention_dim)
         transformer = diffusers.SD3Transformer2DModel(
             sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64)
-        pipe = diffusers.StableDiffusion3InpaintPipeline(
-            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae,
-            text_encoder=clip_text(True), tokenizer=tok, text_encoder_2=clip_text(True), tokenizer_2=tok,
-            text_encoder_3=None, tokenizer_3=None)
-    elif kind == "flux":  # Fill: packed latents (4C) + packed masked-image latents (4C) + the 8x8 mask (256)
-        from transformers import T5Config, T5EncoderModel
-        c = 4 * vae.config.latent_channels
-        transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=2 * c + 4 * 64, out_channels=c, num_layers=1, num_single_layers=1,
-            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-            axes_dims_rope=[4, 4, 8], guidance_embeds=False)
-        t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4,
-                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-        pipe = diffusers.FluxFillPipeline(
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip_text(False),
-            tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tokenizer(folder / "tokenizers" / "t5"),
-            transformer=transformer)
-    else:
-        raise ValueError(kind)
+        return dict(**clip, transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                    text_encoder=clip_text(True), text_encoder_2=clip_text(True), tokenizer_2=clip["tokenizer"],
+                    text_encoder_3=None, tokenizer_3=None)
+    flow = dict(scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    t5 = dict(text_encoder=t5_text(), tokenizer=t5_tokenizer(folder / "tokenizers" / "t5"))
+    if cls in ("FluxFillPipeline", "FluxInpaintPipeline", "FluxKontextInpaintPipeline"):
+        return dict(**clip, **flow, text_encoder=clip_text(False), text_encoder_2=t5["text_encoder"],
+                    tokenizer_2=t5["tokenizer"], transformer=flux_transformer(vae, fill=cls == "FluxFillPipeline"))
+    if cls == "ChromaInpaintPipeline":  # T5 only; the transformer over packed latents (4C)
+        transformer = diffusers.ChromaTransformer2DModel(
+            patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=[4, 4, 8],
+            approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1)
+        # diffusers 0.42's ChromaInpaintPipeline reads config.guidance_embeds, which the class lacks and
+        # Chroma1-HD's transformer/config.json carries (false; diffusers issue #12112 quotes it)
+        transformer.register_to_config(guidance_embeds=False)
+        return dict(**flow, **t5, transformer=transformer)
+    if cls == "ZImageInpaintPipeline":  # latents in 2x2 patches inside the transformer, not packed outside it
+        transformer = diffusers.ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=vae.config.latent_channels, dim=32, n_layers=1,
+            n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4],
+            axes_lens=[256, 32, 32])
+        with torch.no_grad():  # created with torch.empty: uninitialised memory
+            transformer.x_pad_token.fill_(1.0)
+            transformer.cap_pad_token.fill_(1.0)
+        text, tokenizer = qwen_text(folder)
+        return dict(**flow, text_encoder=text, tokenizer=tokenizer, transformer=transformer)
+    raise ValueError(cls)
+
+
+def build(cls: str, vae, folder: Path):
+    """(the pipeline, its folder): a random diffusers `cls` pipeline around `vae` (its family's AutoencoderKL), saved
+    with save_pretrained."""
+    pipe = getattr(diffusers, cls)(vae=vae, **components(cls, vae, folder))
     pipe.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
+    return pipe, folder / "pipeline"

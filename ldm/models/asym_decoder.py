@@ -152,9 +152,9 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         """The latent the training step decodes (B,C,h,w), from the posterior of the full, unmasked image (the frozen
         encoder's, or the batch's cached "mean" and "logvar" from scripts/cache_latents.py: the encoder skipped):
         a sample mean + std * eps, std = exp(logvar / 2) (with sample_posterior false: the mean); then, with
-        latent_noise > 0, plus tau * n, tau ~ U(0, latent_noise) per sample and n ~ N(0, I) (RAE's noise
-        augmentation: the decoder learns to take a denoiser's imperfect latents). eps, tau and n are drawn in that
-        order from noise_generator."""
+        latent_noise > 0, tau * n added where the diffusion model works (vae.latent_norm: for SD, z + tau * n /
+        0.18215), tau ~ U(0, latent_noise) per sample and n ~ N(0, I) (RAE's noise augmentation: the decoder learns
+        to take a denoiser's imperfect latents). eps, tau and n are drawn in that order from noise_generator."""
         if "mean" in batch:
             posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
         else:
@@ -162,9 +162,11 @@ class AsymmetricDecoderTraining(pl.LightningModule):
         generator = self.noise_generator(image.device)
         z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         if self.latent_noise > 0:
-            tau = self.latent_noise * torch.rand(z.shape[0], 1, 1, 1, generator=generator, device=z.device,
-                                                 dtype=z.dtype)
-            z = z + tau * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            x = self.vae.latent_norm.to_diffusion(z)  # (B, C p^2, h/p, w/p): the diffusion model's latents
+            tau = self.latent_noise * torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device,
+                                                 dtype=x.dtype)
+            z = self.vae.latent_norm.from_diffusion(
+                x + tau * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
         return z
 
     def noise_generator(self, device) -> Optional[torch.Generator]:
@@ -294,16 +296,18 @@ class AsymmetricDecoderTraining(pl.LightningModule):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
         """Decodes the posterior mean (deterministic, as the paper's evaluation) and, with val_latent_noise > 0, also
-        mean + val_latent_noise * n, n fixed per validation image (fixed_noise): the known region's metrics on
-        those perturbed latents are logged as val/noisy_<metric>."""
+        the mean plus val_latent_noise * n in the diffusion model's latents (as latent_noise), n fixed per validation
+        image (fixed_noise): the known region's metrics there are logged as val/noisy_<metric>."""
         image, mask = self.inputs(batch)
         z = self.vae.encode(image).mode()
         recon = self.vae.decode(z, image, mask, check=False).float().clamp(-1, 1)
         values = region_metrics(recon, image.float(), mask.float(), self.perceptual)
         values["l1"] = (recon - image).abs().mean(dim=(1, 2, 3))
-        if self.val_latent_noise > 0:
-            z_noisy = z + self.val_latent_noise * self.fixed_noise(batch, batch_idx, z)
-            noisy = self.vae.decode(z_noisy, image, mask, check=False).float().clamp(-1, 1)
+        if self.val_latent_noise > 0:  # the noise where the diffusion model works, as latent_noise
+            x = self.vae.latent_norm.to_diffusion(z)
+            n = self.fixed_noise(batch, batch_idx, x)
+            noisy = self.vae.decode(self.vae.latent_norm.from_diffusion(x + self.val_latent_noise * n), image, mask,
+                                    check=False).float().clamp(-1, 1)
             known = region_metrics(noisy, image.float(), mask.float(), self.perceptual)
             values.update({f"noisy_{k}": known[k] for k in NOISY_METRICS if k in known})
         for name, v in values.items():  # NaN (an empty region) is left out of the mean
@@ -313,7 +317,7 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             self.val_example = (image[:8].detach(), recon[:8].detach(), mask[:8].detach())
 
     def fixed_noise(self, batch, batch_idx, z) -> torch.Tensor:
-        """N(0, I) like z, each sample's drawn from (seed, its validation index): the same whatever the batching,
+        """N(0, I) of z's shape, each sample's drawn from (seed, its validation index): the same whatever the batching,
         ranks or workers. The index is the batch's "index" (data.ImageMaskVal), else its position in the loop."""
         index = batch.get("index")
         if index is None:

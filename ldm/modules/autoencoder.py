@@ -4,8 +4,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..latent_norm import LatentNorm, plain
 from ..tiling import tiled_decode
 from .vae import AsymmetricDecoder, DiagonalGaussianDistribution, Encoder
+
+SD_LATENT_NORM = {"patch_size": 1, "shift": [0.0], "scale": [0.18215]}  # SD 1.x's scaling_factor
 
 # Widths of DESIGN.md; `ch` is channel width, not parameter count.
 PRESETS = {
@@ -19,27 +22,28 @@ class AsymmetricAutoencoderKL(nn.Module):
     """encode(x) -> posterior; decode(z, image, mask) -> image. Parameter names follow the ldm layout.
 
     Images are in [-1, 1], (B,3,H,W) with H, W multiples of 8; latents (B,embed_dim,H/8,W/8) without the
-    base's scale and shift (the diffusion pipeline applies them: it sees (z - shift_factor) * scaling_factor).
+    base's latent normalisation (the diffusion pipeline applies it: ldm/latent_norm.py, `self.latent_norm`).
     Masks are (B,1,H,W), 1 = hole, 0 = known. A base (configs/bases/) sets z_channels = embed_dim,
-    use_quant_conv (false: no 1x1 convs around the latent, as SD3 and FLUX.1), the factors and its name;
-    the factors and the name are carried into checkpoints and exports, never used here.
+    use_quant_conv (false: no 1x1 convs around the latent, as SD3 and FLUX.1), latent_norm and its name;
+    latent_norm and the name are carried into checkpoints and exports, never used here.
     """
 
     def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  use_condition: bool = True, gradient_checkpointing: bool = False,
                  encoder_ch: int = 128, encoder_ch_mult: Sequence[int] = (1, 2, 4, 4),
                  encoder_num_res_blocks: int = 2, z_channels: int = 4, embed_dim: int = 4,
-                 use_quant_conv: bool = True, scaling_factor: float = 0.18215, shift_factor: float = 0.0,
-                 base: Optional[str] = None):
+                 use_quant_conv: bool = True, latent_norm: Optional[dict] = None, base: Optional[str] = None):
         super().__init__()
         if not use_quant_conv and embed_dim != z_channels:
             raise ValueError(f"use_quant_conv=False needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
+        latent_norm = plain(latent_norm) if latent_norm is not None else SD_LATENT_NORM  # None: SD's, as the widths
+        self.latent_norm = LatentNorm.from_config(latent_norm)
         self.config = dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                            use_condition=use_condition, encoder_ch=encoder_ch,
                            encoder_ch_mult=list(encoder_ch_mult),
                            encoder_num_res_blocks=encoder_num_res_blocks, z_channels=z_channels,
                            embed_dim=embed_dim, use_quant_conv=use_quant_conv,
-                           scaling_factor=float(scaling_factor), shift_factor=float(shift_factor), base=base)
+                           latent_norm=latent_norm, base=base)
         self.encoder = Encoder(encoder_ch, encoder_ch_mult, encoder_num_res_blocks, z_channels=z_channels)
         # without quant convs the encoder's moments (B, 2*z, h, w) are the posterior and z goes straight in
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1) if use_quant_conv else nn.Identity()

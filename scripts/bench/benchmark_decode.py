@@ -12,7 +12,7 @@ torch included). A holed mask, batch 1, random weights (seed 0), the same in eve
   tiled       ours in latent tiles of --tile (8 overlap), rows above 8 x --tile px (scripts/eval.py decodes in
               tiles of 64 above 1024 px); the tile states wait in host memory on a GPU, in files on a CPU
   diffusers   diffusers' AsymmetricAutoencoderKL with our weights (vanilla: its AutoencoderKL), fp32
-  bf16        ours under bf16 autocast, channels_last (the README's GPU settings)
+  bf16        ours under bf16 autocast, channels_last (the GPU settings of docs/performance.md)
   compiled    bf16 and channels_last with the decoder's blocks compiled (inductor; the warm-up compiles)
 Default --impls: ours tiled diffusers on a CPU, all five on a GPU.
 

@@ -186,13 +186,14 @@ def make_eval_masks(n, resolution, seed=0, mix=None, presets=None, max_area=0.5,
 
 
 def save_masks(masks, out_dir, prefix="mask"):
-    """Write (N, H, W) {0,1} masks as PNGs (white = hole) named prefix_00000.png...; returns the paths."""
+    """Write (N, H, W) {0,1} masks (or a list of (H, W) ones) as PNGs (white = hole) named prefix_00000.png...;
+    returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, mask in enumerate(np.asarray(masks)):
+    for i, mask in enumerate(masks):
         path = out_dir / f"{prefix}_{i:05d}.png"
-        Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L").save(path)
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(path)
         paths.append(path)
     return paths
 

@@ -30,12 +30,22 @@ def atomic_save(obj, path) -> None:
     Lightning's own local save stages the file in $TMPDIR and moves it over, which degrades to a plain
     (interruptible) copy when $TMPDIR and the run folder are on different filesystems, as on most clusters.
     """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text: str) -> None:
+    """`text` (UTF-8) written as atomic_save writes."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write(path, write) -> None:
+    """write(binary file) into a temporary file in path's folder, fsync, then os.replace (the umask's permissions)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions

@@ -121,6 +121,7 @@ class GeneratedLatents:
                 continue
             if pipe is None:
                 pipe = pipelines.load_pipeline(self.generation.pipeline, device)
+                pipe.set_progress_bar_config(disable=True)  # one bar, per image (the caller's)
             self.write(sample, self.run(pipe, sample))
             if progress is not None:
                 progress(sample["index"])

@@ -163,6 +163,8 @@ SCRIPTS = [  # (module, argv, the flag and what it must be)
      "--max-area: 1.5: must be in [0, 1]"),
     ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--vae", "/nowhere"],
      "--vae: /nowhere: no such file or folder"),
+    ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--aspect-ratios", "1,5"],
+     "--aspect-ratios: '1,5': want comma-separated width/height ratios in [0.25, 4]"),
     ("export", ["/nowhere.ckpt", "--out", "o", "--format", "diffusers"], "checkpoint: /nowhere.ckpt: no such file"),
     ("inpaint", ["--vae", ".", "--pipeline", ".", "--image", "/nowhere.png", "--mask", "README.md", "--prompt", "p",
                  "--out", "o"], "--image: /nowhere.png: no such file or folder"),  # before the pipeline loads

@@ -107,9 +107,10 @@ class GeneratedLatents:
             stored = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # atomic writes leave no partial file; anything else is foreign
             raise GenerationError(f"latent cache {path}: unreadable ({type(err).__name__}: {err})") from None
-        if stored.get("key") != key:
-            raise GenerationError(f"latent cache {path}: made for another image, mask or prompt ({stored.get('key')} "
-                                  f"!= {key}); delete the folder or pass another --latent-cache")
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            then = stored.get("key") if isinstance(stored, dict) else type(stored).__name__
+            raise GenerationError(f"latent cache {path}: made for another image, mask or prompt ({then} != {key}); "
+                                  f"delete the folder or pass another --latent-cache")
         return stored["z"]
 
     def fill(self, images, device="cpu", progress=None) -> None:

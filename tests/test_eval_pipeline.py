@@ -32,7 +32,7 @@ def family(request, tmp_path_factory):
 
     def argv(out, *extra):
         return ["--decoder", str(folder / "ours"), "--decoder", "vanilla", "--pipeline", str(pipeline),
-                "--captions", str(folder / "captions.txt"), "--steps", "2", "--data", "sample", "--masks", "medium",
+                "--captions", str(folder / "captions.txt"), "--steps", "1", "--data", "sample", "--masks", "medium",
                 "--resolution", "16", "--num-images", "2", "--batch-size", "2", "--workers", "0",
                 "--no-lpips-pretrained", "--grid-images", "2", "--out", str(out), *extra]
     return base, folder, argv
@@ -86,8 +86,8 @@ def test_a_rerun_reads_the_cache_and_a_killed_run_resumes_to_the_same_report(fam
     assert results(again)["generated"] == got["generated"] and results(again)["metrics"] == got["metrics"]
     # a cache of other settings, or of another prompt, is refused, naming what differs
     capsys.readouterr()
-    assert eval_script.main(argv(again, "--latent-cache", str(out / "latents"), "--steps", "3")) == 2
-    assert "was generated with other settings (steps: 2 -> 3)" in capsys.readouterr().err
+    assert eval_script.main(argv(again, "--latent-cache", str(out / "latents"), "--steps", "2")) == 2
+    assert "was generated with other settings (steps: 1 -> 2)" in capsys.readouterr().err
     (folder / "other.txt").write_text("a dog\n\n")
     assert eval_script.main([*argv(again, "--latent-cache", str(out / "latents")), "--captions",
                              str(folder / "other.txt")]) == 2

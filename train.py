@@ -4,10 +4,12 @@
 
 Configs merge over configs/base.yaml in order, then the key=value overrides; with no config the demo
 (configs/demo.yaml) runs. The run folder is <run.log_dir>/<name>/ with config.yaml, metrics.csv,
-checkpoints/ and samples/. SIGTERM or SIGUSR1 save last.ckpt at the current step and stop (exit 0);
-`--resume auto` continues from the newest readable checkpoint (put it in SLURM scripts: a no-op at first).
-Exit codes: 2 = a config, file or checkpoint error (one line naming it), 3 = the loss stayed non-finite
-(1: any other failure, with its traceback).
+checkpoints/ and samples/. SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) save last.ckpt at the current step and stop
+(exit 0; a second Ctrl-C stops at once, unsaved); `--resume auto` continues from the newest readable checkpoint
+(put it in SLURM scripts: a no-op at first). A run folder belongs to one job at a time (run.lock).
+Exit codes: 2 = a config, file or checkpoint error, a full disk, or a run folder in use by a live job (one line
+naming it), 3 = the loss stayed non-finite, 130 = Ctrl-C before training began (1: any other failure, with
+its traceback).
 """
 import argparse
 import logging
@@ -24,8 +26,9 @@ from ldm.checkpointing import RunCheckpoint
 from ldm.checks import pointless
 from ldm.config import ConfigError, load_config
 from ldm.models.asym_decoder import AsymmetricDecoderTraining
-from ldm.run import (build_datamodule, build_system, build_trainer, check_inputs, check_resume, is_rank_zero,
-                     open_run_dir, prepare_run_dir)
+from ldm.run import (build_datamodule, build_system, build_trainer, check_inputs, check_resume, disk_full_as_error,
+                     is_rank_zero, open_run_dir, prepare_run_dir)
+from ldm.runlock import RunLock
 from ldm.summary import summarize
 
 ROOT = Path(__file__).resolve().parent
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None, help="'auto' (the run folder's last checkpoint) or a .ckpt path")
     p.add_argument("--name", default=None, help="run name (default: the last config file's name)")
     p.add_argument("--print-run-dir", action="store_true", help="print the run folder and exit (for job scripts)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before, between and after the flags
 
 
 def fit(argv=None, extra_callbacks=()) -> None:
@@ -64,23 +67,26 @@ def fit(argv=None, extra_callbacks=()) -> None:
     if args.print_run_dir:  # for job scripts (scripts/slurm/train.sbatch): where the logs go
         print(Path(cfg.run.log_dir) / name)
         return
-    run_dir, resume, start_over = prepare_run_dir(cfg, name, args.resume)
-    check_inputs(cfg)
-    for note in pointless(cfg) if is_rank_zero() else ():
-        print(f"warning: {note}", file=sys.stderr)
-    pl.seed_everything(cfg.seed, workers=True)
-    # the networks and the training step; a VAE of another base than configured is refused, naming both
-    system: AsymmetricDecoderTraining = build_system(cfg, bases=read_bases(ROOT / "configs" / "bases"))
-    if resume is not None:
-        check_resume(cfg, system, resume, hint=f"resume with that run's config: -c {run_dir / 'config.yaml'} "
-                                               f"--name {name}")
-    datamodule = build_datamodule(cfg, system)
-    trainer = build_trainer(cfg, run_dir, name, extra_callbacks)
-    open_run_dir(cfg, run_dir, trainer, start_over)
-    trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
-    if trainer.is_global_zero:  # the result: steps, validation metrics, where everything is, how to export
-        signal = next((c.received for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
-        print(summarize(run_dir, trainer.global_step, trainer.max_steps, stopped_by=signal), flush=True)
+    # one job per run folder: a second one exits 2 naming the live holder (ldm/runlock.py); rank 0 holds it
+    with RunLock(Path(cfg.run.log_dir) / name, enabled=is_rank_zero()):
+        run_dir, resume, start_over = prepare_run_dir(cfg, name, args.resume)
+        check_inputs(cfg)
+        for note in pointless(cfg) if is_rank_zero() else ():
+            print(f"warning: {note}", file=sys.stderr)
+        pl.seed_everything(cfg.seed, workers=True)
+        # the networks and the training step; a VAE of another base than configured is refused, naming both
+        system: AsymmetricDecoderTraining = build_system(cfg, bases=read_bases(ROOT / "configs" / "bases"))
+        if resume is not None:
+            check_resume(cfg, system, resume, hint=f"resume with that run's config: -c {run_dir / 'config.yaml'} "
+                                                   f"--name {name}")
+        datamodule = build_datamodule(cfg, system)
+        trainer = build_trainer(cfg, run_dir, name, extra_callbacks)
+        open_run_dir(cfg, run_dir, trainer, start_over)
+        with disk_full_as_error(run_dir):  # one line naming the file and the newest intact checkpoint
+            trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
+            if trainer.is_global_zero:  # the result: steps, validation metrics, where everything is, how to export
+                signal = next((c.received for c in trainer.callbacks if isinstance(c, RunCheckpoint)), None)
+                print(summarize(run_dir, trainer.global_step, trainer.max_steps, stopped_by=signal), flush=True)
 
 
 def main(argv=None, extra_callbacks=()) -> int:
@@ -93,6 +99,9 @@ def main(argv=None, extra_callbacks=()) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # before training began (once it has, Ctrl-C saves: ldm.checkpointing.RunCheckpoint)
+        print("error: interrupted before training began: nothing to save", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -52,14 +52,15 @@ def trained_batches(trainer) -> int:
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: workers ignore the stop signals the main process handles (SIGTERM, SIGUSR1).
+    """DataLoader worker_init_fn: workers ignore the stop signals the main process handles (SIGTERM, SIGUSR1, SIGINT).
 
-    SLURM signals every process of a job step, as `kill -- -PGID` does a process group: a worker killed by
-    SIGTERM (or by SIGUSR1, whose default action terminates) makes the main process raise before it can save.
+    SLURM signals every process of a job step, as `kill -- -PGID` does a process group and a terminal's Ctrl-C its
+    foreground group: a worker killed by SIGTERM (or by SIGUSR1, whose default action terminates, or by SIGINT's
+    KeyboardInterrupt) makes the main process raise before it can save.
     Workers still end with the main process (the DataLoader's shutdown, its parent watchdog) or by SIGKILL.
     Lightning adds its seeding worker_init_fn only to loaders without one: it is called here in its stead.
     """
-    for name in ("SIGTERM", "SIGUSR1"):
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
         if hasattr(signal, name):  # no SIGUSR1 on Windows
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     if int(os.environ.get("PL_SEED_WORKERS", 0)):  # set by seed_everything(workers=True), as train.py does

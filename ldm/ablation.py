@@ -16,9 +16,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .checkpointing import atomic_write_text, checkpoint_step, newest_readable_checkpoint
+from .checkpointing import checkpoint_step, newest_readable_checkpoint
 from .config import ConfigError, config_changes, dotlist, load_file, merge_layers, to_container
 from .evaluation import COLUMNS, HEADINGS, fmt
+from .files import atomic_write, atomic_write_text
+from .runlock import live_holder
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ROOT / "configs" / "ablations"
@@ -191,6 +193,11 @@ def prepare(plan: Plan, configs: dict, on_change: str = "refuse") -> dict:
         diff = changes(run_dir, cfg) if steps[name] else []
         if diff:
             changed[name] = diff
+    for name in changed:  # a live job trains it with its old config: neither rewrite nor delete it under that job
+        holder = live_holder(plan.run_dir(name))
+        if holder is not None:
+            raise ConfigError(f"variant '{name}' has changed, but its run folder {plan.run_dir(name)} is in use by "
+                              f"{holder}: wait for that job to end")
     if changed and on_change == "refuse":
         name, diff = next(iter(changed.items()))
         raise ConfigError(f"variant '{name}' has changed since its run {plan.run_dir(name)} started ({'; '.join(diff)}); "
@@ -200,8 +207,8 @@ def prepare(plan: Plan, configs: dict, on_change: str = "refuse") -> dict:
         if name in changed and on_change == "restart":
             shutil.rmtree(plan.run_dir(name))
             steps[name] = 0
-        plan.run_dir(name).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, plan.run_dir(name) / "config.yaml", resolve=True)  # as train.py writes it
+        atomic_write(plan.run_dir(name) / "config.yaml",
+                     lambda tmp, cfg=cfg: OmegaConf.save(cfg, tmp, resolve=True))  # as train.py writes it
     return steps
 
 

@@ -1,6 +1,7 @@
 """Latent-diffusion bases (configs/bases/*.yaml): which one a VAE file is, and refusing a VAE of another.
 
-A base is the latent layout of an autoencoder family: z_channels, use_quant_conv, latent_norm (ldm/latent_norm.py).
+A base is the latent layout of an autoencoder: its family (ldm/modules/families.py), z_channels, use_quant_conv,
+latent_norm (ldm/latent_norm.py).
 A file tells what it holds: its weights give the latent width and the quant convs, a config.json (or a run
 checkpoint's config, or statistics among the weights) the latent normalisation. What it cannot tell (sd1 and sdxl
 single files have the same shapes, as do sd3 and flux) the configured base decides.
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 from .keys import CheckpointError
 from .latent_norm import LatentNorm, agree
 
-LAYOUT = ("z_channels", "use_quant_conv", "latent_norm")
+LAYOUT = ("family", "z_channels", "use_quant_conv", "latent_norm")
 
 
 def read_bases(folder) -> dict:
@@ -23,7 +24,7 @@ def read_bases(folder) -> dict:
 
 def file_layout(config: dict) -> dict:
     """The layout keys a checkpoint's config (Source.config) states; quant convs are there unless it says not."""
-    return {"use_quant_conv": True, **{k: config[k] for k in LAYOUT if k in config}}
+    return {"family": "sd", "use_quant_conv": True, **{k: config[k] for k in LAYOUT if k in config}}
 
 
 def _agrees(a: dict, b: dict) -> bool:
@@ -34,7 +35,8 @@ def _agrees(a: dict, b: dict) -> bool:
 
 
 def describe(layout: dict) -> str:
-    parts = [f"{layout['z_channels']} latent channels" if "z_channels" in layout else None,
+    parts = [f"the {layout['family']} layout" if layout.get("family", "sd") != "sd" else None,
+             f"{layout['z_channels']} latent channels" if "z_channels" in layout else None,
              "quant convs" if layout.get("use_quant_conv", True) else "no quant convs"]
     norm = layout.get("latent_norm")
     if norm and norm.get("shift") is not None and norm.get("scale") is not None:

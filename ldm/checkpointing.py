@@ -1,8 +1,9 @@
 """Checkpoints that survive faults: atomic writes, last.ckpt at the final step and on preemption, auto-resume."""
 import csv
-import os
+import pickle
+import re
 import signal
-import tempfile
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -15,59 +16,59 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from .config import ConfigError
+from .files import atomic_write
+
 PARTIAL_GLOB = ".*.ckpt.*.tmp"  # what atomic_save leaves behind when killed mid-write
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: `path` is old or new, never partial.
+    """torch.save through ldm.files.atomic_write: `path` is old or new, never partial, and honours the umask.
 
     Lightning's own local save stages the file in $TMPDIR and moves it over, which degrades to a plain
     (interruptible) copy when $TMPDIR and the run folder are on different filesystems, as on most clusters.
     """
-    atomic_write(path, lambda f: torch.save(obj, f))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
-def atomic_write_text(path, text: str) -> None:
-    """`text` (UTF-8) written as atomic_save writes."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint whose pickle names a global outside torch's weights-only allowlist (it could run code)."""
 
 
-def atomic_write(path, write) -> None:
-    """write(binary file) into a temporary file in path's folder, fsync, then os.replace (the umask's permissions)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch's words for a global outside its allowlist (or in a blocked module)
+
+
+def load_checkpoint(path, mmap: bool = False) -> dict:
+    """A run checkpoint, read by torch's weights-only unpickler: tensors, containers and plain values, all that a
+    checkpoint of this codebase holds (GAN, EMA, any logger, SLURM's hpc_ckpt alike). A pickle naming anything
+    else (a class, a function such as os.system) is refused before it runs: UnsafeCheckpointError naming the
+    file and the global. Other failures (truncated, not a checkpoint) raise torch's own error."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = _GLOBAL.search(str(err))
+        if found is None:
+            raise
+        raise UnsafeCheckpointError(f"{path}: not loaded: its pickle calls for {found.group(1)}, which no checkpoint "
+                                    f"written by train.py holds (unpickling it could run code)") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with `atomic_save` for local paths (pass as Trainer(plugins=[...]))."""
+    """Lightning's checkpoint IO with `atomic_save` and `load_checkpoint` for local paths (Trainer(plugins=[...])):
+    trainer.fit(ckpt_path=...) restores through it."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: fsspec's transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint(path)  # always weights-only, whatever the caller asks
 
 
 def remove_partial_saves(ckpt_dir) -> list:
@@ -81,8 +82,7 @@ def remove_partial_saves(ckpt_dir) -> list:
 def checkpoint_step(path) -> int:
     """global_step of a Lightning checkpoint; raises if the file is unreadable (truncated, not a checkpoint)."""
     # mmap: only the pickled structure is read, not the tensor data; a truncated zip fails here already
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    return int(ckpt["global_step"])
+    return int(load_checkpoint(path, mmap=True)["global_step"])
 
 
 def newest_readable_checkpoint(ckpt_dir, hpc_dir=None):
@@ -96,7 +96,9 @@ def newest_readable_checkpoint(ckpt_dir, hpc_dir=None):
     for order, path in enumerate(p for p in candidates if p.is_file()):
         try:
             step = checkpoint_step(path)
-        except Exception as err:  # any failure to read means: not resumable
+        except UnsafeCheckpointError:
+            raise  # not a torn write: someone put it there
+        except Exception as err:  # any other failure to read means: not resumable
             skipped.append((path, (str(err).splitlines() or [type(err).__name__])[0]))
             continue
         key = (step, -order)  # candidates are in order of preference
@@ -106,7 +108,8 @@ def newest_readable_checkpoint(ckpt_dir, hpc_dir=None):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes last.ckpt at the final step and, on SIGTERM/SIGUSR1, at the current step.
+    """ModelCheckpoint that also writes last.ckpt at the final step and, on SIGTERM, SIGUSR1 or SIGINT (Ctrl-C), at
+    the current step; a second SIGINT stops at once, unsaved (Lightning's KeyboardInterrupt shutdown, exit 1).
 
     A signal only sets a flag; at the next batch end that steps the optimisers (with gradient accumulation,
     the cycle's last micro-batch: a save in mid-cycle would lose the gradients summed so far) every rank agrees
@@ -114,15 +117,17 @@ class RunCheckpoint(ModelCheckpoint):
     trainer stops without validating.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.received: Optional[str] = None  # name of the signal seen, until the run stops
         self._previous = {}
+        self._announce = True  # rank 0 says what a Ctrl-C does
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
+        self._announce = trainer.is_global_zero
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
         for name in self.SIGNALS:
@@ -132,11 +137,18 @@ class RunCheckpoint(ModelCheckpoint):
                 signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
+        if signum == signal.SIGINT:  # a terminal's Ctrl-C reaches every process of its group, the loader workers too
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt  # the second Ctrl-C
+            if self._announce:
+                print("\nSIGINT: saving last.ckpt at the end of this step, then stopping (Ctrl-C again: stop at once, "
+                      "unsaved)", file=sys.stderr, flush=True)
         self.received = signal.Signals(signum).name
         previous = self._previous.get(signum)
         # A previous SIGUSR1 handler is kept (train.py turns Lightning's SLURM auto-requeue off: ldm/cluster.py).
-        # Lightning's SIGTERM handler is not chained: it would end the run by SIGTERMException at the next step.
-        if signum != signal.SIGTERM and callable(previous):
+        # Lightning's SIGTERM handler is not chained: it would end the run by SIGTERMException at the next step;
+        # nor Python's SIGINT one (KeyboardInterrupt at once).
+        if signum == signal.SIGUSR1 and callable(previous):
             previous(signum, frame)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -1,7 +1,7 @@
 """What each config value must be: one table of rules, checked by load_config before anything is built.
 
 load_config has already refused unknown keys and values of another type than base.yaml's; a rule here checks
-the domain narrower than the type (a positive count, a probability, a width GroupNorm(32) can split, a name
+the domain narrower than the type (a positive count, a probability, a width the family can build, a name
 from a fixed set), including what a later phase needs (the GAN at loss.disc_start, validation), so that no
 run fails hours in. A new config key gets one line in RULES (or in ANY_VALUE_OF_ITS_TYPE); a test checks that
 every leaf of base.yaml is in one of them. Keys whose base value is null or a list, and the trainer's, are not
@@ -13,6 +13,8 @@ from fnmatch import fnmatchcase
 from typing import Callable, NamedTuple, Union
 
 from omegaconf import OmegaConf
+
+from .modules.families import FAMILIES
 
 
 class Rule(NamedTuple):
@@ -64,18 +66,19 @@ NON_NEGATIVE_NUMBER = at_least(0, "a number")
 PROBABILITY = between(0, 1)
 BOOL = value("true or false", lambda v: isinstance(v, bool))
 SEED = value("an integer in [0, 2**32 - 1]", lambda v: _is_int(v) and 0 <= v < 2**32)
-GROUPS = 32  # GroupNorm(32, C) in every encoder and decoder block (DESIGN.md)
 
 
 def _mults(v) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(_is_int(m) and m >= 1 for m in v)
 
 
-def groupnorm_width(mults: str) -> Rule:
-    """A width C such that C x m is a multiple of 32 for each m of the list at key `mults`."""
-    return Rule(lambda at: f"a width that GroupNorm({GROUPS}) can split times each of {at.name(mults)} {at(mults)} "
-                           f"(each product a multiple of {GROUPS})",
-                lambda v, at: not _mults(at(mults)) or all(v * m % GROUPS == 0 for m in at(mults)))
+def family_width(mults: str) -> Rule:
+    """A width the configured family builds times each m of the list at key `mults` (SD: GroupNorm(32) splits
+    each product)."""
+    def family(at):
+        return FAMILIES[at("model.autoencoder.family")]
+    return Rule(lambda at: family(at).width_must(f"{at.name(mults)} {at(mults)}"),
+                lambda v, at: not _mults(at(mults)) or family(at).width_ok(v, at(mults)))
 
 
 def latent_statistics(what: str, test: Callable) -> Rule:
@@ -143,15 +146,16 @@ DEVICES = value("auto, a positive integer, -1 (all), a list of device indices or
 RULES = [
     ("seed", SEED),
     ("model.vae_ckpt", value("null or a path", lambda v: v is None or isinstance(v, str))),  # existence: train.py
+    ("model.autoencoder.family", one_of(*FAMILIES)),
     ("model.autoencoder.encoder_ch_mult", value("a non-empty list of positive integers", _mults)),
     ("model.autoencoder.ch_mult", Rule(
         lambda at: f"a list of positive integers as long as model.autoencoder.encoder_ch_mult "
                    f"{at('.encoder_ch_mult')} (the decoder upsamples as often as the encoder downsamples)",
         lambda v, at: _mults(v) and len(v) == len(at(".encoder_ch_mult")))),
     ("model.autoencoder.ch", POSITIVE),
-    ("model.autoencoder.ch", groupnorm_width(".ch_mult")),
+    ("model.autoencoder.ch", family_width(".ch_mult")),
     ("model.autoencoder.encoder_ch", POSITIVE),
-    ("model.autoencoder.encoder_ch", groupnorm_width(".encoder_ch_mult")),
+    ("model.autoencoder.encoder_ch", family_width(".encoder_ch_mult")),
     ("model.autoencoder.num_res_blocks", POSITIVE),
     ("model.autoencoder.encoder_num_res_blocks", POSITIVE),
     ("model.autoencoder.z_channels", POSITIVE),
@@ -163,7 +167,7 @@ RULES = [
     ("model.autoencoder.latent_norm.shift", latent_statistics("finite numbers", _is_number)),
     ("model.autoencoder.latent_norm.scale", latent_statistics("finite non-zero numbers",
                                                               lambda v: _is_number(v) and v != 0)),
-    ("model.autoencoder.base", value("a non-empty name (sd1, sdxl, sd3, flux: configs/bases/)",
+    ("model.autoencoder.base", value("a non-empty name (sd1, sdxl, sd3, flux, qwenimage: configs/bases/)",
                                      lambda v: isinstance(v, str) and v.strip() != "")),
     ("model.compile", value("null, true, false or a torch.compile backend name",
                             lambda v: v is None or isinstance(v, (bool, str)))),  # the backend: train.py

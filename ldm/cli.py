@@ -20,6 +20,15 @@ def at_least(low: int):
     return parse
 
 
+def tile_side(text: str) -> int:
+    """--tile: 0 (never tile) or a latent tile side larger than the tiles' overlap."""
+    from .tiling import OVERLAP
+    value = _number(text)
+    if value != 0 and value <= OVERLAP:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 (never) or larger than the overlap, {OVERLAP} latent px")
+    return value
+
+
 def multiple_of_8(text: str) -> int:
     """A positive image side in pixels that the autoencoder's 8x downsampling divides."""
     value = _number(text)

@@ -1,9 +1,12 @@
 """Checkpoints in: format detection and loading (rename table: ldm/keys.py; writers: scripts/export.py).
 
-Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL or
-AsymmetricAutoencoderKL folder, pipeline folder with vae/, or weights file), official (asymmetric-VQGAN Lightning
-checkpoint), run (this codebase's `vae.*` checkpoints), decoder (this codebase's decoder export).
-SD-only weights initialise the frozen encoder, the quant convs and, where the layout is SD's, the decoder core.
+Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL,
+AutoencoderKLFlux2, AsymmetricAutoencoderKL or AutoencoderKLQwenImage folder, pipeline folder with vae/, or weights
+file), wan (the Wan / Qwen-Image VAE single file), official (asymmetric-VQGAN Lightning checkpoint), run (this
+codebase's `vae.*` checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family (SD's
+ldm names, or Qwen-Image's: ldm/keys_qwenimage.py). FLUX.2's batch-norm statistics (bn.*) become the Source's
+latent_norm, with its config.json's eps. Plain VAE weights initialise the frozen encoder, the quant convs and, where
+the layout is the VAE's own, the decoder core.
 """
 import json
 import logging
@@ -17,10 +20,13 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .keys import (ATTN_WEIGHT, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED, CheckpointError,  # noqa: F401
-                   config_from_diffusers, diffusers_to_ldm, infer_config, ldm_to_diffusers)
-from .latent_norm import upgrade
-from .modules.autoencoder import AsymmetricAutoencoderKL
+from .keys import (ATTN_WEIGHT, BATCH_NORM, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED,  # noqa: F401
+                   CheckpointError, config_from_diffusers, diffusers_to_ldm, infer_config as infer_sd,
+                   latent_norm_from_batch_norm, ldm_to_diffusers)
+from .keys_qwenimage import (config_from_diffusers as qwenimage_from_diffusers, infer_config as infer_qwenimage,
+                             is_qwenimage, is_wan, to_frame, wan_keys)
+from .modules.common import AsymmetricAutoencoder
+from .modules.families import build_autoencoder, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +36,7 @@ class Source:
     """Autoencoder weights read from one checkpoint, in ldm keys, with the kwargs that fit them."""
 
     path: Path
-    format: str  # sd | ldm | diffusers | official | run | decoder
+    format: str  # sd | ldm | diffusers | wan | official | run | decoder
     state: dict
     config: dict
     dropped: list = field(default_factory=list)  # removed by name (decoder.up_layers.*)
@@ -38,15 +44,17 @@ class Source:
     ema_state: Optional[dict] = None  # `ema_state_dict`: EMA decoder weights to overlay
     live: Optional["Source"] = None  # Lightning WeightAveraging: state_dict is the EMA, this the live weights
     ema: bool = False
+    batch_norm: dict = field(default_factory=dict)  # bn.* buffers (FLUX.2): latent statistics, not model weights
 
     @property
-    def sd_only(self) -> bool:
-        """Plain SD autoencoder weights (sd, ldm or diffusers, without a masked-image branch in them)."""
-        return self.format in ("sd", "ldm", "diffusers") and not any(k.startswith("decoder.encoder.")
-                                                                      for k in self.state)
+    def plain_vae(self) -> bool:
+        """A VAE's own weights (sd, ldm, diffusers or wan, without a masked-image branch `decoder.encoder.*`)."""
+        return self.format in ("sd", "ldm", "diffusers", "wan") and not any(k.startswith("decoder.encoder.")
+                                                                             for k in self.state)
 
 
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_BLOCKED = re.compile(r"GLOBAL ([\w.]+) whose module \w+ is blocked")
 _PICKLE_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\n")
 
 
@@ -72,6 +80,10 @@ def _torch_load(path: Path):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             m = _UNSUPPORTED.search(str(err))
+            blocked = _BLOCKED.search(str(err))  # os, subprocess, builtins ...: never stubbed
+            if blocked is not None:
+                raise CheckpointError(f"{path}: not loaded: its pickle calls for {blocked.group(1)} (unpickling it "
+                                      f"could run code); {EXPECTED}") from None
             if m is None:
                 raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(err)}); "
                                       f"{EXPECTED}") from None
@@ -116,7 +128,7 @@ def _is_identity(weight, bias) -> bool:
 
 
 def _from_state(path: Path, state: dict, top: dict) -> Source:
-    """Classify a flat state dict (SD, ldm, official, run, diffusers keys) into a Source."""
+    """Classify a flat state dict (SD, ldm, official, run, diffusers, Wan keys) into a Source."""
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     fmt, sub, skipped = "ldm", tensors, []
     for prefix, name in (("first_stage_model.", "sd"), ("vae.", "run")):
@@ -124,7 +136,16 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
             fmt, sub = name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             skipped = [k for k in tensors if not k.startswith(prefix)]  # UNet, text encoder, discriminator
             break
-    if any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
+    if is_wan(sub):  # Wan / Qwen-Image single file: renamed to diffusers' names
+        fmt, sub = "wan", wan_keys(sub)
+    one_frame = []
+    if is_qwenimage(sub):  # diffusers' names are ours: 3D kernels cut to one frame, the time_convs dropped
+        fmt = "diffusers" if fmt == "ldm" else fmt
+        sub, one_frame = to_frame(sub)
+        if one_frame:
+            log.info("%s: dropping %d time_conv tensors (temporal resampling: never runs on one frame)", path,
+                     len(one_frame))
+    elif any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
         fmt, sub = "diffusers", diffusers_to_ldm(sub)
     if not any(k.startswith(("encoder.", "decoder.")) for k in sub):
         found = ", ".join(list(state)[:3]) or "nothing"
@@ -132,6 +153,8 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if fmt == "ldm" and any(k.startswith("decoder.encoder.") for k in sub):
         fmt = "official"
     sub, dropped, more = _drop_by_name(path, sub)
+    dropped += one_frame
+    batch_norm = {k[len(BATCH_NORM):]: sub.pop(k) for k in [k for k in sub if k.startswith(BATCH_NORM)]}
     stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
     if stray:
         log.warning("%s: skipping %d tensors that are not autoencoder weights (%s, ...)", path, len(stray), stray[0])
@@ -143,7 +166,7 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
         config.update(upgrade(declared["model"].get("autoencoder") or {}))
     ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
-    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state)
+    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state, batch_norm=batch_norm)
 
 
 def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
@@ -151,6 +174,11 @@ def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
     if stray:
         raise CheckpointError(f"{path}: decoder export holding {stray}; expected decoder.* and post_quant_conv.*")
     return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **upgrade(declared)})
+
+
+def infer_config(state: dict, where: str) -> dict:
+    """The kwargs a state dict's weights imply, by its family's key layout."""
+    return (infer_qwenimage if is_qwenimage(state) else infer_sd)(state, where)
 
 
 def _read_file(path: Path) -> Source:
@@ -182,18 +210,22 @@ def _read_folder(path: Path) -> Source:
         weights = folder / "decoder.safetensors"
         return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    if cls not in ("AutoencoderKL", "AsymmetricAutoencoderKL"):
-        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL or "
-                              "AsymmetricAutoencoderKL (or a decoder export)")
+    readers = {"AutoencoderKL": config_from_diffusers, "AutoencoderKLFlux2": config_from_diffusers,
+               "AsymmetricAutoencoderKL": config_from_diffusers, "AutoencoderKLQwenImage": qwenimage_from_diffusers}
+    if cls not in readers:
+        raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL, AutoencoderKLFlux2, "
+                              "AsymmetricAutoencoderKL or AutoencoderKLQwenImage (or a decoder export)")
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
     weights = next((folder / n for n in names if (folder / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: no {' or '.join(names)} beside config.json")
     src = _read_file(weights)
     try:
-        src.config.update(config_from_diffusers(cfg, str(cfg_path)))
+        src.config.update(readers[cls](cfg, str(cfg_path)))
     except KeyError as err:
         raise CheckpointError(f"{cfg_path}: lacks {err}") from None
+    if src.batch_norm or "batch_norm_eps" in cfg:  # the latent statistics are weights: bn.running_mean, running_var
+        src.config["latent_norm"] = latent_norm_from_batch_norm(cfg, src.batch_norm, str(weights))
     return src
 
 
@@ -219,11 +251,16 @@ def _with_ema(src: Source, ema: Optional[bool]) -> Source:
 
 
 def read_checkpoint(path, ema: Optional[bool] = None) -> Source:
-    """Detect the format of a file or folder and read its autoencoder weights in ldm keys."""
+    """Detect the format of a file or folder and read its autoencoder weights in its family's keys (SD: ldm's)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; {EXPECTED}")
-    return _with_ema(_read_folder(path) if path.is_dir() else _read_file(path), ema)
+    src = _read_folder(path) if path.is_dir() else _read_file(path)
+    if src.batch_norm and not path.is_dir():  # their eps and patch size are in a config.json
+        raise CheckpointError(f"{path}: batch-norm latent statistics ({BATCH_NORM}running_mean: an original FLUX.2 VAE "
+                              "file?) without a config.json; diffusers 0.42 has no single-file loader for it: give "
+                              "a diffusers AutoencoderKLFlux2 folder (or the FLUX.2 pipeline folder holding it)")
+    return _with_ema(src, ema)
 
 
 # ---- loading into a model ------------------------------------------------------------------------------
@@ -258,26 +295,27 @@ def _mismatch(target: dict, state: dict) -> Optional[str]:
     return None
 
 
-def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
+def _apply(model: AsymmetricAutoencoder, src: Source, parts) -> LoadReport:
     """Copy src's weights (restricted to `parts`) into model; refuse anything that does not fit exactly."""
     target = model.state_dict()
     want = {k: v for k, v in src.state.items() if k.split(".")[0] in parts}
-    core = {k: v for k, v in want.items() if src.sd_only and k.startswith("decoder.")}
+    core = {k: v for k, v in want.items() if src.plain_vae and k.startswith("decoder.")}
     strict = {k: v for k, v in want.items() if k not in core}
     problem = _mismatch(target, strict)
     if problem:
         raise CheckpointError(f"{src.path}: does not fit the model ({model.config}): {problem}")
-    if core:  # SD decoder: loads only onto a decoder core of exactly its layout (x1 warm start)
+    if core:  # the VAE's decoder: loads only onto a decoder core of exactly its layout (x1 warm start)
         model_core = {k: v for k, v in target.items() if k.startswith("decoder.")
                       and not k.startswith("decoder.encoder.")}
         problem = _mismatch(model_core, core) or next(
             (f"{k} is not in the checkpoint" for k in model_core if k not in core), None)
         if problem:
-            log.warning("%s: SD decoder not loaded, widths differ (%s); the decoder starts fresh", src.path, problem)
+            log.warning("%s: the VAE's decoder not loaded, widths differ (%s); the decoder starts fresh", src.path,
+                        problem)
         else:
             strict.update(core)
     fresh = [k for k in target if k.split(".")[0] in parts and k not in strict]
-    allowed = "decoder." if src.sd_only else ("encoder.", "quant_conv.") if src.format == "decoder" else None
+    allowed = "decoder." if src.plain_vae else ("encoder.", "quant_conv.") if src.format == "decoder" else None
     bad = [k for k in fresh if allowed is None or not k.startswith(allowed)]
     if bad:
         raise CheckpointError(f"{src.path}: {src.format} checkpoint lacks {bad[0]} (and {len(bad) - 1} more) "
@@ -286,13 +324,13 @@ def _apply(model: AsymmetricAutoencoderKL, src: Source, parts) -> LoadReport:
     return LoadReport(str(src.path), src.format, sorted(strict), fresh, src.dropped, src.skipped, src.ema)
 
 
-def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
+def load_into(model: AsymmetricAutoencoder, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:
     """Load the weights of any readable checkpoint (a path, or a Source read_checkpoint returned) into an
     already-built model, restricted to `parts`.
 
-    Tensors must fit exactly (else CheckpointError naming the first key and both shapes). SD-only weights
-    load the encoder and quant convs, and the decoder core only where its layout is exactly SD's.
-    Use parts=("encoder", "quant_conv") to add the frozen SD encoder to a decoder export.
+    Tensors must fit exactly (else CheckpointError naming the first key and both shapes). A VAE's own weights
+    (SD, Qwen-Image) load the encoder and quant convs, and the decoder core only where its layout is exactly the
+    VAE's. Use parts=("encoder", "quant_conv") to add the frozen VAE encoder to a decoder export.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -304,24 +342,24 @@ def load_into(model: AsymmetricAutoencoderKL, path, parts=PARTS, ema: Optional[b
 
 
 def load_autoencoder(path, device="cpu", ema: Optional[bool] = None,
-                     autoencoder_kwargs: Optional[dict] = None) -> AsymmetricAutoencoderKL:
-    """Any readable checkpoint -> AsymmetricAutoencoderKL (eval, fp32, on `device`), widths read from it.
+                     autoencoder_kwargs: Optional[dict] = None) -> AsymmetricAutoencoder:
+    """Any readable checkpoint -> its family's autoencoder (eval, fp32, on `device`), widths read from it.
 
     `autoencoder_kwargs` override the widths read from the checkpoint (a checkpoint that then does not fit
-    is refused). SD-only weights give the x1 layout with a fresh masked-image branch; a decoder export gives
-    a RANDOM encoder (warned; add one with load_into(vae, sd_vae, parts=("encoder", "quant_conv"))).
+    is refused). A VAE's own weights give its family's x1 layout with a fresh masked-image branch; a decoder
+    export gives a RANDOM encoder (warned; add one with load_into(vae, the_vae, parts=("encoder", "quant_conv"))).
     The LoadReport is kept as `vae.load_report`.
     """
     src = read_checkpoint(path, ema)
     kwargs = {**src.config, **(autoencoder_kwargs or {})}
     try:
-        model = AsymmetricAutoencoderKL(**kwargs)
-    except TypeError as err:
-        raise CheckpointError(f"{path}: its config {kwargs} does not build an AsymmetricAutoencoderKL ({err})")
+        model = build_autoencoder(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its config {kwargs} does not build an autoencoder ({err})") from None
     report = _apply(model, src, PARTS)
     log.info("%s", report)
     if src.format == "decoder":
         warnings.warn(f"{path}: decoder export, so the ENCODER AND quant_conv ARE RANDOM: encode() is "
-                      "meaningless until you load_into(vae, <SD VAE>, parts=('encoder', 'quant_conv'))")
+                      "meaningless until you load_into(vae, <its VAE>, parts=('encoder', 'quant_conv'))")
     model.load_report = report
     return model.to(device=device, dtype=torch.float32).eval()

@@ -152,7 +152,7 @@ def with_pipeline_vae(decoders, folder, device) -> list:
     out = []
     for dec in decoders:
         if dec.info["spec"] == VANILLA:
-            vae = vae or PipelineVAE(pipelines.load_vae(folder, device))
+            vae = vae or PipelineVAE(pipelines.load_vae(folder, device), frames=pipelines.select(folder).frames)
             dec = Decoder(dec.name, vae, branch=False, info={**dec.info, "weights": str(Path(folder) / "vae"),
                                                                "format": type(vae.vae).__name__})
         out.append(dec)

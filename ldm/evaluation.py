@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import atomic_write_text
+from .files import atomic_write_text
 from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
                       panel_grid, paste_back, region_metrics, save_grid)
 

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from . import pipelines
-from .checkpointing import atomic_save, atomic_write_text
+from .checkpointing import atomic_save
+from .files import atomic_write_text
 
 GENERATION_STREAM = 10  # seed-sequence tag of image i's pipeline seed (data/datasets.py lists the others)
 
@@ -164,9 +165,9 @@ class WithLatents(IterableDataset):
 class PipelineVAE(torch.nn.Module):
     """The pipeline's own VAE as an evaluation decoder (`vanilla` on generated latents): its plain decode."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, frames: bool = False):
         super().__init__()
-        self.vae = vae
+        self.vae, self.frames = vae, frames  # frames: a video VAE (Qwen-Image's), decoding one frame
 
     def decode(self, z, tile=None):
-        return pipelines.vae_decode(self.vae, z).to(z.device)
+        return pipelines.vae_decode(self.vae, z, frames=self.frames).to(z.device)

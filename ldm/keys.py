@@ -1,13 +1,16 @@
 """Key layouts: the one ldm <-> diffusers rename table, and the widths that a state dict or config.json implies."""
 import re
 
+import torch
+
 from .latent_norm import LatentNorm
 
 DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
 PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
 EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
-            "run checkpoint), a diffusers AutoencoderKL/AsymmetricAutoencoderKL folder (or pipeline folder "
-            "with vae/), or a decoder export")
+            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AutoencoderKLFlux2/"
+            "AsymmetricAutoencoderKL/AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
+BATCH_NORM = "bn."  # a frozen BatchNorm's running statistics over the patchified latent (FLUX.2): latent_norm data
 
 # ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
 # {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},
@@ -118,7 +121,7 @@ def _mult(widths: list[int], where: str) -> list[int]:
 def infer_config(state: dict, where: str) -> dict:
     """AsymmetricAutoencoderKL kwargs read off ldm-key weights (encoder kwargs only when it is present)."""
     try:
-        kw = {}
+        kw = {"family": "sd"}
         if "encoder.conv_in.weight" in state:
             enc = _level_widths(state, "encoder.down.")
             kw.update(encoder_ch=enc[0], encoder_ch_mult=_mult(enc, where),
@@ -139,10 +142,11 @@ def infer_config(state: dict, where: str) -> dict:
 
 
 def config_from_diffusers(cfg: dict, where: str) -> dict:
-    """diffusers AutoencoderKL / AsymmetricAutoencoderKL config.json -> AsymmetricAutoencoderKL kwargs."""
+    """diffusers AutoencoderKL / AutoencoderKLFlux2 / AsymmetricAutoencoderKL config.json -> our kwargs (a decoder
+    of other widths than the encoder, AutoencoderKLFlux2's decoder_block_out_channels, as its widths)."""
     asym = cfg.get("_class_name") == "AsymmetricAutoencoderKL"
     down = cfg["down_block_out_channels"] if asym else cfg["block_out_channels"]
-    up = cfg["up_block_out_channels"] if asym else cfg["block_out_channels"]
+    up = cfg["up_block_out_channels"] if asym else cfg.get("decoder_block_out_channels") or cfg["block_out_channels"]
     checks = {"in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
               "mid_block_add_attention": True, "use_post_quant_conv": cfg.get("use_quant_conv", True)}
     for key, want in checks.items():
@@ -158,9 +162,27 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     # our exports state the whole latent normalisation in _latent_norm (diffusers skips "_" keys), others their factors
     norm = cfg.get("_latent_norm") or (n.as_config() if (n := LatentNorm.from_diffusers_config(cfg)) else None)
     base = cfg.get("_base") or cfg.get("base")  # "base": exports before 2026-12
-    return dict(ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
+    return dict(family="sd", ch=up[0], ch_mult=_mult(up, where), num_res_blocks=layers_up, encoder_ch=down[0],
                 encoder_ch_mult=_mult(down, where), encoder_num_res_blocks=layers_down, z_channels=z, embed_dim=z,
                 **({"latent_norm": norm} if norm else {}), **({"base": base} if base else {}))
+
+
+def latent_norm_from_batch_norm(cfg: dict, stats: dict, where: str) -> dict:
+    """The latent_norm a VAE's batch-norm statistics (running_mean, running_var; bn.* weights) and its config.json
+    (batch_norm_eps, patch_size) state: latents = (patchify(z) - mean) / sqrt(var + eps), as FLUX.2's pipelines."""
+    for key in ("running_mean", "running_var"):
+        if key not in stats:
+            raise CheckpointError(f"{where}: batch-norm latent statistics without {BATCH_NORM}{key}")
+    patch = cfg.get("patch_size", [2, 2])
+    patch = [patch, patch] if isinstance(patch, int) else list(patch)
+    if len(patch) != 2 or patch[0] != patch[1]:
+        raise CheckpointError(f"{where}: config.json has patch_size={cfg['patch_size']!r}; square patches expected")
+    channels = cfg.get("latent_channels", 4) * patch[0] ** 2
+    if stats["running_mean"].numel() != channels or stats["running_var"].numel() != channels:
+        raise CheckpointError(f"{where}: {BATCH_NORM}running_mean holds {stats['running_mean'].numel()} values, the "
+                              f"{patch[0]}x{patch[0]}-patchified latent {channels} channels")
+    eps = float(cfg.get("batch_norm_eps", 1e-4))  # AutoencoderKLFlux2's default
+    return LatentNorm.from_batch_norm(stats["running_mean"], stats["running_var"], eps, patch[0]).as_config()
 
 
 def diffusers_config(kw: dict) -> dict:
@@ -170,12 +192,7 @@ def diffusers_config(kw: dict) -> dict:
         raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
                               f"masked-image branch (use_condition=True); got {kw}")
     norm = LatentNorm.from_config(kw.get("latent_norm"))
-    try:
-        from importlib.metadata import version
-        dversion = version("diffusers")
-    except Exception:  # diffusers absent: the folder is still valid for it
-        dversion = "0.21.0"
-    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": dversion,
+    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": diffusers_version(),
             "in_channels": 3, "out_channels": 3,
             "down_block_types": ["DownEncoderBlock2D"] * len(kw["encoder_ch_mult"]),
             "down_block_out_channels": [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]],
@@ -188,3 +205,21 @@ def diffusers_config(kw: dict) -> dict:
             # whole normalisation and the base's name for readers, in keys diffusers skips without a warning
             "scaling_factor": norm.scale[0] if norm.channels is None and norm.patch_size == 1 else 1.0,
             "_latent_norm": norm.as_config(), "_base": kw.get("base")}
+
+
+def diffusers_version() -> str:
+    """The installed diffusers' version for an export's config.json (absent: the folder is still valid for it)."""
+    try:
+        from importlib.metadata import version
+        return version("diffusers")
+    except Exception:
+        return "0.21.0"
+
+
+def identity_quant_convs(z_channels: int) -> dict:
+    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
+    how a diffusers class that always has both holds a VAE without them (SD3, FLUX.1)."""
+    def eye(n):
+        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
+    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
+            for k, v in eye(n).items()}

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 
+from .files import atomic_write
+
 DATA_RANGE = 2.0  # images in [-1, 1]
 MAX_PSNR_DB = 100.0  # PSNR cap: MSE is floored at DATA_RANGE^2 * 10^(-MAX_PSNR_DB / 10)
 AREA_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.0)  # hole-fraction buckets, LaMa-style
@@ -298,18 +300,8 @@ def sample_grid(image, recon, mask, max_images=8, error_gain=4.0):
 
 
 def save_grid(grid, path):
-    """Write a uint8 (3,H,W) image atomically (a temporary file in the same folder, then os.replace), in the format
-    its extension names (PNG when none), with the permissions the umask gives."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    """Write a uint8 (3,H,W) image, whole or not at all, with the permissions the umask gives (ldm.files.atomic_write),
+    in the format its extension names (PNG when none)."""
     array = grid.detach().cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3) uint8
     kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # open(): 0666 less the umask
-    try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(array).save(f, format=kind)
-        os.replace(tmp, path)  # readers never see a half-written file
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=kind))

@@ -4,12 +4,16 @@ Which pipeline: a folder's model_index.json `_class_name` with its suffix ("Inpa
 "Pipeline") taken off is the family's stem, and the entry of PIPELINES that lists that stem runs it. So a
 text-to-image download runs as its family's inpainting pipeline, as diffusers' AutoPipelineForInpainting maps
 them where it does (StableDiffusion*, StableDiffusionXL*, StableDiffusion3*, Flux* -> FluxInpaintPipeline,
-ZImage* -> ZImageInpaintPipeline); it maps no FLUX.1 Fill, Kontext or Chroma folder, which the same rule sends
-to FluxFillPipeline, FluxKontextInpaintPipeline and ChromaInpaintPipeline. Adding a pipeline is one entry.
+ZImage* -> ZImageInpaintPipeline, QwenImage* -> QwenImageInpaintPipeline, QwenImageEdit* ->
+QwenImageEditInpaintPipeline); it maps no FLUX.1 Fill, Kontext, Chroma or FLUX.2 Klein folder, which the same
+rule sends to FluxFillPipeline, FluxKontextInpaintPipeline, ChromaInpaintPipeline and Flux2KleinInpaintPipeline
+(FLUX.2 dev, Flux2Pipeline, has another text encoder than Klein's: not selected). Adding a pipeline is one entry.
 
 Which size: the input's aspect at the pipeline's pixel budget (its native side squared, or a given side's
 square), each side the nearest multiple the pipeline accepts; the image and mask are resized to it, the pipeline
 runs there, our decoder decodes there conditioned on them, and the result is resized back to the input's size.
+QwenImageEditInpaintPipeline picks its own size (1024^2 px at the image's aspect, ignoring height and width): the
+image and mask are resized to it instead, and given as PIL images, as it reads them.
 
 Conventions (ldm/metrics.py): images (B,3,H,W) in [-1,1], masks (B,1,H,W) in {0,1} with 1 = hole; z (B,C,h,w)
 is what the pipeline's VAE decodes (its own normalisation undone).
@@ -49,6 +53,19 @@ def vae_multiple(pipe) -> int:
     return pipe.vae_scale_factor
 
 
+def edit_size(pipe, width: int, height: int) -> tuple[int, int]:
+    """QwenImageEditInpaintPipeline's own size, whatever height and width it is given: the image's aspect at its
+    area of 1024^2 px, sides multiples of 32 (its calculate_dimensions). A size that function maps onto itself, so
+    that the pipeline keeps the image it is given, and our decoder is conditioned on what it denoised."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_inpaint as edit
+    w, h = width, height
+    for _ in range(8):  # a fixed point within a step or two: the rounded sides' aspect rounds back to them
+        (w, h), (w0, h0) = edit.calculate_dimensions(1024 * 1024, w / h)[:2], (w, h)
+        if (w, h) == (w0, h0):
+            break
+    return w, h
+
+
 def patch_multiple(pipe) -> int:
     """2x2 latent patches: the sides a multiple of twice the VAE's scale factor."""
     return 2 * pipe.vae_scale_factor
@@ -64,6 +81,9 @@ class Pipeline:
     multiple: Callable = vae_multiple  # pipe -> the pixel multiple its height and width must be
     native: int = 0  # native side in px where the pipeline states none (default_sample_size, sample_size)
     call: dict = field(default_factory=dict)  # further __call__ keywords
+    size: Optional[Callable] = None  # (pipe, width, height) -> (w, h): a pipeline that picks its own size
+    pil: bool = False  # takes the image and mask as PIL images (its own resize reads image.size)
+    frames: bool = False  # its VAE decodes one frame of video latents, (B, C, 1, h, w)
 
 
 PIPELINES = (
@@ -78,6 +98,12 @@ PIPELINES = (
              call={"_auto_resize": False}),
     Pipeline("ChromaInpaintPipeline", ("Chroma",), unpack=unpack_2x2, multiple=patch_multiple),
     Pipeline("ZImageInpaintPipeline", ("ZImage",), multiple=patch_multiple, native=1024),  # patches, not packed
+    # FLUX.2's VAE: the pipeline unpacks, undoes its VAE's batch norm and unpatchifies before returning the latents
+    Pipeline("Flux2KleinInpaintPipeline", ("Flux2Klein",), denormalised=True, multiple=patch_multiple),
+    # Qwen-Image's VAE (one frame): packed as FLUX.1's (its _unpack_latents adds the frame axis), per-channel statistics
+    Pipeline("QwenImageInpaintPipeline", ("QwenImage",), unpack=unpack_2x2, multiple=patch_multiple, frames=True),
+    Pipeline("QwenImageEditInpaintPipeline", ("QwenImageEdit",), unpack=unpack_2x2, multiple=patch_multiple,
+             size=edit_size, pil=True, frames=True),
 )
 
 
@@ -125,6 +151,8 @@ def vae_config(folder) -> dict:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise PipelineError(f"{path}: not readable ({type(err).__name__}: {err})") from None
+    if isinstance(config, dict) and "latent_channels" not in config and isinstance(config.get("z_dim"), int):
+        config = {**config, "latent_channels": config["z_dim"]}  # AutoencoderKLQwenImage's name for it
     if not isinstance(config, dict) or not isinstance(config.get("latent_channels"), int):
         raise PipelineError(f"{path}: no latent_channels")
     return config
@@ -242,28 +270,46 @@ def final_latents(pipe, image, mask, prompt, steps=50, seed=0, size=None, guidan
     latents: (z (B,C,h,w) as its VAE decodes them, the image (B,3,8h,8w) and mask (B,1,8h,8w) it was given)."""
     image, mask = as_tensors(image, mask)
     b, _, height, width = image.shape
-    w, h = decode_size(width, height, size or native_size(pipe), entry(pipe).multiple(pipe))
+    spec = entry(pipe)
+    if spec.size is not None and size is not None:
+        raise PipelineError(f"{spec.cls} picks its own size from the image's aspect: a size does not apply")
+    w, h = spec.size(pipe, width, height) if spec.size else decode_size(width, height, size or native_size(pipe),
+                                                                          spec.multiple(pipe))
     x, m = resize(image, (h, w)), resize_mask(mask, (h, w))
+    if spec.pil:  # the image as the pipeline reads it, 8 bits, so that our decoder sees the same pixels
+        x = torch.round((x + 1) * 127.5) / 127.5 - 1
+    given = pil_pair(x, m) if spec.pil else dict(image=(x + 1) / 2, mask_image=m)
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
     negative = [negative_prompt] * b if isinstance(negative_prompt, str) else negative_prompt
     kwargs = _keywords(pipe, guidance_scale=guidance, strength=strength, negative_prompt=negative)
-    latents = pipe(prompt=prompts, image=(x + 1) / 2, mask_image=m, height=h, width=w,  # keywords: Kontext's
-                   num_inference_steps=steps, output_type="latent", **entry(pipe).call, **kwargs,  # come in its order
+    latents = pipe(prompt=prompts, **given, height=h, width=w,  # keywords: Kontext's and Qwen-Image-Edit's
+                   num_inference_steps=steps, output_type="latent", **spec.call, **kwargs,  # come in their order
                    generator=torch.Generator("cpu").manual_seed(seed)).images  # CPU: the same noise on any device
     f = pipe.vae_scale_factor
     return to_z(pipe, latents, h // f, w // f), x, m
 
 
+def pil_pair(x: torch.Tensor, m: torch.Tensor) -> dict:
+    """Image (B,3,H,W) in [-1,1] and mask (B,1,H,W) as a pipeline's PIL `image` and `mask_image` (lists for B > 1)."""
+    from PIL import Image
+    images = [Image.fromarray(((v + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()) for v in x]
+    masks = [Image.fromarray((v[0] * 255).byte().cpu().numpy(), mode="L") for v in m]
+    return dict(image=images if len(images) > 1 else images[0], mask_image=masks if len(masks) > 1 else masks[0])
+
+
 @torch.no_grad()
 def plain_decode(pipe, z: torch.Tensor) -> torch.Tensor:
-    """The pipeline VAE's own decode of z: (B,3,8h,8w), float32 on the CPU."""
-    return vae_decode(pipe.vae, z)
+    """The pipeline VAE's own decode of z: (B,3,8h,8w), float32 on the CPU (a video VAE's: of one frame)."""
+    return vae_decode(pipe.vae, z, frames=entry(pipe).frames)
 
 
 @torch.no_grad()
-def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """A diffusers VAE's own decode of z: (B,3,8h,8w), float32 on the CPU."""
-    return vae.decode(z.to(vae.device, vae.dtype)).sample.float().cpu()
+def vae_decode(vae, z: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    """A diffusers VAE's own decode of z: (B,3,8h,8w), float32 on the CPU; `frames`: a video VAE, of one frame."""
+    z = z.to(vae.device, vae.dtype)
+    if frames:
+        return vae.decode(z[:, :, None]).sample[:, :, 0].float().cpu()
+    return vae.decode(z).sample.float().cpu()
 
 
 def load_vae(folder, device="cpu"):

@@ -5,11 +5,11 @@ train.py calls these in order; scripts (benchmarks, reference loops) and tests b
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 
@@ -17,14 +17,15 @@ from data import ImageMaskDataModule, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
 from .bases import check_base
 from .callbacks import EMA, ImagesPerSecond, SampleGrids, StepProgressBar, StopOnNonFinite
-from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, checkpoint_step,
-                            newest_readable_checkpoint, remove_partial_saves)
+from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, UnsafeCheckpointError,
+                            checkpoint_step, load_checkpoint, newest_readable_checkpoint, remove_partial_saves)
 from .cluster import trainer_arguments
 from .config import ConfigError, config_changes, to_container
 from .convert import CheckpointError, load_into, read_checkpoint
-from .latent_norm import fill, upgrade
+from .files import FULL, atomic_write, os_error
+from .latent_norm import fill
 from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
-from .modules.autoencoder import AsymmetricAutoencoderKL
+from .modules.families import build_autoencoder, upgrade
 from .modules.losses import NLayerDiscriminator, PerceptualLoss
 
 
@@ -42,11 +43,16 @@ def resolve_resume(resume, run_dir: Path):
             raise ConfigError(f"--resume: checkpoint not found: {resume}")
         try:
             checkpoint_step(resume)
+        except UnsafeCheckpointError as err:
+            raise ConfigError(f"--resume: {err}") from None
         except Exception as err:  # truncated, not a Lightning checkpoint
             raise ConfigError(f"--resume: unreadable checkpoint {resume} ({str(err).splitlines()[0][:160]})") from None
         return resume
     ckpt_dir = run_dir / "checkpoints"
-    best, skipped = newest_readable_checkpoint(ckpt_dir, hpc_dir=run_dir)
+    try:
+        best, skipped = newest_readable_checkpoint(ckpt_dir, hpc_dir=run_dir)
+    except UnsafeCheckpointError as err:
+        raise ConfigError(f"--resume auto: {err}") from None
     if is_rank_zero():
         for path, reason in skipped:
             print(f"warning: --resume auto: skipping unreadable checkpoint {path} ({reason})", file=sys.stderr)
@@ -67,7 +73,7 @@ def check_resume(cfg, system, resume, hint) -> None:
     (model.autoencoder.* but gradient_checkpointing, discriminator.*), or other trained tensors than the
     checkpoint's optimiser holds, is an error naming it; other changes (a larger trainer.max_steps, data
     paths, model.compile) are listed."""
-    ckpt = torch.load(resume, map_location="cpu", mmap=True, weights_only=False)
+    ckpt = load_checkpoint(resume, mmap=True)
     saved = ckpt.get("config")
     if isinstance(saved, dict):  # written by train.py
         if isinstance(saved.get("model", {}).get("autoencoder"), dict):  # keys renamed since: today's names
@@ -126,7 +132,7 @@ def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining
         # the file's latent statistics where the base leaves them to it: then in config.yaml and every checkpoint
         cfg.model.autoencoder.latent_norm = fill(to_container(cfg.model.autoencoder).get("latent_norm"),
                                                  src.config.get("latent_norm"))
-    vae = AsymmetricAutoencoderKL(**to_container(cfg.model.autoencoder))
+    vae = build_autoencoder(**to_container(cfg.model.autoencoder))
     if src is not None:
         try:
             report = load_into(vae, src)
@@ -216,5 +222,22 @@ def open_run_dir(cfg, run_dir: Path, trainer: pl.Trainer, start_over: bool) -> N
     if start_over:
         clear_checkpoints(run_dir)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
+
+
+@contextmanager
+def disk_full_as_error(run_dir: Path):
+    """A full disk (or exhausted quota) while training: a ConfigError naming the file that could not be written and
+    the newest intact checkpoint; checkpoints are written whole or not at all, so `--resume auto` continues from
+    it once there is room."""
+    try:
+        yield
+    except Exception as raised:
+        err = os_error(raised)
+        if err is None or err.errno not in FULL:
+            raise
+        best, _ = newest_readable_checkpoint(run_dir / "checkpoints", hpc_dir=run_dir)
+        newest = f"{best} (step {checkpoint_step(best)})" if best is not None else "none yet"
+        raise ConfigError(f"{err.strerror}: could not write {err.filename or 'a file under ' + str(run_dir)}; "
+                          f"newest intact checkpoint: {newest}; make room, then --resume auto continues from "
+                          f"it") from None

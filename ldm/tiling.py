@@ -19,9 +19,11 @@ norms (the norm's input, the residual, the branch features), overlaps included: 
 Decoding on a GPU it is host memory; on a CPU it is files in a temporary folder (each read back once or twice
 per norm; the kernel's page cache serves what fits), so that the process holds one tile's state, not the
 image's. (Re-estimating the statistics in repeated passes instead, each with the previous pass's, fixes one
-GroupNorm per pass: ~25 passes for x1.)
+GroupNorm per pass: ~25 passes for x1.) A decoder whose norms are per pixel (the Qwen-Image family's RMS norm:
+`whole_image_norms` False) needs no statistics beyond the attention's: each tile runs its up path at once.
 """
 import math
+import numbers
 import os
 import tempfile
 import weakref
@@ -35,15 +37,26 @@ from torch import nn
 
 TILE_ABOVE = 1024  # the scripts decode in tiles above this side (px) unless told otherwise
 DEFAULT_TILE = 64  # latent px: 512 px tiles
+OVERLAP = 8  # latent px of context around each tile (decode's tile_overlap, the scripts')
 
 
 def auto_tile(tile: Optional[int], side: int) -> Optional[int]:
     """The scripts' --tile: None = DEFAULT_TILE above TILE_ABOVE px (else untiled), 0 = never, N = N."""
     if tile is None:
         return DEFAULT_TILE if side > TILE_ABOVE else None
-    if tile < 0:
-        raise ValueError(f"--tile must be >= 0 (latent px; 0 = never), got {tile}")
+    if tile != 0:
+        check_tile(tile, OVERLAP, "--tile")
     return tile or None
+
+
+def check_tile(tile, overlap, name="tile") -> None:
+    """A tile is an int larger than its overlap (True would be 1-pixel tiles, each widened by the overlap)."""
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    if not integer(overlap) or overlap < 0:
+        raise ValueError(f"tile_overlap must be an int >= 0 (latent px), got {overlap!r}")
+    if not integer(tile) or tile <= overlap:
+        raise ValueError(f"{name} must be an int larger than the overlap ({overlap} latent px), got {tile!r}")
 
 
 def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -116,15 +129,21 @@ class _Files:
         if not os.path.isdir(folder):
             raise ValueError(f"tiled_decode: store {str(folder)!r} is not a folder (a torch.device keeps the "
                              "tile states in its memory)")
-        self._dir = tempfile.TemporaryDirectory(prefix="tiled-decode-", dir=folder)
+        self.folder = folder
+        self._dir = tempfile.TemporaryDirectory(prefix="tiled-decode-", dir=folder, ignore_cleanup_errors=True)
         self._count = 0
 
     def park(self, x: torch.Tensor) -> _OnDisk:
         x = x.detach().to("cpu").contiguous()
         self._count += 1
         parked = _OnDisk(Path(self._dir.name) / f"{self._count}.bin", x.shape, x.dtype)
-        with open(parked.path, "wb") as f:
-            f.write(x.view(-1).view(torch.uint8).numpy())
+        try:
+            with open(parked.path, "wb") as f:
+                f.write(x.view(-1).view(torch.uint8).numpy())
+        except OSError as err:  # a full disk: say where, and that its files go (close, on the way out)
+            parked.path.unlink(missing_ok=True)
+            raise OSError(err.errno, f"tiled_decode: {err.strerror} in the tile store {self.folder} (its files are "
+                                     f"removed; give TMPDIR or store= a folder with room)") from None
         return parked
 
     @staticmethod
@@ -136,7 +155,7 @@ class _Files:
         return x.to(device)
 
     def close(self) -> None:
-        self._dir.cleanup()
+        self._dir.cleanup()  # errors ignored: never in place of the decode's own
 
 
 def open_store(store, device: torch.device):
@@ -162,12 +181,15 @@ def _resnet(block, box, unpark):
 
 
 def _tile_program(decoder, h, masked_image, mask, store):
-    """AsymmetricDecoder.up_path of one tile (h: its crop of the mid-block output) as a generator of
+    """The decoder's up_path of one tile (h: its crop of the mid-block output) as a generator of
     (GroupNorm, boxed input) that receives the normalised input; returns the tile's image. The branch features
-    wait on the store until their blend."""
+    wait on the store until their blend. A decoder whose norms are per pixel (not whole_image_norms: RMS norm)
+    needs no statistics: its tile runs the up path at once."""
+    if not decoder.whole_image_norms:
+        return decoder.up_path(h, decoder.branch(masked_image) if mask is not None else None, mask)
     device = h.device
     unpark = lambda t: store.fetch(t, device)  # noqa: E731
-    feats = [store.park(f) for f in decoder.encoder(masked_image)] if mask is not None else None
+    feats = [store.park(f) for f in decoder.branch(masked_image)] if mask is not None else None
     for i in reversed(range(len(decoder.up))):
         if feats is not None:
             h = decoder.blend(h, unpark(feats[i + 1]), mask)  # up.i input
@@ -191,11 +213,10 @@ def _tile_program(decoder, h, masked_image, mask, store):
 def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
                  mask: Optional[torch.Tensor] = None, tile: int = 64, overlap: int = 8,
                  store: Union[torch.device, str, os.PathLike, None] = None) -> torch.Tensor:
-    """AsymmetricDecoder forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
+    """The decoder's forward (z (B,C,h,w) after post_quant_conv -> (B,3,8h,8w)) in latent tiles of core
     side `tile` with `overlap` latent pixels of context. Tile states wait on `store` (open_store: by default
     host memory for a GPU decode, files under $TMPDIR for a CPU one)."""
-    if tile < 1 or overlap < 0:
-        raise ValueError(f"tiled_decode: tile must be >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    check_tile(tile, overlap)
     if (masked_image is None) != (mask is None):
         raise ValueError("tiled_decode: pass both masked_image and mask, or neither")
     store = open_store(store, z.device)
@@ -208,8 +229,8 @@ def tiled_decode(decoder, z: torch.Tensor, masked_image: Optional[torch.Tensor] 
 def _drive(decoder, z, masked_image, mask, tile, overlap, store):
     """Runs the tile programs norm by norm: one round per GroupNorm gathers every core's statistics while the
     tiles park their inputs; the next round resumes each tile with its input normalised by them."""
-    h = decoder.mid(decoder.conv_in(z))  # (B, 4ch, h, w): whole latent, exact attention
-    f = 2 ** (len(decoder.up) - 1)
+    h = decoder.mid_path(z)  # (B, 4ch, h, w): whole latent, exact attention
+    f = decoder.upsample_factor
     tiles, programs = [], []
     for cy0, cy1, py0, py1 in spans(z.shape[-2], tile, overlap):
         for cx0, cx1, px0, px1 in spans(z.shape[-1], tile, overlap):

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="train nothing: evaluate finished variants, report")
     p.add_argument("--eval", action="append", default=[], metavar="FLAGS",
                    help='scripts/eval.py flags (after the set file\'s), e.g. --eval "--masks thin --num-images 100"')
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides on either side of the flags
     eval_argv = [a for flags in args.eval for a in shlex.split(flags)]
     sets = [i for i in args.items if "=" not in i]
     if len(sets) > 1:
@@ -109,10 +109,12 @@ def train_locally(plan, configs) -> int:
 
 def run_forwarding_signals(cmd) -> int:
     """Run `cmd`, passing SIGTERM and SIGUSR1 on to it (train.py then saves its step and exits; a second one
-    changes nothing), so that stopping this script stops the variant in training instead of orphaning it."""
+    changes nothing), so that stopping this script stops the variant in training instead of orphaning it. A
+    terminal's Ctrl-C reaches the child itself (one process group): this script ignores it and waits for the save."""
     child = subprocess.Popen(cmd)
     forward = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    forward[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return child.wait()
     finally:

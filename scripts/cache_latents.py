@@ -35,7 +35,7 @@ from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, LatentCacheError, en
                           is_latent_cache, npy_bytes, png_bytes)
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
-from ldm import AsymmetricAutoencoderKL, load_into  # noqa: E402
+from ldm import build_autoencoder, load_into  # noqa: E402
 from ldm.cli import at_least  # noqa: E402
 from ldm.config import load_config  # noqa: E402
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
                    help="processes decoding and cropping images (0 = in this process)")
     p.add_argument("--limit", type=at_least(1), default=None, help="cache the first N images only")
     p.add_argument("--prefix", default="latents", help="shard file name prefix (default latents)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides on either side of the flags
 
 
 def source_items(data):
@@ -97,7 +97,7 @@ def in_order(pool, fn, jobs, ahead):
 def build_encoder(cfg, device):
     """The run's frozen encoder (and quant_conv) as train.py builds it: same seed, same weights file."""
     torch.manual_seed(cfg.seed)  # train.py: pl.seed_everything(seed), then the VAE, encoder first
-    vae = AsymmetricAutoencoderKL(**cfg.model.autoencoder)
+    vae = build_autoencoder(**cfg.model.autoencoder)
     if cfg.model.vae_ckpt:
         load_into(vae, cfg.model.vae_ckpt, parts=("encoder", "quant_conv"))
     del vae.decoder  # only encode() is used: no memory for a large decoder

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from data.evaluation import MASK_CHOICES  # noqa: E402
-from ldm.cli import at_least, existing, fraction, multiple_of_8, non_negative, ratios  # noqa: E402
+from ldm.cli import at_least, existing, fraction, multiple_of_8, non_negative, ratios, tile_side  # noqa: E402
 from ldm.eval_run import main as run_main  # noqa: E402
 from ldm.tiling import TILE_ABOVE  # noqa: E402
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    help="run checkpoints: use the EMA decoder (default: when present)")
     p.add_argument("--grid-images", type=at_least(1), default=4, help="images shown in grid.png")
     p.add_argument("--workers", type=at_least(0), default=2, help="DataLoader processes decoding images (0: none)")
-    p.add_argument("--tile", type=int, default=None, help="tiled decode in latent tiles of N px (default: "
+    p.add_argument("--tile", type=tile_side, default=None, help="tiled decode in latent tiles of N px (default: "
                    f"64, i.e. 512 px, above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)

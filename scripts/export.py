@@ -8,12 +8,11 @@ diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (diffusers.
 official:  DIR/model.ckpt, {"state_dict": official ldm keys, "config": {"model": {"autoencoder": kwargs}}};
            4-channel bases with quant convs only (sd1, sdxl);
 decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json.
-Only weights and config are written; each file atomically (temp file, then os.replace).
+Only weights and config are written; each file whole or not at all, with the umask's mode (ldm/files.py).
 """
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -21,22 +20,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ldm.convert import DECODER_FORMAT, CheckpointError, ldm_to_diffusers, load_autoencoder  # noqa: E402
+from ldm.convert import DECODER_FORMAT, CheckpointError, load_autoencoder  # noqa: E402
 from ldm.cli import existing  # noqa: E402
-from ldm.keys import diffusers_config  # noqa: E402
+from ldm.files import atomic_write  # noqa: E402
 
 FORMATS = ("diffusers", "official", "decoder")
-
-
-def _atomic(path: Path, write) -> Path:
-    """write(tmp) then os.replace(tmp, path): readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _tensors(state: dict) -> dict:
@@ -44,35 +32,25 @@ def _tensors(state: dict) -> dict:
 
 
 def _json(path: Path, obj: dict) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def identity_quant_convs(z_channels: int) -> dict:
-    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
-    how diffusers' AsymmetricAutoencoderKL, which always has both, holds a VAE without them (SD3, FLUX.1)."""
-    def eye(n):
-        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
-    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
-            for k, v in eye(n).items()}
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_diffusers(model, out) -> list[Path]:
-    """A folder diffusers.AsymmetricAutoencoderKL.from_pretrained reads with no missing/unexpected keys."""
+    """A folder the family's diffusers class (AsymmetricAutoencoderKL, AutoencoderKLQwenImage) reads with
+    from_pretrained, with no missing or unexpected keys (model.diffusers_form: what diffusers cannot hold is
+    refused, naming why)."""
+    config, state = model.diffusers_form()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = diffusers_config(model.config)
-    state = model.state_dict()
-    if not model.config["use_quant_conv"]:
-        state = {**state, **identity_quant_convs(model.config["z_channels"])}
-    weights = _tensors(ldm_to_diffusers(state))
-    return [_atomic(out / "diffusion_pytorch_model.safetensors",
+    weights = _tensors(state)
+    return [atomic_write(out / "diffusion_pytorch_model.safetensors",
                     lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"})),
             _json(out / "config.json", config)]
 
 
 def save_official(model, out) -> list[Path]:
     """A Lightning-style checkpoint in the official key layout (what the official code loads)."""
-    if not model.config["use_quant_conv"] or model.config["z_channels"] != 4:
+    if model.family != "sd" or not model.config["use_quant_conv"] or model.config["z_channels"] != 4:
         raise CheckpointError(f"--format official holds 4-channel VAEs with quant convs (sd1, sdxl); this model "
                               f"({model.config.get('base') or 'unnamed base'}: {model.config['z_channels']} latent "
                               f"channels, use_quant_conv={model.config['use_quant_conv']}) has another layout: use "
@@ -80,7 +58,7 @@ def save_official(model, out) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = {"state_dict": _tensors(model.state_dict()), "config": {"model": {"autoencoder": model.config}}}
-    return [_atomic(out / "model.ckpt", lambda tmp: torch.save(ckpt, tmp))]
+    return [atomic_write(out / "model.ckpt", lambda tmp: torch.save(ckpt, tmp))]
 
 
 def save_decoder(model, out) -> list[Path]:
@@ -89,7 +67,7 @@ def save_decoder(model, out) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     meta = {"format": DECODER_FORMAT, "autoencoder": json.dumps(model.config)}
-    return [_atomic(out / "decoder.safetensors", lambda tmp: save_file(_tensors(state), str(tmp), metadata=meta)),
+    return [atomic_write(out / "decoder.safetensors", lambda tmp: save_file(_tensors(state), str(tmp), metadata=meta)),
             _json(out / "config.json", {"format": DECODER_FORMAT, "autoencoder": model.config})]
 
 

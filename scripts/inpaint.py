@@ -1,5 +1,5 @@
-"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image) and decode with
-our decoder, at the image's own shape.
+"""Inpaint with a diffusers pipeline (SD 1.x, SDXL, SD3, FLUX.1 Fill/dev/Kontext, Chroma, Z-Image, FLUX.2 Klein,
+Qwen-Image, Qwen-Image-Edit) and decode with our decoder, at the image's own shape.
 
     python scripts/inpaint.py --vae OUR_CHECKPOINT --pipeline PIPELINE_FOLDER --image IMG --mask MASK \\
         --prompt "..." --out OUT.png [--compare] [--paste] [--size N] [--steps 50] [--seed 0] [--device auto]
@@ -9,8 +9,9 @@ our decoder, at the image's own shape.
 (ldm/pipelines.py PIPELINES). --vae is any checkpoint of ours that scripts/export.py reads (a run checkpoint, a
 diffusers or decoder export) trained on that pipeline's VAE. The image and mask (white = hole) keep their aspect:
 they are resized to the pipeline's pixel budget (its native side squared, or --size N squared) with sides a
-multiple it accepts; the pipeline runs there with its own VAE to its final latents, which we decode with our
-decoder conditioned on the resized image and mask, and OUT is that decode resized back to the input's size.
+multiple it accepts (Qwen-Image-Edit picks its own size, about 1024^2 px: no --size); the pipeline runs there with
+its own VAE to its final latents, which we decode with our decoder conditioned on the resized image and mask, and
+OUT is that decode resized back to the input's size.
 --paste puts the input's own pixels back in the known region (mask black) at full resolution. --compare also
 writes OUT_pipeline.EXT: the pipeline VAE's plain decode of the same latents, resized (and pasted) the same way.
 --batch runs every row of a CSV file (image, mask, prompt, out; paths relative to the file) with one pipeline
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ldm.cli import at_least, existing, fraction, non_negative  # noqa: E402
+from ldm.cli import at_least, existing, fraction, non_negative, tile_side  # noqa: E402
 from ldm.evaluation import to_uint8  # noqa: E402
 from ldm.metrics import save_grid  # noqa: E402
 from ldm.pipelines import (PipelineError, check_decoder, inpaint, load_decoder, load_pipeline,  # noqa: E402
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=at_least(8), default=None, help="pixel budget: about N x N px at the input's "
                                                                   "aspect (default: the pipeline's native side)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile", type=at_least(0), default=None,
+    p.add_argument("--tile", type=tile_side, default=None,
                    help=f"decode in latent tiles of N px (default: {DEFAULT_TILE} above {TILE_ABOVE} px; 0: never)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     args = p.parse_args(argv)

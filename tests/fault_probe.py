@@ -1,7 +1,9 @@
 """train.py with injected faults (for test_reliability.py): `+nan_batches=1,4,5` makes the LPIPS term NaN at
 those batch indices; `+signal=SIGTERM@3` has the process signal itself once global_step reaches 3 (`@batch7`:
 at the end of micro-batch 7 of the run, counted from 0);
-`+min_step_seconds=0.3` makes each batch last at least that long (a window to kill the run in, on fast machines)."""
+`+min_step_seconds=0.3` makes each batch last at least that long (a window to kill the run in, on fast machines);
+`+no_space=step00000004.ckpt` makes the save of that checkpoint fail as on a full disk (ENOSPC)."""
+import errno
 import os
 import signal
 import sys
@@ -11,6 +13,7 @@ import pytorch_lightning as pl
 from probe_utils import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 import train
+from ldm import checkpointing
 from ldm.models.asym_decoder import AsymmetricDecoderTraining
 
 
@@ -24,6 +27,16 @@ def inject_nan(batches):
             terms["nll"] = terms["nll"] + terms["lpips"]
         return terms
     AsymmetricDecoderTraining.recon_terms = patched
+
+
+def no_space_for(name):
+    atomic_write = checkpointing.atomic_write
+
+    def full(path, write):
+        if os.path.basename(path) == name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return atomic_write(path, write)
+    checkpointing.atomic_write = full
 
 
 class SignalSelf(pl.Callback):
@@ -58,6 +71,9 @@ if __name__ == "__main__":
     nan_batches, argv = pop(sys.argv[1:], "nan_batches")
     sig, argv = pop(argv, "signal")
     seconds, argv = pop(argv, "min_step_seconds")
+    full, argv = pop(argv, "no_space")
+    if full:
+        no_space_for(full)
     callbacks = [MinStepSeconds(float(seconds))] if seconds else []
     if nan_batches:
         inject_nan({int(b) for b in nan_batches.split(",")})

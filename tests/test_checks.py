@@ -23,6 +23,7 @@ BAD = [
     (["data.masks.p_full=1.5"], "data.masks.p_full"),
     (["seed=-1"], "seed"),
     (["model.vae_ckpt=3"], "model.vae_ckpt"),
+    (["model.autoencoder.family=sdxl"], "model.autoencoder.family"),
     (["model.autoencoder.encoder_ch_mult=[1,0,4,4]"], "model.autoencoder.encoder_ch_mult"),
     (["model.autoencoder.ch_mult=[1,2,4]"], "model.autoencoder.ch_mult"),  # upsamples twice, the encoder 3 times
     (["model.autoencoder.ch=0"], "model.autoencoder.ch"),
@@ -172,6 +173,11 @@ SCRIPTS = [  # (module, argv, the flag and what it must be)
                  "--out", "o", "--steps", "0"], "--steps: 0: must be at least 1"),
     ("make_shards", ["/nowhere", "out"], "src: /nowhere: no such folder"),
     ("make_shards", [".", "out", "--shard-size", "0"], "--shard-size: 0: must be at least 1"),
+    ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--tile", "8"],
+     "--tile: 8: must be 0 (never) or larger than the overlap, 8 latent px"),
+    ("inpaint", ["--vae", ".", "--pipeline", ".", "--image", "README.md", "--mask", "README.md", "--prompt", "p",
+                 "--out", "o", "--tile", "1"], "--tile: 1: must be 0 (never) or larger than the overlap"),
+    ("benchmark_decode", ["--tile", "8"], "--tile: 8: must be at least 9"),
     ("cache_latents", ["--out", "o", "--crops-per-image", "0"], "--crops-per-image: 0: must be at least 1"),
     ("cache_latents", ["--out", "o", "--workers", "x"], "--workers: 'x' is not an integer"),
     ("profile_step", ["-c", "configs/demo.yaml", "--warmup", "0"], "--warmup: 0: must be at least 1"),
@@ -192,3 +198,31 @@ def test_a_bad_script_argument_is_a_usage_error_naming_the_flag(module, argv, me
             (getattr(script, "parse_args", None) or script.main)(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+# the issue's command (29): overrides before a flag and after it; every script that takes key=value overrides
+INTERMIXED = [("train", ["-c", "configs/demo.yaml", "trainer.max_steps=2", "--name", "run1", "data.batch_size=2"]),
+              ("ablate", ["-c", "configs/demo.yaml", "trainer.max_steps=2", "--variant", "no_gan", "data.batch_size=2"]),
+              ("cache_latents", ["-c", "configs/demo.yaml", "trainer.max_steps=2", "--out", "o", "data.batch_size=2"]),
+              ("benchmark", ["-c", "configs/demo.yaml", "trainer.max_steps=2", "--steps", "1", "data.batch_size=2"]),
+              ("profile_step", ["-c", "configs/demo.yaml", "trainer.max_steps=2", "--steps", "1", "data.batch_size=2"])]
+
+
+@pytest.mark.parametrize("module,argv", INTERMIXED, ids=[m for m, _ in INTERMIXED])
+def test_overrides_stand_before_and_after_the_flags(module, argv, monkeypatch):
+    import importlib
+    monkeypatch.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    args = importlib.import_module(module).parse_args(argv)
+    assert args.config == ["configs/demo.yaml"]
+    assert (args.items if module == "ablate" else args.overrides) == ["trainer.max_steps=2", "data.batch_size=2"]
+
+
+def test_the_issues_command_runs_as_typed(tmp_path):
+    """`python train.py -c configs/demo.yaml trainer.max_steps=2 --name run1 data.batch_size=2` (with
+    --print-run-dir: the parse is what was refused, 'unrecognized arguments: data.batch_size=2', exit 2)."""
+    import subprocess
+    cmd = [sys.executable, str(ROOT / "train.py"), "-c", str(ROOT / "configs" / "demo.yaml"), "trainer.max_steps=2",
+           "--name", "run1", "data.batch_size=2", "--print-run-dir"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["logs/run1"], proc.stderr[-2000:]

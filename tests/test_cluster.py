@@ -1,4 +1,8 @@
 """ldm.cluster: the DDP strategy every multi-process name maps to, and devices / nodes taken from SLURM's srun."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
@@ -59,3 +63,44 @@ def test_under_srun_devices_and_nodes_come_from_the_allocation(monkeypatch):
         slurm_layout({})
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's opt-out of SLURM detection
     assert trainer_arguments(base)[1] == []
+
+
+# ---- scripts/slurm/train.sbatch's Python, run by bash without SLURM (srun: a stub that records its arguments)
+SBATCH = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+
+
+def run_sbatch(submit_dir: Path, env_python=None):
+    """bash train.sbatch as SLURM would start it from `submit_dir`, with `python` on the PATH one that lacks the
+    project's packages (the system's, as on a login node); returns (exit code, output, srun's arguments or None)."""
+    bin_dir = submit_dir / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").write_text(f"#!/bin/sh\nexec {sys._base_executable} -S \"$@\"\n")  # -S: no site-packages
+    (bin_dir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {submit_dir / 'srun.args'}\n")
+    for stub in ("python", "srun"):
+        (bin_dir / stub).chmod(0o755)
+    (submit_dir / "train_stub.py").write_text("print('runs/demo')\n")  # train.py --print-run-dir
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(submit_dir), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node1", "TRAIN_SCRIPT": "train_stub.py", **({"PYTHON": env_python} if env_python else {})}
+    proc = subprocess.run(["bash", str(SBATCH), "-c", "configs/demo.yaml"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    args = submit_dir / "srun.args"
+    return proc.returncode, proc.stdout + proc.stderr, args.read_text().split() if args.exists() else None
+
+
+def test_the_job_script_uses_the_repositorys_venv_or_stops_before_srun_naming_the_python(tmp_path):
+    """README: `./run.sh` installs into .venv/, then `sbatch scripts/slurm/train.sbatch ...` from the repository
+    root. The job uses .venv (before: the system `python`, whose job died in srun with ModuleNotFoundError); with
+    no .venv and a `python` that cannot import the project, it stops before srun, naming it and PYTHON=."""
+    code, out, srun = run_sbatch(tmp_path)
+    assert code == 2 and srun is None, out
+    assert out.strip().splitlines()[-1].startswith(f"error: python ({tmp_path / 'bin' / 'python'}) cannot import "
+                                                   f"torch and pytorch_lightning: run ./run.sh in {tmp_path} once")
+    assert "PYTHON=/path/to/python sbatch" in out
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f"#!/bin/sh\nexec {sys.executable} \"$@\"\n")
+    (venv / "python").chmod(0o755)
+    code, out, srun = run_sbatch(tmp_path)
+    assert code == 0 and srun[srun.index(".venv/bin/python"):][:2] == [".venv/bin/python", "train_stub.py"], out
+    code, out, srun = run_sbatch(tmp_path, env_python=sys.executable)  # PYTHON= chooses another
+    assert code == 0 and sys.executable in srun, out

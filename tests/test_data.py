@@ -2,6 +2,8 @@
 import collections
 import contextlib
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +126,31 @@ def test_sources_without_usable_images_are_errors_naming_them(tmp_path, messy_fo
     train = ImageMaskTrain(resolve_source(str(bad)), RES, MaskGenerator(RES), length=4, batch_size=2)
     with pytest.raises(RuntimeError, match="no usable image"):
         collect(train)
+
+
+def huge_png(path, side=20000):
+    """A valid 1-bit side x side PNG (400 M pixels, beyond PIL's decompression-bomb limit), written without ever
+    holding its pixels."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    packer, row = zlib.compressobj(9), b"\0" + bytes((side + 7) // 8)
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def test_a_20000_px_png_is_skipped_by_name_and_the_run_goes_on(tmp_path, caplog):
+    """What held (issue 29): a 20000 x 20000 PNG among a folder's images is skipped, named in the warning, and
+    training and validation go on with the others."""
+    photo(80, 60, 1).save(tmp_path / "a.jpg")
+    photo(70, 90, 2).save(tmp_path / "b.png")
+    huge_png(tmp_path / "huge.png")
+    source = resolve_source(str(tmp_path))
+    train = ImageMaskTrain(source, RES, MaskGenerator(RES), length=6, batch_size=2)
+    val = ImageMaskVal(source, RES, MaskGenerator(RES))
+    assert len(collect(train)) == 6 and sorted(s["key"] for s in collect(val)) == ["a.jpg", "b.png"]
+    assert train.skipped.value >= 1 and val.skipped.value == 1
+    assert "skipped unreadable image huge.png: DecompressionBombError" in caplog.text
 
 
 def make_shards(src, out, *extra):

@@ -6,7 +6,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ldm", "data")
 # tests that run train.py's command line in-process (its exit codes, its callbacks hook): the only importers of train
 COMMAND_LINE_TESTS = {"ddp_probe.py", "fault_probe.py", "resume_probe.py", "test_reliability.py",
-                      "test_latent_cache.py", "test_checks.py", "test_bases.py", "slurm_probe.py"}
+                      "test_latent_cache.py", "test_checks.py", "test_bases.py", "slurm_probe.py", "test_train.py",
+                      "test_qwenimage.py"}
 
 
 def module_name(path: Path) -> str:
@@ -88,3 +89,29 @@ def test_only_the_command_line_tests_import_train():
     importers = {p.relative_to(ROOT).as_posix() for p in [*(ROOT / "scripts").rglob("*.py"), *(ROOT / "tests").glob("*.py")]
                  if "train" in imported(p)}
     assert importers == {f"tests/{name}" for name in COMMAND_LINE_TESTS}, importers
+
+
+def reachable(graph: dict, start: str) -> set:
+    """Every project module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_training_step_losses_and_data_import_no_family_module():
+    """The recipe is the same for every family (STYLE.md): the training step, the losses and the data reach the
+    autoencoder through ldm/modules/common.py's interface only, never a family's module."""
+    from ldm.modules.families import FAMILIES
+    graph = project_graph()
+    classes = {cls.__module__ for cls in FAMILIES.values()}
+    family = classes | {m for c in classes for m in graph[c] if m.startswith("ldm.modules.")}
+    family -= {"ldm.modules.common"}
+    assert {"ldm.modules.autoencoder", "ldm.modules.vae"} <= family  # the SD family's class and blocks
+    recipe = ["ldm.models.asym_decoder", "ldm.modules.losses", *(n for n in graph if n.split(".")[0] == "data")]
+    assert "ldm.modules.common" in reachable(graph, "ldm.models.asym_decoder")  # the graph is real
+    for start in recipe:
+        assert not reachable(graph, start) & family, (start, reachable(graph, start) & family)

@@ -2,6 +2,7 @@
 
 import os
 
+import lpips
 import pytest
 import torch
 import torchvision
@@ -248,6 +249,23 @@ def test_lpips_missing_vgg_names_file_and_dir(tmp_path, monkeypatch):
     msg = str(err.value)
     assert VGG_FILE in msg and str(tmp_path / "hub" / "checkpoints") in msg
     assert "download.pytorch.org/models/vgg16-397923af.pth" in msg and "pretrained: false" in msg
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the untrained trunk's warning, torchvision's `pretrained`
+@pytest.mark.parametrize("pretrained", [False, True])
+def test_lpips_is_built_as_on_torchvisions_whole_vgg16(pretrained, vgg_home, monkeypatch):
+    """PerceptualLoss builds VGG16 without its classifier: the weights of lpips.LPIPS built on torchvision's whole
+    VGG16, and the CPU generator left where that build leaves it (the discriminator, built next, draws from it)."""
+    _use_torch_home(monkeypatch, vgg_home[0])
+    built = []
+    for build in (lambda: lpips.LPIPS(net="vgg", pnet_rand=not pretrained, model_path=losses.lpips_heads_path("vgg"),
+                                      verbose=False),
+                  lambda: PerceptualLoss(pretrained=pretrained)):
+        torch.manual_seed(3)
+        built.append((build().state_dict(), torch.get_rng_state()))
+    (theirs, their_rng), (ours, our_rng) = built
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(our_rng, their_rng)
 
 
 def test_lpips_untrained_mode_is_offline_and_loud(tmp_path, monkeypatch):

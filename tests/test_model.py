@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ldm import PRESETS, AsymmetricAutoencoderKL
-from ldm.modules.vae import AsymmetricDecoder, ConditionEncoder
+from ldm.modules.common import ConditionEncoder
+from ldm.modules.vae import AsymmetricDecoder
 
 TINY = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
 
@@ -44,13 +45,13 @@ def test_branch_off_is_the_plain_sd_decoder():
 
 
 def test_condition_encoder_feature_shapes():
-    feats = ConditionEncoder(ch=32)(torch.randn(2, 3, 64, 96))
+    feats = ConditionEncoder([32, 64, 128, 128, 128])(torch.randn(2, 3, 64, 96))
     assert [tuple(f.shape) for f in feats] == [
         (2, 32, 64, 96), (2, 64, 64, 96), (2, 128, 32, 48), (2, 128, 16, 24), (2, 128, 8, 12)]
 
 
 def test_features_are_pre_relu():
-    feats = ConditionEncoder(ch=32)(torch.randn(1, 3, 32, 32))
+    feats = ConditionEncoder([32, 64, 128, 128, 128])(torch.randn(1, 3, 32, 32))
     assert all((f < 0).any() for f in feats)
 
 

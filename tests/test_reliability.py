@@ -138,11 +138,12 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(tmp_path, name):
-    """As SLURM signals every process of a job step (and `kill -- -PGID` a group): with loader workers the run
-    still saves last.ckpt at the current step and exits 0 (the workers ignore the signal; before, a worker died
-    of it and the run with 'DataLoader worker (pid N) is killed by signal', exit 1, last.ckpt left behind)."""
+    """As SLURM signals every process of a job step (`kill -- -PGID` a group, a terminal's Ctrl-C its foreground
+    group): with loader workers the run still saves last.ckpt at the current step and exits 0 (the workers ignore
+    the signal; before, a worker died of it and the run with 'DataLoader worker (pid N) is killed by signal',
+    exit 1, last.ckpt left behind; Ctrl-C ended in KeyboardInterrupt tracebacks, exit 1, nothing saved)."""
     proc = start_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", "data.num_workers=1",
                        *NO_VAL, new_session=True)
     ckpt_dir = tmp_path / "run" / "checkpoints"
@@ -152,7 +153,28 @@ def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(tmp_path,
     assert proc.returncode == 0, err[-3000:]
     saved = step_of(ckpt_dir / "last.ckpt")
     assert f"{name}: last checkpoint {ckpt_dir / 'last.ckpt'} at step {saved}; stopping" in out + err
-    assert 2 <= saved < 400 and "killed by signal" not in err
+    assert 2 <= saved < 400 and "killed by signal" not in err and "Traceback" not in err
+    if name == "SIGINT":
+        assert "SIGINT: saving last.ckpt at the end of this step, then stopping (Ctrl-C again: stop at once" in err
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first SIGINT asks for a save at the step's end; the second raises KeyboardInterrupt (Lightning then
+    shuts down, exit 1); the handlers in place before training are back afterwards."""
+    from ldm.checkpointing import RunCheckpoint
+    callback, before = RunCheckpoint(dirpath="unused"), signal.getsignal(signal.SIGINT)
+    callback.on_train_start(type("Trainer", (), {"is_global_zero": False})(), None)  # installs the handlers
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("the first Ctrl-C stopped the run at once, unsaved")
+        assert callback.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        callback._restore_handlers()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):

@@ -1,5 +1,7 @@
 """Tier 3: train.py end to end on tiny configs (CPU): it learns, resumes exactly, runs DDP on two processes."""
+import contextlib
 import csv
+import io
 import math
 import subprocess
 import sys
@@ -27,6 +29,17 @@ def run_train(tmp_path, *overrides, name="run", resume=None, script="train.py", 
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def refused(tmp_path, *overrides, resume=None):
+    """run_train for a run train.py must refuse (exit 2), in this process: no second start-up of torch and
+    Lightning (seconds a call)."""
+    import train
+    argv = [*TINY, f"run.log_dir={tmp_path}", *overrides, "--name", "run", *(["--resume", resume] if resume else [])]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train.main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def val_rows(run_dir: Path):
@@ -63,17 +76,16 @@ def test_resume_restores_every_state(tmp_path):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3 and ckpt["config"]["model"]["autoencoder"]["ch"] == 32
     assert not any(k.startswith("perceptual.") for k in ckpt["state_dict"])
-    bad = run_train(tmp_path, "trainer.max_steps=5", *common, "model.autoencoder.num_res_blocks=2", resume="auto",
-                    check=False)
+    bad = refused(tmp_path, "trainer.max_steps=5", *common, "model.autoencoder.num_res_blocks=2", resume="auto")
     assert bad.returncode == 2 and "model.autoencoder.num_res_blocks was 1 in that run, now 2" in bad.stderr
     assert "--name run" in bad.stderr  # the hint resumes this run, not one named after config.yaml
     old = dict(ckpt, optimizer_states=[dict(ckpt["optimizer_states"][0], param_groups=[
         dict(g, params=[*g["params"], 10**6]) for g in ckpt["optimizer_states"][0]["param_groups"]])])
     torch.save(old, tmp_path / "old.ckpt")  # as from before post_quant_conv was frozen: a tensor more per group
-    bad = run_train(tmp_path, *common, resume=str(tmp_path / "old.ckpt"), check=False)
+    bad = refused(tmp_path, *common, resume=str(tmp_path / "old.ckpt"))
     assert bad.returncode == 2 and "decoder optimiser's groups hold" in bad.stderr, bad.stderr[-2000:]
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
-    bad = run_train(tmp_path, *common, resume=str(tmp_path / "garbage.ckpt"), check=False)
+    bad = refused(tmp_path, *common, resume=str(tmp_path / "garbage.ckpt"))
     assert bad.returncode == 2 and "unreadable checkpoint" in bad.stderr and "Traceback" not in bad.stderr
     probe = tmp_path / "probe.pt"
     proc = run_train(tmp_path, "trainer.max_steps=5", *common, f"+probe={probe}", resume="auto",
@@ -105,32 +117,31 @@ def _equal(a, b) -> bool:
 
 @pytest.mark.slow
 def test_a_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(tmp_path):
-    """Passes of 3 batches, posterior sampling, 2 loader workers, the GAN on from step 2: stopped by SIGUSR1 mid-pass
-    (step 4) or at a pass's end (step 3) and resumed, the run ends with the uninterrupted run's weights, bit for
-    bit: the resumed pass serves the batches the uninterrupted one served, and a batch's posterior noise is
-    drawn from (seed, rank, micro-batch). Before, a resumed pass drew fresh crops, masks and noise."""
+    """Passes of 3 batches, posterior sampling, 2 loader workers, the GAN on from step 2: stopped by SIGUSR1 at a
+    pass's end (step 3), resumed and stopped again mid-pass (step 4), and resumed, the run ends with the
+    uninterrupted run's weights, bit for bit: the resumed pass serves the batches the uninterrupted one served, and
+    a batch's posterior noise is drawn from (seed, rank, micro-batch). Before, a resumed pass drew fresh crops,
+    masks and noise."""
     common = ["trainer.max_steps=7", "data.epoch_length=6", "model.sample_posterior=true", "data.num_workers=2",
               "loss.disc_start=2", "run.checkpoint_every_n_steps=100", "trainer.val_check_interval=100"]
     run_train(tmp_path, *common, name="whole")
     whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    for stop in (4, 3):
-        name = f"stopped{stop}"
-        run_train(tmp_path, *common, f"+signal=SIGUSR1@{stop}", name=name, script="tests/fault_probe.py")
-        stopped = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert stopped["global_step"] == stop
-        proc = run_train(tmp_path, *common, name=name, resume="auto")
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    for stop in (3, 4, None):  # one run stopped at 3 (`--resume auto`: no checkpoint yet), at 4, then to its end
+        proc = run_train(tmp_path, *common, *([f"+signal=SIGUSR1@{stop}"] if stop else []), name="stopped",
+                         resume="auto", script="tests/fault_probe.py" if stop else "train.py")
         assert "dataloader is not resumable" not in proc.stderr  # Lightning's warning: the loader says it is
-        resumed = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert resumed["global_step"] == 7
-        for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
-            assert _equal(resumed[key], whole[key]), (stop, key)
+        assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == (stop or 7)
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    for key in ("current_model_state", "state_dict"):  # the live weights (discriminator too) and the EMA
+        assert _equal(resumed[key], whole[key]), key
 
 
 def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
     run_train(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=1")
-    proc = run_train(tmp_path, "trainer.max_steps=1", check=False)
+    proc = refused(tmp_path, "trainer.max_steps=1")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
-    proc = run_train(tmp_path, "run.overwrite=true", "model.vae_ckpt=nowhere.ckpt", check=False)
+    proc = refused(tmp_path, "run.overwrite=true", "model.vae_ckpt=nowhere.ckpt")
     assert proc.returncode == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # kept: bad config
     run_train(tmp_path, "trainer.max_steps=1", "trainer.val_check_interval=1", "run.checkpoint_every_n_steps=1",
               "run.overwrite=true")
@@ -141,7 +152,7 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
 
 
 def test_config_errors_stop_before_any_work(tmp_path):
-    proc = run_train(tmp_path, "model.autoencoder.chh=3", check=False)
+    proc = refused(tmp_path, "model.autoencoder.chh=3")
     assert proc.returncode == 2 and "unknown config key 'model.autoencoder.chh'" in proc.stderr
     assert not (tmp_path / "run").exists()
 
@@ -203,7 +214,7 @@ def test_model_compile_compiles_the_blocks_and_keeps_the_numbers(checkpointing):
 
 
 def test_model_compile_rejects_an_unknown_backend(tmp_path):
-    proc = run_train(tmp_path, "model.compile=inductr", check=False)
+    proc = refused(tmp_path, "model.compile=inductr")
     assert proc.returncode == 2 and "model.compile must be true, false or a torch.compile backend" in proc.stderr
     assert "got 'inductr'" in proc.stderr and not (tmp_path / "run").exists()
 

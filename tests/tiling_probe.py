@@ -53,7 +53,7 @@ def main(px: int, tile: int) -> dict:
              "untiled": lambda: vae.decoder(h, *cond)}
     outs, mib = {}, {}
     with torch.no_grad():
-        tiled_decode(vae.decoder, h[..., :16, :16], *(t[..., :128, :128] for t in cond), tile=8)  # warm-up
+        tiled_decode(vae.decoder, h[..., :16, :16], *(t[..., :128, :128] for t in cond), tile=9)  # warm-up
         for name, fn in modes.items():
             outs[name], peak = peak_over_resident(fn)
             mib[name] = peak / 2 ** 20

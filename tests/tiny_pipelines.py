@@ -52,19 +52,50 @@ def t5_text():
                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
 
 
-def qwen_text(folder: Path):
-    """Z-Image's text side: a tiny Qwen3 and a word tokenizer with a chat template (the pipeline applies one)."""
+def qwen_text(folder: Path, layers: int = 2, causal_lm: bool = False):
+    """Z-Image's text side (FLUX.2 Klein's: a Qwen3ForCausalLM, read at its hidden states 9, 18 and 27): a tiny Qwen3
+    and a word tokenizer with a chat template (the pipeline applies one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3Model
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate("<pad> <unk> a an the cat dog".split())},
                                      unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                         chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     torch.manual_seed(3)
-    text = Qwen3Model(Qwen3Config(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  num_key_value_heads=2, head_dim=8, vocab_size=8, max_position_embeddings=512))
+    text = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+        head_dim=8, vocab_size=8, max_position_embeddings=512))
     return text.eval(), tokenizer
+
+
+def qwen_vl(folder: Path, processor: bool = False) -> dict:
+    """Qwen-Image's text side: a tiny Qwen2.5-VL and a byte-level BPE tokenizer without merges (one token a byte)
+    holding Qwen2.5-VL's special tokens; with `processor`, the Qwen2-VL processor (its image processor small)
+    that Qwen-Image-Edit encodes the image with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2TokenizerFast
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, additional_special_tokens=special, model_max_length=1024)
+    ids = dict(zip(("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+                   tokenizer.convert_tokens_to_ids(special[2:])))
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                rope_theta=1e6, vocab_size=len(tokenizer),
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+    torch.manual_seed(4)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, hidden_size=16, vocab_size=len(tokenizer), **ids)).eval()
+    out = dict(text_encoder=encoder, tokenizer=tokenizer)
+    if processor:
+        from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+        out["processor"] = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56,
+                                                                                  max_pixels=56 * 56),
+                                            tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor())
+    return out
 
 
 def flux_transformer(vae, fill=False):
@@ -123,12 +154,26 @@ def components(cls: str, vae, folder: Path) -> dict:
             transformer.cap_pad_token.fill_(1.0)
         text, tokenizer = qwen_text(folder)
         return dict(**flow, text_encoder=text, tokenizer=tokenizer, transformer=transformer)
+    if cls == "Flux2KleinInpaintPipeline":  # packed 2x2 patches (4C); the text: 3 Qwen3 hidden states of 16 stacked
+        transformer = diffusers.Flux2Transformer2DModel(
+            patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=3 * 16, axes_dims_rope=[4, 4, 4, 4],
+            guidance_embeds=False)
+        text, tokenizer = qwen_text(folder, layers=27, causal_lm=True)
+        # step-distilled, as Klein 4B and 9B: no classifier-free guidance, so the 512 text tokens are encoded once
+        return dict(**flow, text_encoder=text, tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+    if cls in ("QwenImageInpaintPipeline", "QwenImageEditInpaintPipeline"):  # packed 2x2 patches (4 x 16 = 64)
+        transformer = diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+        return dict(**flow, **qwen_vl(folder, processor=cls == "QwenImageEditInpaintPipeline"),
+                    transformer=transformer)
     raise ValueError(cls)
 
 
 def build(cls: str, vae, folder: Path):
-    """(the pipeline, its folder): a random diffusers `cls` pipeline around `vae` (its family's AutoencoderKL), saved
-    with save_pretrained."""
+    """(the pipeline, its folder): a random diffusers `cls` pipeline around `vae` (its family's AutoencoderKL,
+    AutoencoderKLFlux2 or AutoencoderKLQwenImage), saved with save_pretrained."""
     pipe = getattr(diffusers, cls)(vae=vae, **components(cls, vae, folder))
     pipe.save_pretrained(folder / "pipeline")
     return pipe, folder / "pipeline"

@@ -1,4 +1,4 @@
-"""The training recipe: frozen SD encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN."""
+"""The training recipe: frozen encoder, trainable asymmetric decoder, L1 + LPIPS + PatchGAN (any family)."""
 import contextlib
 import math
 import re
@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from ..metrics import region_metrics
-from ..modules.autoencoder import AsymmetricAutoencoderKL
+from ..modules.common import AsymmetricAutoencoder, Block, DiagonalGaussianDistribution
 from ..modules.losses import (adaptive_weight_from_output_grads, discriminator_loss, generator_loss,
                               reconstruction_losses)
 from .nonfinite import NonFiniteSteps
-from ..modules.vae import AttnBlock, Blend, DiagonalGaussianDistribution, Downsample, ResnetBlock, Upsample
 
 NOISE_STREAM = 7  # seed-sequence tag of the posterior samples and latent noise (data/datasets.py lists the others)
 VAL_NOISE_STREAM = 8  # the fixed noise of validation's perturbed latents (model.val_latent_noise)
@@ -65,9 +64,9 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
-    """torch.compile, in place, each block of `module` (ResnetBlock, AttnBlock, Upsample, Downsample, Blend) and
-    each GroupNorm outside them (norm_out); names, hooks and state_dict keys stay. Returns how many. `backend`:
-    "inductor", or "aot_eager" / "eager" to debug a compile problem.
+    """torch.compile, in place, each block of `module` (its family's Blocks: SD's ResnetBlock, AttnBlock, Upsample,
+    Downsample; the Blend) and each GroupNorm outside them (norm_out); names, hooks and state_dict keys stay.
+    Returns how many. `backend`: "inductor", or "aot_eager" / "eager" to debug a compile problem.
 
     Inductor fuses GroupNorm, SiLU and the residual add around cuDNN's convs and keeps channels_last through
     GroupNorm, upsampling and the mask blend (eager CUDA GroupNorm returns NCHW: two layout copies per call).
@@ -77,9 +76,9 @@ def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
     import torch._dynamo.config as dynamo_config
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-    blocks = [m for m in module.modules() if isinstance(m, (ResnetBlock, AttnBlock, Upsample, Downsample, Blend))]
-    inside = {id(n) for b in blocks for n in b.modules() if isinstance(n, nn.GroupNorm)}
-    blocks += [m for m in module.modules() if isinstance(m, nn.GroupNorm) and id(m) not in inside]
+    units = [m for m in module.modules() if isinstance(m, (Block, nn.GroupNorm))]
+    inside = {id(n) for b in units for n in b.modules() if n is not b}
+    blocks = [m for m in units if id(m) not in inside]  # the outermost: a block's own norms compile with it
     for m in blocks:
         m.compile(backend=backend, dynamic=False)
     return len(blocks)
@@ -104,7 +103,7 @@ def keep_out_of_checkpoints(perceptual: nn.Module) -> None:
 class AsymmetricDecoderTraining(pl.LightningModule):
     """Trains `vae.decoder` with one decoder forward per batch; encoder, quant_conv and post_quant_conv stay frozen."""
 
-    def __init__(self, vae: AsymmetricAutoencoderKL, discriminator: nn.Module, perceptual: Optional[nn.Module],
+    def __init__(self, vae: AsymmetricAutoencoder, discriminator: nn.Module, perceptual: Optional[nn.Module],
                  loss: Optional[LossConfig] = None, optim: Optional[OptimConfig] = None, batch_size: int = 1,
                  sample_posterior: bool = True, latent_noise: float = 0.0, val_latent_noise: float = 0.0,
                  warm_start_keys: Iterable[str] = (), channels_last: bool = False,

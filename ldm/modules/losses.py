@@ -15,11 +15,13 @@ adaptive_weight_from_output_grads.
 
 import os
 import warnings
+from unittest import mock
 
 import lpips
 import torch
 import torch.nn.functional as F
 import torchvision
+from lpips import pretrained_networks
 from torch import nn
 
 # ImageNet weights of the LPIPS trunks, as torchvision names them; lpips loads them via torch.hub
@@ -168,6 +170,48 @@ def _require_trunk_weights(net):
     )
 
 
+def _skip_draws(count):
+    """Advance the default CPU generator as `count` float draws (uniform_, or normal_ on a multiple of 16) would."""
+    if count % 2:
+        torch.empty(1).uniform_()
+    pairs, chunk = count // 2, torch.empty(1 << 20, dtype=torch.int64)
+    while pairs:
+        n = min(pairs, chunk.numel())
+        chunk[:n].random_(-2**63, None)  # full-range int64: two 32-bit draws each, nothing else
+        pairs -= n
+
+
+def _vgg16_without_classifier(pretrained=False):
+    """torchvision's vgg16 for lpips, which keeps only `.features`: those weights, and the CPU generator's state after
+    them, are torchvision's, but the 120M-parameter classifier is shapes on the meta device and its random draws are
+    skipped, not made (making them into 495 MB took 1.3 s of the 2 s build). The random stream stays that of
+    torchvision.models.vgg16, so what is built after LPIPS (the discriminator) is initialised as before."""
+    tv = torchvision.models.vgg
+    features = tv.make_layers(tv.cfgs["D"])  # Conv2d's default init: the draws torchvision's build makes first
+    with torch.device("meta"):
+        classifier = [m for m in tv.VGG(nn.Sequential(), init_weights=False).classifier if isinstance(m, nn.Linear)]
+    _skip_draws(sum(p.numel() for m in classifier for p in m.parameters()))  # nn.Linear's default init
+    with torch.device("meta"):  # the classifier again on meta; VGG's own init of the features unless pretrained
+        vgg = tv.VGG(features, init_weights=not pretrained)
+    if pretrained:  # torchvision's own load of the file _require_trunk_weights checked; features.* only
+        state = _TRUNK_WEIGHTS["vgg"].get_state_dict(progress=False, check_hash=True)
+        vgg.features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                      if k.startswith("features.")})
+    else:
+        _skip_draws(sum(m.weight.numel() for m in classifier))  # VGG's normal_ init of the Linear weights
+    return vgg
+
+
+class _FeaturesOnlyModels:
+    """torchvision.models as lpips.pretrained_networks sees it while PerceptualLoss builds: vgg16 without its
+    classifier, every other model torchvision's own."""
+
+    vgg16 = staticmethod(_vgg16_without_classifier)
+
+    def __getattr__(self, name):
+        return getattr(torchvision.models, name)
+
+
 class PerceptualLoss(lpips.LPIPS):
     """Frozen LPIPS (v0.1) on [-1, 1] images, always in fp32: (B, 3, H, W) x2 -> (B,) or mean.
 
@@ -194,14 +238,16 @@ class PerceptualLoss(lpips.LPIPS):
             # keys are `lin*.model.1.weight` and lpips loads them with strict=False, so without the
             # dropout slot the heads would silently stay random. model_path is explicit because
             # lpips finds its default via inspect.getfile(self.__init__), i.e. this file.
-            super().__init__(
-                pretrained=True,
-                net=net,
-                version="0.1",
-                pnet_rand=not pretrained,
-                model_path=lpips_heads_path(net),
-                verbose=False,
-            )
+            # lpips builds its trunk through pretrained_networks.tv (torchvision.models) and keeps `.features`
+            with mock.patch.object(pretrained_networks, "tv", _FeaturesOnlyModels()):
+                super().__init__(
+                    pretrained=True,
+                    net=net,
+                    version="0.1",
+                    pnet_rand=not pretrained,
+                    model_path=lpips_heads_path(net),
+                    verbose=False,
+                )
         self.requires_grad_(False)
         self.eval()
 

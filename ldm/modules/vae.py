@@ -1,4 +1,4 @@
-"""Building blocks of the SD KL-f8 autoencoder and the asymmetric decoder.
+"""The SD family's networks: the blocks of the SD KL-f8 autoencoder, its encoder and the asymmetric decoder.
 
 Module names follow the official ldm checkpoints (`down.i.block.j`, `mid.attn_1`, `up.i.upsample`, ...)
 so that official weights load by key copy; renamings to the diffusers layout live in `ldm/convert.py`.
@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .common import Block, Blend, ConditionEncoder
+
 
 def Normalize(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
-class ResnetBlock(nn.Module):
+class ResnetBlock(Block):
     """Pre-activation residual block (GroupNorm, SiLU, 3x3 conv) x2, 1x1 `nin_shortcut` when widths differ."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
@@ -36,7 +38,7 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(Block):
     """Single-head spatial self-attention with 1x1-conv projections (the SD mid-block attention)."""
 
     def __init__(self, channels: int):
@@ -58,7 +60,7 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(y)
 
 
-class Upsample(nn.Module):
+class Upsample(Block):
     """Nearest-neighbour x2 then a 3x3 conv."""
 
     def __init__(self, channels: int):
@@ -69,7 +71,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Downsample(nn.Module):
+class Downsample(Block):
     """3x3 stride-2 conv after an asymmetric (right, bottom) zero pad, as SD."""
 
     def __init__(self, channels: int):
@@ -126,47 +128,6 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class ConditionEncoder(nn.Module):
-    """The masked-image branch: five plain convs, ReLU between, features kept pre-ReLU.
-
-    Outputs for an (B,3,H,W) input, with ch the decoder width:
-    (B,ch,H,W), (B,2ch,H,W), (B,4ch,H/2,W/2), (B,4ch,H/4,W/4), (B,4ch,H/8,W/8).
-    """
-
-    def __init__(self, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 4), in_channels: int = 3):
-        super().__init__()
-        # one feature per decoder injection point: widths[0] is up.0's output (blended before norm_out);
-        # widths[n], n >= 1, feeds up.(n-1)'s input, i.e. up.n's output (the mid block's for n = len(ch_mult)).
-        # (1,2,4,4): ch, 2ch, 4ch, 4ch, 4ch, as the official branch
-        widths = [ch * m for m in ch_mult] + [ch * ch_mult[-1]]
-        layers, c_in = [], in_channels
-        for n, c_out in enumerate(widths):
-            if n < 2:
-                layers.append(nn.Conv2d(c_in, c_out, 3, stride=1, padding=1))
-            else:
-                layers.append(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1))
-            c_in = c_out
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, masked_image: torch.Tensor) -> list[torch.Tensor]:
-        feats, x = [], masked_image
-        for n, layer in enumerate(self.layers):
-            x = layer(x)
-            feats.append(x)  # pre-ReLU, as the official checkpoints were trained
-            if n < len(self.layers) - 1:
-                x = F.relu(x)
-        return feats
-
-
-class Blend(nn.Module):
-    """Mask-gated replacement h*m + f*(1-m): holes (m=1) keep the latent path, known pixels the branch.
-    A module (no weights) so that model.compile can compile it (its elementwise ops fuse)."""
-
-    def forward(self, h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)
-        return h * m + feat.to(h.dtype) * (1 - m)
-
-
 class AsymmetricDecoder(nn.Module):
     """SD decoder of any width, with an optional masked-image conditional branch (`encoder`).
 
@@ -175,11 +136,14 @@ class AsymmetricDecoder(nn.Module):
     the inputs of up.3, up.2, up.1, up.0 and the output of up.0. Without them it is a plain decoder.
     """
 
+    whole_image_norms = True  # GroupNorm: a tiled decode normalises with the whole image's statistics
+
     def __init__(self, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  out_channels: int = 3, z_channels: int = 4, use_condition: bool = True,
                  gradient_checkpointing: bool = False):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
+        self.upsample_factor = 2 ** (len(ch_mult) - 1)
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
         self.mid = MidBlock(block_in)
@@ -197,8 +161,10 @@ class AsymmetricDecoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
         # named `encoder` like the official checkpoints (diffusers: `condition_encoder`); its input is the
-        # masked image, which has the output's channels
-        self.encoder = ConditionEncoder(ch, ch_mult, in_channels=out_channels) if use_condition else None
+        # masked image, which has the output's channels. One feature per injection point: up.0's output, then
+        # the inputs of up.0 .. up.3 (the mid block's output); (1,2,4,4): ch, 2ch, 4ch, 4ch, 4ch, as the official
+        widths = [ch * m for m in ch_mult] + [ch * ch_mult[-1]]
+        self.encoder = ConditionEncoder(widths, in_channels=out_channels) if use_condition else None
         self.blend = Blend()
 
     @property
@@ -225,8 +191,15 @@ class AsymmetricDecoder(nn.Module):
         conditioned = masked_image is not None
         if conditioned and not self.use_condition:
             raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
-        feats = self._run(self.encoder, masked_image) if conditioned else None
-        return self.up_path(self._run(self.mid, self.conv_in(z)), feats, mask)
+        return self.up_path(self.mid_path(z), self.branch(masked_image) if conditioned else None, mask)
+
+    def mid_path(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_channels, h, w) -> the mid block's output (B, C, h, w): the attention, over the whole latent."""
+        return self._run(self.mid, self.conv_in(z))
+
+    def branch(self, masked_image: torch.Tensor) -> list:
+        """The masked-image branch's features, full resolution first (ConditionEncoder)."""
+        return self._run(self.encoder, masked_image)
 
     def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
         """Mid-block output (B, C, h, w) -> image (B, 3, 8h, 8w); `feats` (the branch's) and `mask` or neither.
@@ -239,19 +212,3 @@ class AsymmetricDecoder(nn.Module):
         if conditioned:
             h = self.blend(h, feats[0], mask)  # (B, ch, H, W): the branch's first layer
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class DiagonalGaussianDistribution:
-    """Posterior q(z|x) from the encoder's moments (B, 2C, h, w): mean and log-variance halves."""
-
-    def __init__(self, moments: torch.Tensor):
-        self.mean, logvar = torch.chunk(moments, 2, dim=1)
-        self.logvar = torch.clamp(logvar, -30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
-
-    def mode(self) -> torch.Tensor:
-        return self.mean

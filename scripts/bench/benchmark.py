@@ -76,7 +76,7 @@ def parse_args(argv=None):
                    help="GiB per GPU (default: CUDA the whole card, the CPU estimate 80); on CUDA a cap below the "
                         "card (torch.cuda.set_per_process_memory_fraction), e.g. 79.18 for an H100 80GB on a larger "
                         "card")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides on either side of the flags
 
     def flag(dest):
         return f"--{dest.replace('_', '-')}"
@@ -197,9 +197,9 @@ def decoder_flops(cfg) -> int:
     Counted without gradient checkpointing: its recompute is extra work, not model FLOPs (MFU's numerator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ldm import AsymmetricAutoencoderKL
+    from ldm import build_autoencoder
     with torch.device("meta"):
-        vae = AsymmetricAutoencoderKL(**{**cfg.model.autoencoder, "gradient_checkpointing": False})
+        vae = build_autoencoder(**{**cfg.model.autoencoder, "gradient_checkpointing": False})
         b, r = cfg.data.batch_size, cfg.data.resolution
         z = torch.empty(b, cfg.model.autoencoder.embed_dim, r // 8, r // 8)
         image, mask = torch.empty(b, 3, r, r), torch.empty(b, 1, r, r)

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from ldm.cli import at_least, multiple_of_8  # noqa: E402
 from ldm.modules.autoencoder import PRESETS, AsymmetricAutoencoderKL  # noqa: E402
+from ldm.tiling import OVERLAP  # noqa: E402
 
 # the published model configs (diffusers' config.json of each), the parts that set the compute
 SD15_UNET = dict(in_channels=9, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                    help="implementations to time (default: ours tiled diffusers on a CPU, all on a GPU)")
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--warmup", type=at_least(0), default=1, help="untimed decodes before the timed ones")
-    p.add_argument("--tile", type=at_least(1), default=64, help="latent tile side of the tiled rows")
+    p.add_argument("--tile", type=at_least(OVERLAP + 1), default=64, help="latent tile side of the tiled rows")
     p.add_argument("--row", nargs=6, default=None, help=argparse.SUPPRESS)  # the subprocess of one row
     args = p.parse_args(argv)
     if args.row:

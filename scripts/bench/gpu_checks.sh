@@ -2,7 +2,7 @@
 # The GPU checks: the GPU tests, profiles of our x1.5 step (eager, compiled), the x1.5 benchmarks (bf16 vs the
 # naive fp32 loop: compiled with and without the latent cache, eager; batch 16; all-bf16 against official and
 # naive), x2 at 512 px, 300 training steps of x1.5 at 256 px (compiled), and the largest-batch search. Each part
-# has its own time limit (all together: up to ~36 min) and writes OUT/<part>.log; a part that fails or times out
+# has its own time limit (all together: up to ~50 min) and writes OUT/<part>.log; a part that fails or times out
 # does not stop the rest. Compiled parts share inductor's on-disk cache: the first one pays most of the compiling
 # (on an H200 the first compiled benchmark needs over 190 s, 122 s with the cache warm).
 #     bash scripts/bench/gpu_checks.sh [OUT_DIR [PART ...]]   (default gpu_checks/; the PARTs in the order given,
@@ -10,8 +10,8 @@
 # PARTs: bench_compile_vs_naive_fp32 tests profile_compile max_batch_x15 train_x15 bench_compile_cached_vs_naive_fp32
 #        max_batch profile bench_vs_naive_fp32 bench_batch16 bench_all_bf16 x2_512_batch2
 #        decode_cost (benchmark_decode.py --latency: every decoder at 512-2048 px; ours, tiled, diffusers, bf16)
-#        bases_bf16 (two bf16-mixed steps of x1.5 at 256 px on each of sdxl, sd3, flux, random weights, GAN and
-#        validation on)
+#        bases_bf16 (two bf16-mixed steps of x1.5 at 256 px on each of sdxl, sd3, flux, flux2, qwenimage, random
+#        weights, GAN and validation on)
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${1:-gpu_checks}
@@ -70,7 +70,7 @@ run_part() {
         data.batch_size=2 trainer.precision=bf16-mixed model.channels_last=true --steps 3 --warmup 2 ;;
     decode_cost) part "$1" 480 "$PY" scripts/bench/benchmark_decode.py --latency --impls ours tiled diffusers bf16 \
         --repeats 2 ;;
-    bases_bf16) part "$1" 300 env PY="$PY" OUT="$OUT" RANDOM_INIT="$RANDOM_INIT" bash -c 'for base in sdxl sd3 flux; do
+    bases_bf16) part "$1" 480 env PY="$PY" OUT="$OUT" RANDOM_INIT="$RANDOM_INIT" bash -c 'for base in sdxl sd3 flux flux2 qwenimage; do
             "$PY" train.py -c configs/x1_5.yaml -c configs/bases/$base.yaml $RANDOM_INIT data.resolution=256 \
                 trainer.precision=bf16-mixed trainer.max_steps=2 loss.disc_start=1 trainer.val_check_interval=2 \
                 trainer.limit_val_batches=1 trainer.enable_progress_bar=false run.log_dir="$OUT/logs" \

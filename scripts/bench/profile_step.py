@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=at_least(1), default=3, help="unprofiled steps first (cuDNN autotuning, compilation)")
     p.add_argument("--top", type=at_least(1), default=20, help="kernels listed")
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (chrome://tracing, perfetto)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides on either side of the flags
     try:
         args.cfg = load(args.config, args.overrides)
     except ConfigError as err:  # a bad key or value: named, before any step runs

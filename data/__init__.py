@@ -1,6 +1,7 @@
 """Data: random inpainting masks, image sources (sample photos, folders, webdataset shards), the datamodule.
 
 Batches are dicts: "image" float32 (B,3,R,R) in [-1,1], "mask" float32 (B,1,R,R) with 1 = hole, "key" ids;
+validation batches add "index" (B,), each image's place among the validation images;
 training on a latent cache adds the posterior "mean" and "logvar", float32 (B,4,R/8,R/8).
 """
 from .datamodule import EpochLoader, ImageMaskDataModule, LogSkippedFiles

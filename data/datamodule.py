@@ -9,6 +9,7 @@ import torch.distributed as dist
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader
 
+from .buckets import SQUARE, ShapeBatches, aspect_buckets
 from .datasets import ImageMaskTrain, ImageMaskVal
 from .images import load_crop
 from .latents import LatentCacheTrain, check_cache, is_latent_cache
@@ -102,12 +103,14 @@ class ImageMaskDataModule(pl.LightningDataModule):
     A `source` of latent-cache shards (scripts/cache_latents.py; detected by their samples) yields its stored
     crops with fresh masks plus "mean" and "logvar"; it needs flip=False, and must have been made at
     `resolution` and with the encoder whose weights give `encoder_fingerprint` (None: not checked).
+    aspect_ratios (width / height): crops of (H, W) buckets of about resolution**2 pixels (data.buckets), one bucket
+    per training batch, validation image i in bucket i mod n (batched by shape); (1.0,) = square crops, the paper.
     `skipped` counts the unreadable files met so far on this rank (LogSkippedFiles logs it).
     """
 
     def __init__(self, source="sample", resolution=256, batch_size=4, num_workers=4, seed=0, val_source=None,
                  val_size=64, epoch_length=1281167, flip=True, crop_min_scale=0.5, shuffle_buffer=1000, masks=None,
-                 encoder_fingerprint=None):
+                 aspect_ratios=SQUARE, encoder_fingerprint=None):
         super().__init__()
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
@@ -116,6 +119,7 @@ class ImageMaskDataModule(pl.LightningDataModule):
         self.seed, self.val_size, self.epoch_length = int(seed), val_size, int(epoch_length)
         self.flip, self.crop_min_scale, self.shuffle_buffer = bool(flip), float(crop_min_scale), int(shuffle_buffer)
         self.mask_kwargs = plain(masks or {})
+        self.buckets = aspect_buckets(self.resolution, plain(aspect_ratios))
         self.encoder_fingerprint = encoder_fingerprint  # train.py: that of the run's frozen encoder
         self.train_set = self.val_set = None
 
@@ -142,20 +146,20 @@ class ImageMaskDataModule(pl.LightningDataModule):
             kwargs = dict(seed=self.seed, rank=rank, world_size=world, batch_size=self.batch_size,
                           crop_min_scale=self.crop_min_scale, shuffle_buffer=self.shuffle_buffer)
             if is_latent_cache(source):
-                check_cache(source, self.resolution, self.flip, self.encoder_fingerprint)
+                check_cache(source, self.resolution, self.flip, self.encoder_fingerprint, self.buckets)
                 self.train_set = LatentCacheTrain(source, self.resolution, masks, batches * self.batch_size,
                                                   encoder=self.encoder_fingerprint, **kwargs)
             else:
                 self.train_set = ImageMaskTrain(source, self.resolution, masks, batches * self.batch_size,
-                                                flip=self.flip, **kwargs)
+                                                flip=self.flip, buckets=self.buckets, **kwargs)
         if stage in (None, "fit", "validate") and self.val_set is None:
             source = resolve_source(self.val_source)
             check_readable(source, self.resolution)
             self.val_set = ImageMaskVal(source, self.resolution, masks, seed=self.seed, rank=rank,
-                                        world_size=world, size=self.val_size)
+                                        world_size=world, size=self.val_size, buckets=self.buckets)
 
-    def _loader_kwargs(self):
-        return dict(batch_size=self.batch_size, num_workers=self.num_workers,
+    def _loader_kwargs(self, batch_size):
+        return dict(batch_size=batch_size, num_workers=self.num_workers,
                     pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
                     worker_init_fn=init_worker)
 
@@ -164,12 +168,13 @@ class ImageMaskDataModule(pl.LightningDataModule):
             self.setup("fit")
         trainer = self.trainer
         trained_fn = (lambda: trained_batches(trainer)) if trainer is not None else None
-        return EpochLoader(self.train_set, trained_fn=trained_fn, **self._loader_kwargs())
+        return EpochLoader(self.train_set, trained_fn=trained_fn, **self._loader_kwargs(self.batch_size))
 
     def val_dataloader(self):
         if self.val_set is None:
             self.setup("validate")
-        return DataLoader(self.val_set, **self._loader_kwargs())
+        # batched in the workers, one image shape per batch (one bucket: the batches of batch_size DataLoader makes)
+        return DataLoader(ShapeBatches(self.val_set, self.batch_size), **self._loader_kwargs(None))
 
     @property
     def skipped(self):

@@ -15,8 +15,9 @@ from .images import SkipCounter, load_crop
 from .masks import sample_rng
 from .sources import file_samples, shard_samples
 
-# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6, posterior noise: 7)
-TRAIN_STREAM, ORDER_STREAM, VAL_STREAM, LAP_STREAM = 0, 1, 2, 5
+# seed-sequence tags: the streams never overlap (evaluation masks: 3, latent caches: 4 and 6, posterior noise: 7,
+# validation's latent noise: 8)
+TRAIN_STREAM, ORDER_STREAM, VAL_STREAM, LAP_STREAM, BUCKET_STREAM = 0, 1, 2, 5, 9
 
 
 def worker_slot():
@@ -38,8 +39,8 @@ def to_image(pixels):
 
 
 def to_sample(pixels, mask, key):
-    """(R, R, 3) uint8 and (R, R) {0,1} arrays -> the batch-element dict (image in [-1, 1], mask 1 = hole)."""
-    return {"image": to_image(pixels), "mask": torch.from_numpy(mask).float()[None], "key": key}  # mask (1, R, R)
+    """(H, W, 3) uint8 and (H, W) {0,1} arrays -> the batch-element dict (image in [-1, 1], mask 1 = hole)."""
+    return {"image": to_image(pixels), "mask": torch.from_numpy(mask).float()[None], "key": key}  # mask (1, H, W)
 
 
 def shuffled(pairs, rng, size, initial=100):
@@ -70,10 +71,13 @@ class ImageMaskTrain(IterableDataset):
     (b + w) mod num_workers had, files skip to batch b, and a shard reader reads past (without decoding) the
     samples it had served. Exact with the same ranks and workers, unless unreadable files or samples fell
     before batch b (each shifts its reader's stream by one).
+
+    `buckets` ((H, W) shapes, data.buckets.aspect_buckets; default the square (R, R)): batch b of a pass takes the
+    bucket drawn from (seed, epoch, b), the same on every rank, for its crops and masks.
     """
 
     def __init__(self, source, resolution, mask_generator, length, seed=0, rank=0, world_size=1,
-                 batch_size=1, crop_min_scale=0.5, flip=True, shuffle_buffer=1000):
+                 batch_size=1, crop_min_scale=0.5, flip=True, shuffle_buffer=1000, buckets=None):
         if length < batch_size or length % batch_size:
             raise ValueError(f"length {length} must be a positive multiple of batch_size {batch_size}")
         if not len(source):
@@ -82,6 +86,7 @@ class ImageMaskTrain(IterableDataset):
         self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
         self.batch_size, self.crop_min_scale, self.flip = batch_size, crop_min_scale, flip
         self.shuffle_buffer = shuffle_buffer
+        self.buckets = list(buckets or [(resolution, resolution)])
         self.skipped = SkipCounter()
         # (epoch, first batch) in shared memory: persistent workers see set_epoch; no lock (only the main process
         # writes)
@@ -155,8 +160,15 @@ class ImageMaskTrain(IterableDataset):
         return shard_samples(urls, on_error)
 
     def make_sample(self, key, raw, rng, mask):
-        """The batch element: a random crop of the decoded image (raises on unreadable data: skipped)."""
-        return to_sample(load_crop(raw, self.resolution, rng, self.crop_min_scale, self.flip), mask, key)
+        """The batch element: a random crop of the decoded image at the mask's shape (raises on unreadable data:
+        skipped)."""
+        return to_sample(load_crop(raw, mask.shape, rng, self.crop_min_scale, self.flip), mask, key)
+
+    def bucket(self, epoch, batch):
+        """(H, W) of the pass's batch `batch` (the same on every rank)."""
+        if len(self.buckets) == 1:
+            return self.buckets[0]
+        return self.buckets[sample_rng(self.seed, BUCKET_STREAM, epoch, batch).integers(len(self.buckets))]
 
     def __iter__(self):
         worker, num_workers = worker_slot()
@@ -164,7 +176,8 @@ class ImageMaskTrain(IterableDataset):
         # the DataLoader takes its i-th batch from worker i mod num_workers: this worker serves the pass's batches
         # first + worker, first + worker + num_workers, ..., those of worker `part` in a pass started at batch 0
         part, batches = (first + worker) % num_workers, self.length // self.batch_size
-        todo = self.batch_size * len(range(first + worker, batches, num_workers))
+        mine = range(first + worker, batches, num_workers)  # the pass's batches this worker serves, in order
+        todo, done = self.batch_size * len(mine), 0
         if self.source.kind == "files":  # then further positions, in place of unreadable files
             stream = self._file_stream(epoch, itertools.count(first + worker, num_workers))
         else:  # a shard holds many samples: shards are dealt to readers, their samples mixed in a buffer
@@ -177,13 +190,13 @@ class ImageMaskTrain(IterableDataset):
             if misses > give_up:
                 raise RuntimeError(f"image source {self.source.name!r}: no usable image in {give_up} attempts")
             rng, key, raw = next(stream)
-            mask = self.masks(rng)  # drawn first: the mask stream does not depend on the images
-            try:
+            mask = self.masks(rng, self.bucket(epoch, mine[done // self.batch_size]))  # drawn first: the mask
+            try:  # stream does not depend on the images
                 sample = self.make_sample(key, raw, rng, mask)
             except Exception as error:  # corrupt, truncated, zero-byte, not an image: skip and count
                 self.skipped.add(key, error)
                 continue
-            misses, todo = 0, todo - 1
+            misses, todo, done = 0, todo - 1, done + 1
             yield sample
 
 
@@ -194,12 +207,14 @@ class ImageMaskVal(IterableDataset):
     workers, so every rank gets one when size >= world_size and none idles at DDP's metric reduction):
     over all ranks and workers every image is seen exactly once, and its crop and mask never depend on
     the number of ranks or workers. Every reader reads (not decodes) the first `size` samples, so keep
-    val_size moderate for remote shards.
+    val_size moderate for remote shards. With `buckets` ((H, W) shapes) image i takes bucket i mod len(buckets)
+    (batch them with data.buckets.ShapeBatches).
     """
 
-    def __init__(self, source, resolution, mask_generator, seed=0, rank=0, world_size=1, size=None):
+    def __init__(self, source, resolution, mask_generator, seed=0, rank=0, world_size=1, size=None, buckets=None):
         self.source, self.resolution, self.masks = source, resolution, mask_generator
         self.seed, self.rank, self.world_size, self.size = seed, rank, world_size, size
+        self.buckets = list(buckets or [(resolution, resolution)])
         self.skipped = SkipCounter()
 
     def _raw_stream(self):
@@ -213,13 +228,13 @@ class ImageMaskVal(IterableDataset):
         for i, (key, raw) in enumerate(pairs):
             if i % readers != reader:
                 continue
-            mask = self.masks(sample_rng(self.seed, VAL_STREAM, i))
+            mask = self.masks(sample_rng(self.seed, VAL_STREAM, i), self.buckets[i % len(self.buckets)])
             try:
-                pixels = load_crop(raw, self.resolution)
+                pixels = load_crop(raw, mask.shape)
             except Exception as error:
                 self.skipped.add(key, error)
                 continue
-            yield to_sample(pixels, mask, key)
+            yield {**to_sample(pixels, mask, key), "index": i}
 
 
 def collect(dataset, n=None):

@@ -63,37 +63,48 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def random_crop_box(rng, width, height, min_scale=0.5):
-    """Square (left, top, right, bottom) of side min_side * U(min_scale, 1) at a uniform position."""
-    side = min(width, height) * rng.uniform(min_scale, 1.0)
-    left = rng.uniform(0.0, width - side)
-    top = rng.uniform(0.0, height - side)
-    return (left, top, left + side, top + side)
+def _largest(width, height, aspect):
+    """(w, h) of the largest box of width / height `aspect` inside width x height."""
+    return (height * aspect, height) if width > height * aspect else (width, width / aspect)
 
 
-def center_crop_box(width, height):
-    """The largest centred square."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return (left, top, left + side, top + side)
+def random_crop_box(rng, width, height, min_scale=0.5, aspect=1.0):
+    """(left, top, right, bottom) of the largest box of width / height `aspect` scaled by U(min_scale, 1), at a
+    uniform position (aspect 1: a square of side min_side * U(min_scale, 1))."""
+    scale = rng.uniform(min_scale, 1.0)
+    w, h = (side * scale for side in _largest(width, height, aspect))
+    left = rng.uniform(0.0, width - w)
+    top = rng.uniform(0.0, height - h)
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width, height, aspect=1.0):
+    """The largest centred box of width / height `aspect` (1: the largest centred square)."""
+    w, h = _largest(width, height, aspect)
+    left, top = (width - w) / 2, (height - h) / 2
+    return (left, top, left + w, top + h)
 
 
 def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False, with_crop=False):
-    """Decode `src` (path or bytes), crop a square (random if rng else centred), resize: (R, R, 3) uint8;
-    with_crop: (pixels, the box in source pixels, flipped).
+    """Decode `src` (path or bytes), crop (random if rng else centred) a box of the output's aspect, resize to
+    `resolution` (a side, or (height, width)): (H, W, 3) uint8; with_crop: (pixels, the box in source pixels,
+    flipped).
 
-    Raises on unreadable data; callers count and skip. Crops smaller than R are upscaled, larger ones
+    Raises on unreadable data; callers count and skip. Crops smaller than the output are upscaled, larger ones
     downscaled by area averaging.
     """
+    out_h, out_w = (int(resolution),) * 2 if np.ndim(resolution) == 0 else map(int, resolution)
     with open_image(src) as img:
         width, height = img.size
-        box = random_crop_box(rng, width, height, min_scale) if rng is not None else center_crop_box(width, height)
+        aspect = out_w / out_h
+        box = (random_crop_box(rng, width, height, min_scale, aspect) if rng is not None
+               else center_crop_box(width, height, aspect))
         source_box = box
-        side = box[2] - box[0]
-        if img.format == "JPEG" and side > 2 * resolution:
-            # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= R pixels: big photos
-            # decode several times faster; draft never goes below the requested size
-            size = (math.ceil(width * resolution / side), math.ceil(height * resolution / side))
+        side = box[2] - box[0]  # the box's width, out_w pixels of the output
+        if img.format == "JPEG" and side > 2 * out_w:
+            # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= the output's pixels: big
+            # photos decode several times faster; draft never goes below the requested size
+            size = (math.ceil(width * out_w / side), math.ceil(height * out_w / side))
             drafted = img.draft(img.mode, size)  # (mode, the source's extent in decoded pixels), None if not reduced
             if drafted is not None:
                 scale = drafted[1][2] / width  # exactly 1/s (img.size is rounded up: ceil(width / s) pixels)
@@ -102,10 +113,10 @@ def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False, with_crop=Fa
         img.load()  # the actual decode: raises on truncated or corrupt data
         rgb = to_rgb(img)
     # area averaging to shrink (PIL BOX); bilinear to enlarge, which is what cv2.INTER_AREA does there
-    resample = Image.BOX if side >= resolution else Image.BILINEAR
-    out = rgb.resize((resolution, resolution), resample, box=box)
+    resample = Image.BOX if side >= out_w else Image.BILINEAR
+    out = rgb.resize((out_w, out_h), resample, box=box)
     flipped = bool(flip and rng is not None and rng.random() < 0.5)
     if flipped:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = np.array(out)  # (R, R, 3) uint8, writable
+    pixels = np.array(out)  # (H, W, 3) uint8, writable
     return (pixels, source_box, flipped) if with_crop else pixels

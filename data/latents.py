@@ -121,8 +121,13 @@ def check_cache_sample(sample, resolution, encoder=None):
                                f"(model.vae_ckpt) are {encoder}; re-run scripts/cache_latents.py with the run's config")
 
 
-def check_cache(source, resolution, flip, encoder=None):
-    """Fail early, in the main process, if the cache's first sample does not fit the run (or flip is on)."""
+def check_cache(source, resolution, flip, encoder=None, buckets=None):
+    """Fail early, in the main process, if the cache's first sample does not fit the run (or flip is on, or the run
+    asks for other crops than squares of `resolution`)."""
+    if buckets and list(buckets) != [(resolution, resolution)]:
+        raise LatentCacheError(f"data.aspect_ratios gives crops of {[f'{h}x{w}' for h, w in buckets]} px, but latent "
+                               f"cache {source.name!r} holds fixed {resolution}x{resolution} crops and their latents; "
+                               f"train multi-aspect on images (data.source) or set data.aspect_ratios=[1.0]")
     if flip:
         raise LatentCacheError(f"data.flip=true with latent cache {source.name!r}: its crops and latents are fixed "
                                f"(cache_latents.py applies data.flip when it draws them); set data.flip=false")

@@ -142,9 +142,10 @@ class MaskGenerator:
         probs = np.array([c[0] for c in self.components], dtype=np.float64)
         self.probs = probs / probs.sum() if len(probs) else probs
 
-    def __call__(self, rng):
-        """One (R, R) uint8 mask, 1 = hole."""
-        size = (self.resolution, self.resolution)
+    def __call__(self, rng, size=None):
+        """One uint8 mask of `size` (H, W) (default (R, R)), 1 = hole; pixel sizes scale with R (buckets of about R x R
+        pixels keep them)."""
+        size = (self.resolution, self.resolution) if size is None else tuple(size)
         if self.p_full > 0 and rng.random() < self.p_full:
             return np.ones(size, np.uint8)
         _, kind, params = self.components[rng.choice(len(self.components), p=self.probs)]
@@ -163,34 +164,36 @@ def sample_rng(seed, *ids):
 EVAL_STREAM = 3  # stream tag: evaluation masks never share a seed sequence with training or validation
 
 
-def make_eval_masks(n, resolution, seed=0, mix=None, presets=None, max_area=0.5, min_area=0.0):
-    """n fixed masks (n, R, R) uint8 from `seed`; mask i depends only on (seed, i), so sets nest.
+def make_eval_masks(n, resolution, seed=0, mix=None, presets=None, max_area=0.5, min_area=0.0, sizes=None):
+    """n fixed masks (n, R, R) uint8 from `seed`; mask i depends only on (seed, i) (and its size), so sets nest.
+    With `sizes` ((H, W) per mask; buckets of about R x R pixels): a list of (H, W) uint8 masks.
 
     Masks with hole area > max_area (LaMa drops those over 50 %) or <= min_area are redrawn.
     """
     gen = MaskGenerator(resolution, p_full=0.0, mix=mix, presets=presets)
-    out = np.empty((n, resolution, resolution), np.uint8)
+    out = []
     for i in range(n):
         rng = sample_rng(seed, EVAL_STREAM, i)
         for _attempt in range(1000):
-            mask = gen(rng)
+            mask = gen(rng, None if sizes is None else sizes[i])
             area = mask.mean()
             if min_area < area <= (1.0 if max_area is None else max_area):
                 break
         else:
             raise RuntimeError(f"no mask with area in ({min_area}, {max_area}] after 1000 draws: {gen}")
-        out[i] = mask
-    return out
+        out.append(mask)
+    return out if sizes is not None else np.stack(out) if out else np.empty((0, resolution, resolution), np.uint8)
 
 
 def save_masks(masks, out_dir, prefix="mask"):
-    """Write (N, H, W) {0,1} masks as PNGs (white = hole) named prefix_00000.png...; returns the paths."""
+    """Write (N, H, W) {0,1} masks (or a list of (H, W) ones) as PNGs (white = hole) named prefix_00000.png...;
+    returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, mask in enumerate(np.asarray(masks)):
+    for i, mask in enumerate(masks):
         path = out_dir / f"{prefix}_{i:05d}.png"
-        Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L").save(path)
+        Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(path)
         paths.append(path)
     return paths
 

@@ -7,6 +7,7 @@ the base's files, the base's overrides, the variant's files, the variant's overr
 (ldm.config). scripts/ablate.py turns the command line into these calls.
 """
 import csv
+import io
 import json
 import math
 import shutil
@@ -17,8 +18,8 @@ from omegaconf import OmegaConf
 
 from .checkpointing import checkpoint_step, newest_readable_checkpoint
 from .config import ConfigError, config_changes, dotlist, load_file, merge_layers, to_container
-from .evaluation import COLUMNS, fmt
-from .files import atomic_write
+from .evaluation import COLUMNS, HEADINGS, fmt
+from .files import atomic_write, atomic_write_text
 from .runlock import live_holder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,25 +213,30 @@ def prepare(plan: Plan, configs: dict, on_change: str = "refuse") -> dict:
 
 
 # ---- the report --------------------------------------------------------------------------------------
-def report_rows(metrics: dict, deltas: dict) -> list:
-    """[{'variant', 'output', 'delta', metric: value, ...}] from results.json's metrics: a row per variant and
-    output eval wrote (raw, pasted, ...), the overall means, NaN/None as None."""
+def report_rows(results: dict, deltas: dict) -> list:
+    """[{'table', 'variant', 'output', 'delta', metric: value, ...}] from eval's results.json: a row per table
+    (generated, when eval ran a pipeline, then reconstruction), variant and output eval wrote (raw, pasted, ...),
+    the overall means, NaN/None as None."""
     rows = []
-    for name, outputs in metrics.items():
-        for output, buckets in outputs.items():
-            values = buckets.get("all", {})
-            rows.append({"variant": name, "output": output, "delta": "; ".join(deltas.get(name, [])) or "(base)",
-                         **{k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
-                            for k, v in values.items()}})
+    tables = [("generated", results["generated"])] if "generated" in results else []
+    for table, metrics in tables + [("reconstruction", results["metrics"])]:
+        for name, outputs in metrics.items():
+            for output, buckets in outputs.items():
+                values = buckets.get("all", {})
+                rows.append({"table": table, "variant": name, "output": output,
+                             "delta": "; ".join(deltas.get(name, [])) or "(base)",
+                             **{k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                                for k, v in values.items()}})
     return rows
 
 
 def write_report(plan: Plan, results_json: Path, deltas: dict, steps: dict) -> list:
-    """<out>/report/ablation.md and ablation.csv (a row per variant and output, with its config delta) next to
-    eval's results.md/csv/json and grid.png; returns the two paths."""
+    """<out>/report/ablation.md and ablation.csv (a row per table, variant and output, with its config delta) next
+    to eval's results.md/csv/json and grid.png; returns the two paths."""
     results = json.loads(Path(results_json).read_text())
-    rows = report_rows(results["metrics"], deltas)
-    metric_keys = list(dict.fromkeys(k for row in rows for k in row if k not in ("variant", "output", "delta")))
+    rows = report_rows(results, deltas)
+    metric_keys = list(dict.fromkeys(k for row in rows for k in row if k not in ("table", "variant", "output",
+                                                                                  "delta")))
     columns = [c for c in COLUMNS if c[0] in metric_keys]  # eval's own column titles and formats, in its order
     folder = Path(results_json).parent
     lines = [f"# Ablation: {plan.name}", "",
@@ -239,18 +245,21 @@ def write_report(plan: Plan, results_json: Path, deltas: dict, steps: dict) -> l
              f"- runs: {plan.out}/<variant>/ (config.yaml, checkpoints/last.ckpt: its EMA weights evaluated); steps: "
              + ", ".join(f"{n} {s}" for n, s in steps.items()),
              "- per hole-area bucket: results.md; images: grid.png (a column pair per variant, in table order)",
-             *[f"- {note}" for note in results.get("notes", [])], "",
-             "| variant | delta | output | " + " | ".join(t for _, t, _ in columns) + " |",
-             "|---|---|---|" + "---:|" * len(columns)]
-    for row in rows:
-        cells = [fmt(row.get(key), pattern) for key, _, pattern in columns]
-        lines.append(f"| {row['variant']} | {row['delta']} | {row['output']} | " + " | ".join(cells) + " |")
+             *[f"- {note}" for note in results.get("notes", [])]]
+    for table in dict.fromkeys(row["table"] for row in rows):
+        lines += ["", f"## {HEADINGS[table]}", "",
+                  "| variant | delta | output | " + " | ".join(t for _, t, _ in columns) + " |",
+                  "|---|---|---|" + "---:|" * len(columns)]
+        for row in (r for r in rows if r["table"] == table):
+            cells = [fmt(row.get(key), pattern) for key, _, pattern in columns]
+            lines.append(f"| {row['variant']} | {row['delta']} | {row['output']} | " + " | ".join(cells) + " |")
     paths = [folder / "ablation.md", folder / "ablation.csv"]
-    paths[0].write_text("\n".join(lines) + "\n")
-    with open(paths[1], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["variant", "output", "delta", *metric_keys])
-        for row in rows:
-            writer.writerow([row["variant"], row["output"], row["delta"],
-                             *["" if row.get(k) is None else repr(row[k]) for k in metric_keys]])
+    atomic_write_text(paths[0], "\n".join(lines) + "\n")
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["table", "variant", "output", "delta", *metric_keys])
+    for row in rows:
+        writer.writerow([row["table"], row["variant"], row["output"], row["delta"],
+                         *["" if row.get(k) is None else repr(row[k]) for k in metric_keys]])
+    atomic_write_text(paths[1], text.getvalue())
     return paths

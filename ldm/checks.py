@@ -113,6 +113,24 @@ def gan_runs(at) -> bool:
     return at("loss.disc_weight") > 0 and at("loss.disc_start") < at("trainer.max_steps")
 
 
+def _buckets_ok(v, at) -> bool:
+    """Width / height ratios in [1/4, 4] whose buckets differ and each have sides data.resolution would pass."""
+    from data.buckets import aspect_buckets
+    if not (isinstance(v, list) and v and all(_is_number(r) and 0.25 <= r <= 4 for r in v)):
+        return False
+    buckets = aspect_buckets(at("data.resolution"), v)
+    return len(set(buckets)) == len(buckets) and all(_resolution_ok(side, at) for b in buckets for side in b)
+
+
+def _buckets(at) -> str:
+    """'; buckets: 48x24, ...' for the message, when the ratios are numbers."""
+    from data.buckets import aspect_buckets
+    ratios = at(at.key)
+    if not (isinstance(ratios, list) and all(_is_number(r) and r > 0 for r in ratios)):
+        return ""
+    return "; buckets: " + ", ".join(f"{h}x{w}" for h, w in aspect_buckets(at("data.resolution"), ratios))
+
+
 def _preset_has_weight(v, at) -> bool:
     name = at.key.rsplit(".", 1)[1]
     return v == 0 or any(part["weight"] > 0 for part in at(f"data.masks.presets.{name}").values())
@@ -153,6 +171,8 @@ RULES = [
                                      lambda v: isinstance(v, str) and v.strip() != "")),
     ("model.compile", value("null, true, false or a torch.compile backend name",
                             lambda v: v is None or isinstance(v, (bool, str)))),  # the backend: train.py
+    ("model.latent_noise", NON_NEGATIVE_NUMBER),
+    ("model.val_latent_noise", NON_NEGATIVE_NUMBER),
     ("data.source", value("a non-empty string", lambda v: isinstance(v, str) and v != "")),
     ("data.val_source", value("null or a non-empty string", lambda v: v is None or (isinstance(v, str) and v != ""))),
     ("data.val_size", nullable(POSITIVE)),
@@ -166,6 +186,11 @@ RULES = [
     ("data.epoch_length", POSITIVE),
     ("data.crop_min_scale", between(0, 1, lo_open=True)),
     ("data.shuffle_buffer", NON_NEGATIVE),
+    ("data.aspect_ratios", Rule(
+        lambda at: f"a non-empty list of width / height ratios in [0.25, 4] giving distinct (H, W) buckets of about "
+                   f"data.resolution^2 pixels, every side as data.resolution must be (a multiple of {_factor(at)}, >= 16, and "
+                   f"while the GAN runs >= {3 * 2 ** at('discriminator.n_layers')}){_buckets(at)}",
+        _buckets_ok)),
     ("data.masks.p_full", PROBABILITY),
     ("data.masks.p_full", Rule(lambda at: f"1 (all-ones masks only) while data.masks.mix {at('.mix')} has no positive "
                                           f"weight", lambda v, at: v == 1 or sum(at(".mix").values()) > 0)),

@@ -63,3 +63,11 @@ def existing_folder(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text}: no such folder")
     return text
+
+
+def ratios(text: str) -> list:
+    """Comma-separated width / height ratios, each in [0.25, 4] (data.aspect_ratios' domain)."""
+    values = [_number(part, float) for part in text.split(",") if part.strip()]
+    if not values or not all(0.25 <= v <= 4 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated width/height ratios in [0.25, 4]")
+    return values

@@ -1,10 +1,11 @@
 """Evaluation of decoders side by side: batched decoding, region metrics (raw and pasted back), FID, reports.
 
-Plain functions and small classes of tensors; scripts/eval.py turns the command line into these calls.
+Plain functions and small classes of tensors; ldm/eval_run.py builds an evaluation of them from eval.py's arguments.
 Conventions as ldm/metrics.py: images (B,3,H,W) in [-1,1], masks (B,1,H,W) with 1 = hole.
 """
 import csv
 import importlib.util
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .files import atomic_write_text
 from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
                       panel_grid, paste_back, region_metrics, save_grid)
 
@@ -21,12 +23,15 @@ from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, na
 OUTPUTS = ("raw", "pasted", "feathered")
 ALL = "all"  # the bucket name of the overall means
 BUCKETS = bucket_labels()  # the mask-area buckets, in order: '0-10%', ..., '60-100%'
+HEADINGS = {"generated": "Generated table: every decoder decodes the latents the inpainting pipeline generated",
+            "reconstruction": "Reconstruction table: every decoder decodes the encoder's latents of the whole image"}
 # (key, column title, format); the order of the markdown columns
 COLUMNS = [("fid", "FID", "{:.2f}"), ("lpips_whole", "LPIPS", "{:.4f}"), ("lpips_known", "LPIPS known", "{:.4f}"),
            ("lpips_hole", "LPIPS hole", "{:.4f}"), ("psnr_whole", "PSNR", "{:.2f}"),
            ("psnr_known", "PSNR known", "{:.2f}"), ("psnr_hole", "PSNR hole", "{:.2f}"),
            ("ssim_whole", "SSIM", "{:.4f}"), ("ssim_known", "SSIM known", "{:.4f}"),
            ("ssim_hole", "SSIM hole", "{:.4f}"), ("pre_error", "pre_error", "{:.2e}"),
+           ("de2000_known", "dE00 known", "{:.3f}"), ("seam", "seam", "{:.4f}"),
            ("mask_area", "hole %", "{:.1%}"), ("n", "n", "{:.0f}")]
 # torch-fidelity's Inception weights (its URL_INCEPTION_V3); torch.hub keeps downloads under <hub>/checkpoints
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -146,14 +151,15 @@ def evaluate(decoders, batches, perceptual=None, encoder=None, fid: Optional[Fid
              grid_images: int = 4, tile: Optional[int] = None):
     """Run every decoder on every batch ({"image", "mask", "index"}); returns (summary, grid uint8 (3,H',W')).
 
-    encoder: a shared VAE whose posterior mean every decoder decodes (the frozen SD encoder), or None for
-    each decoder's own encoder. The grid holds the samples of lowest index.
+    The latent every decoder decodes: the batch's "latent" (B,C,h,w) where it has one (an inpainting pipeline's,
+    ldm/generated.py), else the posterior mean of `encoder` (a shared VAE: the frozen SD encoder), else of each
+    decoder's own encoder. The grid holds the samples of lowest index of the first one's shape.
     """
     records, shown = Records(), []
     device = next(decoders[0].model.parameters()).device
     for batch in batches:
         image, mask, index = batch["image"].to(device), batch["mask"].to(device), batch["index"]
-        z = latent(encoder, image) if encoder is not None else None
+        z = batch["latent"].to(device) if "latent" in batch else latent(encoder, image) if encoder is not None else None
         recons = [decode(dec, z if z is not None else latent(dec.model, image), image, mask, tile)
                   for dec in decoders]
         scored = {}  # (decoder, output) -> (B,3,H,W)
@@ -184,10 +190,12 @@ def _score(records, scored, image, mask, index, perceptual):
 
 
 def _keep_first(shown, image, mask, outputs, index, n):
-    """The n samples of lowest source index seen so far: [(index, image, mask, [output per decoder])]."""
+    """The n samples of lowest source index seen so far, of the lowest one's shape (several shapes: one grid):
+    [(index, image, mask, [output per decoder])]."""
     for b in range(image.shape[0]):
         shown.append((int(index[b]), image[b].cpu(), mask[b].cpu(), [o[b].cpu() for o in outputs]))
-    return sorted(shown, key=lambda s: s[0])[:n]
+    shown.sort(key=lambda s: s[0])
+    return [s for s in shown if s[1].shape == shown[0][1].shape][:n]
 
 
 def grid(shown, n_decoders, error_gain=4.0) -> Optional[torch.Tensor]:
@@ -219,17 +227,19 @@ def _rows(summary, bucket, columns):
     return lines
 
 
-def markdown(summary, notes=(), title="Decoder evaluation") -> str:
-    """The overall table (one row per decoder x output), then one table per mask-area bucket."""
-    lines = [f"# {title}", "", *[f"- {note}" for note in notes], "", "## Overall", ""]
-    lines += _rows(summary, ALL, COLUMNS)
-    per_bucket = [c for c in COLUMNS if c[0] != "fid"]  # FID needs many images: overall only
-    for bucket in BUCKETS:
-        lines += ["", f"## Hole area {bucket}", ""]
-        if not any(bucket in outputs[o] for outputs in summary.values() for o in OUTPUTS):
-            lines.append("_no images in this bucket_")
-            continue
-        lines += _rows(summary, bucket, per_bucket)
+def markdown(summary, notes=(), title="Decoder evaluation", generated=None) -> str:
+    """Per table (the generated latents' when given, then the reconstruction's): the overall table (one row per
+    decoder x output), then one per mask-area bucket."""
+    lines = [f"# {title}", "", *[f"- {note}" for note in notes]]
+    for name, table in ([("generated", generated)] if generated is not None else []) + [("reconstruction", summary)]:
+        lines += ["", f"## {HEADINGS[name]}", "", "### Overall", ""] + _rows(table, ALL, COLUMNS)
+        per_bucket = [c for c in COLUMNS if c[0] != "fid"]  # FID needs many images: overall only
+        for bucket in BUCKETS:
+            lines += ["", f"### Hole area {bucket}", ""]
+            if not any(bucket in outputs[o] for outputs in table.values() for o in OUTPUTS):
+                lines.append("_no images in this bucket_")
+                continue
+            lines += _rows(table, bucket, per_bucket)
     return "\n".join(lines) + "\n"
 
 
@@ -242,21 +252,35 @@ def long_rows(summary):
                     yield name, output, bucket, metric, (value if math.isfinite(value) else None)
 
 
-def write_reports(out_dir, summary, notes, meta, grid_image=None) -> list:
-    """results.md, results.csv (long), results.json (metrics + meta, NaN as null), grid.png; returns the paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.md", out_dir / "results.csv", out_dir / "results.json"]
-    paths[0].write_text(markdown(summary, notes))
-    with open(paths[1], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["decoder", "output", "bucket", "metric", "value"])
-        writer.writerows((*row[:4], "" if row[4] is None else repr(row[4])) for row in long_rows(summary))
-    metrics = {}
+def nested(summary) -> dict:
+    """{decoder: {output: {bucket: {metric: value}}}} with NaN as None (results.json's)."""
+    out = {}
     for name, output, bucket, metric, value in long_rows(summary):
-        metrics.setdefault(name, {}).setdefault(output, {}).setdefault(bucket, {})[metric] = value
-    paths[2].write_text(json.dumps({**meta, "notes": list(notes), "metrics": metrics}, indent=2) + "\n")
-    if grid_image is not None:
-        paths.append(out_dir / "grid.png")
-        save_grid(grid_image, paths[-1])
+        out.setdefault(name, {}).setdefault(output, {}).setdefault(bucket, {})[metric] = value
+    return out
+
+
+def write_reports(out_dir, summary, notes, meta, grid_image=None, generated=None) -> list:
+    """results.md, results.csv (long, a row per table, decoder, output, bucket and metric), results.json (meta, the
+    reconstruction table's "metrics" and the generated table's "generated", NaN as null), grid.png (and
+    grid_generated.png), each written atomically; `generated`: (summary, grid) of the generated latents. Returns
+    the paths."""
+    out_dir = Path(out_dir)
+    tables = ([("generated", generated[0])] if generated else []) + [("reconstruction", summary)]
+    paths = [out_dir / "results.md", out_dir / "results.csv", out_dir / "results.json"]
+    atomic_write_text(paths[0], markdown(summary, notes, generated=generated[0] if generated else None))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["table", "decoder", "output", "bucket", "metric", "value"])
+    for name, table in tables:
+        writer.writerows((name, *row[:4], "" if row[4] is None else repr(row[4])) for row in long_rows(table))
+    atomic_write_text(paths[1], text.getvalue())
+    results = {**meta, "notes": list(notes), "metrics": nested(summary)}
+    if generated:
+        results["generated"] = nested(generated[0])
+    atomic_write_text(paths[2], json.dumps(results, indent=2) + "\n")
+    for name, image in (("grid.png", grid_image), ("grid_generated.png", generated and generated[1])):
+        if image is not None:
+            paths.append(out_dir / name)
+            save_grid(image, paths[-1])
     return paths

@@ -55,3 +55,8 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """`text` (UTF-8) written whole or not at all, as atomic_write writes."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

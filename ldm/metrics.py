@@ -1,4 +1,5 @@
-"""Evaluation metrics for masked reconstruction: per-region PSNR/SSIM/LPIPS, pre_error, sample grids.
+"""Evaluation metrics for masked reconstruction: per-region PSNR/SSIM/LPIPS, pre_error, the known region's colour
+difference (CIEDE2000), the seam at the mask's edge, sample grids.
 
 Conventions (DESIGN.md): images (B,3,H,W) in [-1,1], so data_range = 2; masks (B,1,H,W) in {0,1}
 with 1 = hole (generated) and 0 = known (kept). The all-ones mask is pure reconstruction: it has no
@@ -66,6 +67,39 @@ def feather_back(recon, image, mask, radius=None):
     return recon * soft + image * (1 - soft)
 
 
+def seam_band(mask, radius):
+    """(B,1,H,W) in {0,1}: the pixels within `radius` px of the mask's edge, on both sides of it (the mask dilated
+    minus the mask eroded, by a (2 radius + 1)-px square); empty for an all-ones or all-zeros mask."""
+    k = 2 * radius + 1
+    dilated = torch.nn.functional.max_pool2d(mask, k, stride=1, padding=radius)  # the pool pads with -inf
+    eroded = 1 - torch.nn.functional.max_pool2d(1 - mask, k, stride=1, padding=radius)
+    return dilated - eroded
+
+
+def seam_error(recon, image, mask, radius=None):
+    """(B,) mean gradient error on the band around the mask's edge (seam_band, `radius` default feather_radius):
+    |d(recon - image)| of the horizontal and vertical forward differences, averaged, over the band's pixels and
+    the channels, on the [-1,1] scale. 0 for a seamless output; an edge the output adds (a step where the hole
+    meets the known region) or loses (blurred) raises it. NaN where the mask has no edge."""
+    m = _check_inputs(recon, image, mask)
+    band = seam_band(m.float(), feather_radius(image.shape[-2]) if radius is None else radius)
+    diff = (recon - image).float()
+    grad = torch.zeros_like(diff)
+    grad[..., :, :-1] += (diff[..., :, 1:] - diff[..., :, :-1]).abs() / 2  # 0 past the last column / row
+    grad[..., :-1, :] += (diff[..., 1:, :] - diff[..., :-1, :]).abs() / 2
+    return _region_mean(grad, band)
+
+
+def ciede2000(recon, image):
+    """(B,H,W) float64 CIEDE2000 colour difference per pixel (scikit-image: sRGB -> CIELAB, D65), images in
+    [-1,1] (clamped)."""
+    from skimage.color import deltaE_ciede2000, rgb2lab
+
+    def lab(x):
+        return rgb2lab(_to01(x.detach().double()).permute(0, 2, 3, 1).cpu().numpy(), channel_axis=-1)
+    return torch.from_numpy(deltaE_ciede2000(lab(image), lab(recon), channel_axis=-1))
+
+
 def _region_weights(mask):
     """{region: (B,1,H,W) weight in {0,1}} for whole, known and hole."""
     return {"whole": torch.ones_like(mask), "known": 1 - mask, "hole": mask}
@@ -127,6 +161,10 @@ def region_metrics(recon, image, mask, perceptual=None):
                      not the reported ~1e-2 (vanilla) -> ~1e-5; a mean matches those orders. Uncapped
                      (0 for a perfect paste-back); when psnr_known is below the cap,
                      psnr_known = -10*log10(pre_error).
+      de2000_known   mean CIEDE2000 colour difference (ciede2000) over the known region's pixels: the
+                     colour shift users see where the image should be kept (0 unchanged; ~1 is about the
+                     smallest difference people notice, ~2-3 visible side by side).
+      seam           gradient error on the band of feather_radius px around the mask's edge (seam_error).
       mask_area      hole fraction of the sample, in [0, 1].
     For pasted-back metrics call this on paste_back(recon, image, mask).
     """
@@ -143,6 +181,8 @@ def region_metrics(recon, image, mask, perceptual=None):
     if perceptual is not None:
         out.update(_lpips_regions(recon, image, weights["hole"], weights, perceptual))
     out["pre_error"] = _region_mean(sq_err, weights["known"]) / DATA_RANGE**2  # [0,1]-scale MSE
+    out["de2000_known"] = _region_mean(ciede2000(recon, image).to(recon)[:, None], weights["known"])
+    out["seam"] = seam_error(recon, image, mask)
     out["mask_area"] = weights["hole"].flatten(1).mean(1)
     return out
 

@@ -300,10 +300,26 @@ def pil_pair(x: torch.Tensor, m: torch.Tensor) -> dict:
 @torch.no_grad()
 def plain_decode(pipe, z: torch.Tensor) -> torch.Tensor:
     """The pipeline VAE's own decode of z: (B,3,8h,8w), float32 on the CPU (a video VAE's: of one frame)."""
-    z = z.to(pipe.vae.device, pipe.vae.dtype)
-    if entry(pipe).frames:
-        return pipe.vae.decode(z[:, :, None]).sample[:, :, 0].float().cpu()
-    return pipe.vae.decode(z).sample.float().cpu()
+    return vae_decode(pipe.vae, z, frames=entry(pipe).frames)
+
+
+@torch.no_grad()
+def vae_decode(vae, z: torch.Tensor, frames: bool = False) -> torch.Tensor:
+    """A diffusers VAE's own decode of z: (B,3,8h,8w), float32 on the CPU; `frames`: a video VAE, of one frame."""
+    z = z.to(vae.device, vae.dtype)
+    if frames:
+        return vae.decode(z[:, :, None]).sample[:, :, 0].float().cpu()
+    return vae.decode(z).sample.float().cpu()
+
+
+def load_vae(folder, device="cpu"):
+    """A pipeline folder's own VAE alone (the class its model_index.json names), without the rest of the pipeline."""
+    import diffusers
+    named = read_index(folder).get("vae")
+    cls = getattr(diffusers, named[1], None) if isinstance(named, list) and len(named) == 2 else None
+    if cls is None:
+        raise PipelineError(f"{folder}: model_index.json names no diffusers VAE class ({named!r})")
+    return cls.from_pretrained(Path(folder) / "vae", local_files_only=True).to(device).eval()
 
 
 def at_input_size(decoded: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, paste=False) -> torch.Tensor:

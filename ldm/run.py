@@ -148,7 +148,8 @@ def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining
     return AsymmetricDecoderTraining(
         vae, NLayerDiscriminator(**cfg.discriminator), perceptual,
         loss=LossConfig(**cfg.loss), optim=OptimConfig(**cfg.optim), batch_size=cfg.data.batch_size,
-        sample_posterior=cfg.model.sample_posterior, warm_start_keys=warm_keys,
+        sample_posterior=cfg.model.sample_posterior, latent_noise=cfg.model.latent_noise,
+        val_latent_noise=cfg.model.val_latent_noise, warm_start_keys=warm_keys,
         channels_last=cfg.model.channels_last, compile=cfg.model.compile, run_config=to_container(cfg),
         seed=cfg.seed)
 

@@ -40,6 +40,8 @@ BAD = [
     (["model.autoencoder.latent_norm.patch_size=0"], "model.autoencoder.latent_norm.patch_size"),
     (["model.autoencoder.base=' '"], "model.autoencoder.base"),
     (["model.compile=3"], "model.compile"),
+    (["model.latent_noise=-0.1"], "model.latent_noise"),
+    (["model.val_latent_noise=-1"], "model.val_latent_noise"),
     (["data.source=''"], "data.source"),
     (["data.val_source=5"], "data.val_source"),
     (["data.val_size=0"], "data.val_size"),
@@ -49,6 +51,7 @@ BAD = [
     (["data.epoch_length=0"], "data.epoch_length"),
     (["data.crop_min_scale=0"], "data.crop_min_scale"),
     (["data.shuffle_buffer=-1"], "data.shuffle_buffer"),
+    (["data.aspect_ratios=[1.0,1.01]"], "data.aspect_ratios"),  # the same bucket twice
     (["data.masks.mix.thick=0", "data.masks.mix.medium=0", "data.masks.mix.thin=0"], "data.masks.p_full"),
     (["data.masks.presets.thick.boxes.weight=-0.3"], "data.masks.presets.thick.boxes.weight"),
     (["data.masks.presets.thin.strokes.min_times=0"], "data.masks.presets.thin.strokes.min_times"),
@@ -161,6 +164,8 @@ SCRIPTS = [  # (module, argv, the flag and what it must be)
      "--max-area: 1.5: must be in [0, 1]"),
     ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--vae", "/nowhere"],
      "--vae: /nowhere: no such file or folder"),
+    ("eval", ["--decoder", "vanilla", "--data", "sample", "--masks", "thin", "--out", "o", "--aspect-ratios", "1,5"],
+     "--aspect-ratios: '1,5': want comma-separated width/height ratios in [0.25, 4]"),
     ("export", ["/nowhere.ckpt", "--out", "o", "--format", "diffusers"], "checkpoint: /nowhere.ckpt: no such file"),
     ("inpaint", ["--vae", ".", "--pipeline", ".", "--image", "/nowhere.png", "--mask", "README.md", "--prompt", "p",
                  "--out", "o"], "--image: /nowhere.png: no such file or folder"),  # before the pipeline loads

@@ -339,10 +339,13 @@ class KeysAndMasks(ImageMaskTrain):
         return {"key": key, "mask": torch.from_numpy(mask)}
 
 
-def batches_from(source, trained, num_workers, world=1, rank=0):
+MULTI = [(24, 8), (16, 16), (8, 24)]  # three buckets of about 16 x 16 pixels (as multi-aspect training at 16 px)
+
+
+def batches_from(source, trained, num_workers, world=1, rank=0, buckets=None):
     """[(keys, masks)] of the pass the loader serves when the trainer has trained `trained` batches (4 per pass)."""
     ds = KeysAndMasks(source, 16, MaskGenerator(16, p_full=0.0), length=12, batch_size=3, rank=rank,
-                      world_size=world, shuffle_buffer=5)
+                      world_size=world, shuffle_buffer=5, buckets=buckets)
     loader = EpochLoader(ds, trained_fn=lambda: trained, batch_size=3, num_workers=num_workers)
     return [(list(b["key"]), b["mask"]) for b in loader]
 
@@ -353,17 +356,58 @@ def assert_same_batches(got, expected):
         assert keys == keys_expected and torch.equal(masks, masks_expected)
 
 
-@pytest.mark.parametrize("kind", ["files", "shards"])
-@pytest.mark.parametrize("num_workers", [0, 3])
-def test_a_pass_resumed_at_batch_b_serves_the_uninterrupted_pass_from_b_on(kind, num_workers, shard_set):
+@pytest.mark.parametrize("kind, num_workers, buckets", [
+    *[(kind, workers, None) for kind in ("files", "shards") for workers in (0, 3)],
+    ("files", 3, MULTI), ("shards", 3, MULTI)], ids=lambda v: "multi-aspect" if v == MULTI else None)
+def test_a_pass_resumed_at_batch_b_serves_the_uninterrupted_pass_from_b_on(kind, num_workers, buckets, shard_set):
     """A run resumed from a checkpoint saved after batch b of a pass trains batches b.. of that same pass (same
-    files, crops and masks, through the same DataLoader workers' parts), not a fresh stream."""
+    files, crops and masks, through the same DataLoader workers' parts), not a fresh stream; multi-aspect: the same
+    bucket per batch too."""
     source = fake_files(10) if kind == "files" else resolve_source(shard_set)
-    whole = batches_from(source, 4, num_workers)  # pass 1 (the second), from its start
-    assert len(whole) == 4 and whole != batches_from(source, 0, num_workers)
+    whole = batches_from(source, 4, num_workers, buckets=buckets)  # pass 1 (the second), from its start
+    assert len(whole) == 4 and whole != batches_from(source, 0, num_workers, buckets=buckets)
     for b in (1, 2, 3):
-        assert_same_batches(batches_from(source, 4 + b, num_workers), whole[b:])
-    assert batches_from(source, 8, num_workers) != whole  # pass 2 starts afresh
+        assert_same_batches(batches_from(source, 4 + b, num_workers, buckets=buckets), whole[b:])
+    assert batches_from(source, 8, num_workers, buckets=buckets) != whole  # pass 2 starts afresh
+
+
+def test_multi_aspect_training_takes_one_bucket_per_batch_the_same_on_every_rank():
+    source = fake_files(40)
+    shapes = {}
+    for rank, workers in ((0, 0), (1, 0), (0, 2)):
+        passes = [b for trained in (0, 4, 8) for b in batches_from(source, trained, workers, 2, rank, MULTI)]
+        shapes[rank, workers] = [tuple(masks.shape[-2:]) for _, masks in passes]  # masks (3, 1, H, W): one shape
+    assert len(set(map(tuple, shapes.values()))) == 1  # batch b's bucket: whatever the rank or the workers
+    assert set(shapes[0, 0]) == set(MULTI)  # 12 batches over 3 passes draw every bucket
+    square = batches_from(source, 4, 0, buckets=[(16, 16)])
+    assert_same_batches(square, batches_from(source, 4, 0))  # one square bucket: the stream without buckets
+
+
+def test_multi_aspect_datamodule_crops_batches_and_validates_at_each_bucket(messy_folder):
+    """data.aspect_ratios [0.5, 1, 2] at 32 px: buckets 48x24, 32x32, 24x48; a training batch takes one, validation
+    image i (in the source's order) takes bucket i mod 3, batched by shape. With [1.0] validation batches are the
+    plain DataLoader's."""
+    dm = ImageMaskDataModule(source=str(messy_folder), resolution=RES, batch_size=2, num_workers=2, epoch_length=16,
+                             aspect_ratios=[0.5, 1.0, 2.0])
+    assert dm.buckets == [(48, 24), (32, 32), (24, 48)]
+    dm.setup("fit")
+    seen = set()
+    for b in dm.train_dataloader():
+        (h, w) = b["image"].shape[-2:]
+        assert b["image"].shape[:2] == (2, 3) and b["mask"].shape == (2, 1, h, w)
+        seen.add((h, w))
+    assert seen == set(dm.buckets)
+    val = list(dm.val_dataloader())
+    for b in val:
+        for index, image, mask in zip(b["index"].tolist(), b["image"], b["mask"]):
+            assert tuple(image.shape[-2:]) == tuple(mask.shape[-2:]) == dm.buckets[index % 3]
+    assert sorted(k for b in val for k in b["key"]) == sorted(VALID)  # each once (the index counts bad files too)
+    assert len({tuple(b["image"].shape[-2:]) for b in val}) == 3
+
+    square = ImageMaskDataModule(source=str(messy_folder), resolution=RES, batch_size=4, num_workers=0)
+    square.setup("validate")
+    for got, want in zip(square.val_dataloader(), DataLoader(square.val_set, batch_size=4)):
+        assert got["key"] == want["key"] and torch.equal(got["image"], want["image"])
 
 
 def test_the_stream_of_a_folder_is_the_same_whatever_the_number_of_workers():

@@ -107,6 +107,21 @@ def test_same_seed_same_numbers_and_saved_masks_are_the_generated_ones(models, f
     assert (saved == make_eval_masks(2, 16, seed=0, mix={"medium": 1.0}, max_area=0.5)).all()
 
 
+def test_eval_at_several_shapes_crops_each_image_and_its_mask_to_its_bucket(models, tmp_path):
+    """--aspect-ratios 0.5,2 at 32 px: image 0 is 48x24 (its grid row), image 1 24x48, each mask drawn at its shape."""
+    args = ["--decoder", str(models.run), "--decoder", "vanilla", "--vae", str(models.sd), "--data", "sample",
+            "--masks", "medium", "--resolution", "32", "--aspect-ratios", "0.5,2", "--num-images", "2",
+            "--batch-size", "2", "--workers", "0", "--no-lpips-pretrained", "--grid-images", "2",
+            "--save-masks", str(tmp_path / "masks"), "--out", str(tmp_path / "out")]
+    assert eval_script.main(args) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["images"]["shapes"] == [[48, 24], [24, 48]] and result["metrics"]["runA"]["raw"]["all"]["n"] == 2
+    sizes = [Image.open(p).size for p in sorted((tmp_path / "masks").glob("*.png"))]
+    assert sizes == [(24, 48), (48, 24)]  # (W, H)
+    with Image.open(tmp_path / "out" / "grid.png") as grid:  # one row: image 0's shape; 6 tiles of 24 x 48
+        assert grid.size == (2 + 6 * 26, 2 + 50)
+
+
 def test_bad_decoder_arguments_exit_2_with_a_message(models, tmp_path, capsys):
     args = cli_args(models, tmp_path / "x")
     del args[args.index("--vae"):args.index("--vae") + 2]

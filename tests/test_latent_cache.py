@@ -146,6 +146,9 @@ def test_datamodule_reads_the_cache_and_refuses_a_mismatch(cache):
         setup(encoder_fingerprint="0123456789abcdef")
     with pytest.raises(LatentCacheError, match="data.flip=false"):
         setup(flip=True)
+    with pytest.raises(LatentCacheError, match=r"data.aspect_ratios gives crops of \['40x24', '32x32'\] px, but latent "
+                                                r"cache .* holds fixed 32x32 crops"):
+        setup(aspect_ratios=[0.6, 1.0])
     # every sample is checked as it is read: a mismatch is an error, never a skipped file
     ds = LatentCacheTrain(resolve_source(cache), RES, MaskGenerator(RES), 8, encoder="0123456789abcdef")
     with pytest.raises(LatentCacheError, match="0123456789abcdef"):
@@ -175,15 +178,16 @@ def test_cache_latents_keeps_few_images_in_flight(tmp_path, monkeypatch):
 
 def test_seed_streams_of_data_and_caches_are_distinct():
     # SeedSequence pads entropy shorter than 4 words with zeros: (seed, tag) is (seed, tag, 0, 0)
-    from data.datasets import LAP_STREAM, ORDER_STREAM, TRAIN_STREAM, VAL_STREAM
+    from data.datasets import BUCKET_STREAM, LAP_STREAM, ORDER_STREAM, TRAIN_STREAM, VAL_STREAM
     from data.latents import CACHE_ORDER_STREAM, CACHE_STREAM
     from data.masks import EVAL_STREAM, sample_rng
-    from ldm.models.asym_decoder import NOISE_STREAM
+    from ldm.models.asym_decoder import NOISE_STREAM, VAL_NOISE_STREAM
     live = {  # every call's ids at their first values
         "train sample (files)": (TRAIN_STREAM, 0, 0), "train sample (shards)": (TRAIN_STREAM, 0, 0, 0, 0),
         "reader buffer": (ORDER_STREAM, 0, 0, 0), "lap order": (LAP_STREAM, 0, 0), "validation": (VAL_STREAM, 0),
         "eval masks": (EVAL_STREAM, 0), "cache crop": (CACHE_STREAM, 0, 0), "cache order": (CACHE_ORDER_STREAM,),
-        "posterior noise": (NOISE_STREAM, 0, 0),
+        "posterior noise": (NOISE_STREAM, 0, 0), "validation latent noise": (VAL_NOISE_STREAM, 0),
+        "aspect bucket": (BUCKET_STREAM, 0, 0),
     }
     draws = {name: tuple(sample_rng(0, *ids).integers(2**32, size=4)) for name, ids in live.items()}
     same_stream = {draws["train sample (files)"], draws["train sample (shards)"]}  # never in one run

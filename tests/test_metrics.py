@@ -19,6 +19,8 @@ from ldm.metrics import (
     LABEL_HEIGHT,
     sample_grid,
     save_grid,
+    seam_band,
+    seam_error,
 )
 
 H = W = 16
@@ -233,3 +235,106 @@ def test_save_grid_writes_readable_png_atomically_with_the_umasks_permissions(tm
         assert img.format == "JPEG"
     assert sorted(os.listdir(path.parent)) == ["grid.jpg", "grid.png"]  # no temp file left behind
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+# ---- colour (CIEDE2000) and seam --------------------------------------------------------------------------
+# sRGB (D65) <-> CIELAB written out from the standards, and CIEDE2000 from Sharma, Wu & Dalal (2005): a computation
+# independent of scikit-image, which ldm.metrics uses
+RGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                       [0.019334, 0.119193, 0.950227]])
+WHITE = np.array([0.95047, 1.0, 1.08883])
+EPS = (6 / 29) ** 3
+
+
+def lab_to_srgb(lab):
+    L, a, b = lab
+    fy = (L + 16) / 116
+    f = np.array([fy + a / 500, fy, fy - b / 200])
+    xyz = np.where(f ** 3 > EPS, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * WHITE
+    lin = np.linalg.solve(RGB_TO_XYZ, xyz)
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+
+
+def de2000(lab1, lab2):
+    (L1, a1, b1), (L2, a2, b2) = lab1, lab2
+    c_bar = (math.hypot(a1, b1) + math.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - math.sqrt(c_bar ** 7 / (c_bar ** 7 + 25 ** 7)))
+    a1p, a2p = (1 + g) * a1, (1 + g) * a2
+    c1p, c2p = math.hypot(a1p, b1), math.hypot(a2p, b2)
+    h1p, h2p = (math.degrees(math.atan2(b, a)) % 360 if (a or b) else 0.0 for a, b in ((a1p, b1), (a2p, b2)))
+    dh = 0.0 if c1p * c2p == 0 else (h2p - h1p + 180) % 360 - 180
+    d_h = 2 * math.sqrt(c1p * c2p) * math.sin(math.radians(dh / 2))
+    l_bar, cp_bar = (L1 + L2) / 2, (c1p + c2p) / 2
+    if c1p * c2p == 0:
+        h_bar = h1p + h2p
+    elif abs(h1p - h2p) <= 180:
+        h_bar = (h1p + h2p) / 2
+    else:
+        h_bar = (h1p + h2p + 360) / 2 if h1p + h2p < 360 else (h1p + h2p - 360) / 2
+    t = (1 - 0.17 * math.cos(math.radians(h_bar - 30)) + 0.24 * math.cos(math.radians(2 * h_bar))
+         + 0.32 * math.cos(math.radians(3 * h_bar + 6)) - 0.20 * math.cos(math.radians(4 * h_bar - 63)))
+    s_l = 1 + 0.015 * (l_bar - 50) ** 2 / math.sqrt(20 + (l_bar - 50) ** 2)
+    s_c, s_h = 1 + 0.045 * cp_bar, 1 + 0.015 * cp_bar * t
+    r_t = -math.sin(math.radians(60 * math.exp(-(((h_bar - 275) / 25) ** 2)))) * 2 * math.sqrt(
+        cp_bar ** 7 / (cp_bar ** 7 + 25 ** 7))
+    dl, dc = (L2 - L1) / s_l, (c2p - c1p) / s_c
+    return math.sqrt(dl ** 2 + dc ** 2 + (d_h / s_h) ** 2 + r_t * dc * (d_h / s_h))
+
+
+def hue_rotated(lab, degrees):
+    L, a, b = lab
+    c, h = math.hypot(a, b), math.atan2(b, a) + math.radians(degrees)
+    return (L, c * math.cos(h), c * math.sin(h))
+
+
+def test_the_reference_ciede2000_reproduces_sharmas_published_pairs():
+    pairs = [((50, 2.6772, -79.7751), (50, 0, -82.7485), 2.0425), ((50, 0, 0), (50, -1, 2), 2.3669),
+             ((50, 2.5, 0), (73, 25, -18), 27.1492), ((50, 2.5, 0), (61, -5, 29), 22.8977),
+             ((60.2574, -34.0099, 36.2677), (60.4626, -34.1751, 39.4387), 1.2644)]
+    for lab1, lab2, want in pairs:
+        assert de2000(lab1, lab2) == pytest.approx(want, abs=1e-4), (lab1, lab2)
+
+
+def test_colour_difference_of_a_hue_shifted_known_region_is_the_expected_ciede2000():
+    """Two flat colours (left, right), the hole a top strip; the output keeps L and C and turns the hue by 25 degrees
+    in the known region, and is black in the hole (which must not count): de2000_known is the mean of the two
+    colours' CIEDE2000 over the known pixels (half each). An unchanged known region gives 0."""
+    colours = [(55.0, 20.0, 15.0), (40.0, -10.0, 25.0)]
+    image, recon = torch.zeros(2, 1, 3, H, W, dtype=torch.float64)
+    for side, lab in enumerate(colours):
+        cols = slice(side * W // 2, (side + 1) * W // 2)
+        image[0, :, :, cols] = torch.from_numpy(lab_to_srgb(lab) * 2 - 1)[:, None, None]
+        recon[0, :, :, cols] = torch.from_numpy(lab_to_srgb(hue_rotated(lab, 25)) * 2 - 1)[:, None, None]
+    image, recon = image.float(), recon.float()
+    assert image.min() > -1 and image.max() < 1 and recon.min() > -1 and recon.max() < 1  # in the sRGB gamut
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., :4, :] = 1
+    shifted = recon * (1 - mask) - mask  # black in the hole
+    want = sum(de2000(lab, hue_rotated(lab, 25)) for lab in colours) / 2
+    cie76 = sum(math.dist(lab, hue_rotated(lab, 25)) for lab in colours) / 2
+    assert abs(want - cie76) > 0.2 * want  # the test tells CIEDE2000 from a plain Lab distance
+    got = region_metrics(shifted, image, mask)["de2000_known"]
+    assert got.item() == pytest.approx(want, abs=1e-3)
+    unchanged = image * (1 - mask) - mask
+    assert region_metrics(unchanged, image, mask)["de2000_known"].item() == pytest.approx(0, abs=1e-4)
+
+
+def test_seam_is_zero_when_identical_and_grows_as_the_edge_blurs():
+    from torchvision.transforms.functional import gaussian_blur
+    image = _image(1, seed=3)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., :, :8] = 1  # the hole's edge: between columns 7 and 8
+    seam = [seam_error(image, image, mask, radius=2).item()]
+    for sigma in (0.5, 1.0, 2.0):
+        blurred = gaussian_blur(image, kernel_size=7, sigma=sigma)
+        seam.append(seam_error(image * (1 - seam_band(mask, 2)) + blurred * seam_band(mask, 2), image, mask,
+                               radius=2).item())
+    assert seam[0] == 0 and seam[1] > 0 and seam[1] < seam[2] < seam[3], seam
+    # a step at the edge (the hole 0.3 brighter) is a seam; the same shift everywhere is a colour change, no seam
+    # |0.3| / 2 on the band's column 7 of its 4 (6..9)
+    assert seam_error(image + 0.3 * mask, image, mask, radius=2).item() == pytest.approx(0.3 / 2 / 4, rel=1e-5)
+    assert seam_error(image + 0.3, image, mask, radius=2).item() == pytest.approx(0, abs=1e-6)
+    band = seam_band(mask, 2)[0, 0]
+    assert band[:, 6:10].all() and band.sum() == 4 * H  # 2 px each side of the edge
+    assert region_metrics(image, image, mask)["seam"].item() == 0
+    assert torch.isnan(seam_error(image, image, torch.ones_like(mask)))  # no edge

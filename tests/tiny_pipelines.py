@@ -177,3 +177,39 @@ def build(cls: str, vae, folder: Path):
     pipe = getattr(diffusers, cls)(vae=vae, **components(cls, vae, folder))
     pipe.save_pretrained(folder / "pipeline")
     return pipe, folder / "pipeline"
+
+
+def around_checkpoint(checkpoint, folder: Path) -> Path:
+    """A random SD 1.x inpainting pipeline around the VAE of one of our checkpoints (its encoder, its decoder without
+    the branch: a diffusers AutoencoderKL), saved to folder/pipeline; its UNet takes 4 channels, so the pipeline
+    blends the image's own latents into the known region at every step (diffusers' legacy inpainting), as a
+    denoiser that keeps the known region and invents the hole. For the levers table (docs/evaluation.md)."""
+    from ldm import load_autoencoder
+    from ldm.keys import ldm_to_diffusers
+    ours = load_autoencoder(checkpoint)
+    c, norm = ours.config, ours.latent_norm
+    if (c["ch"], c["num_res_blocks"], list(c["ch_mult"])) != (c["encoder_ch"], c["encoder_num_res_blocks"],
+                                                              list(c["encoder_ch_mult"])) or norm.channels:
+        raise ValueError(f"{checkpoint}: an AutoencoderKL has one width for encoder and decoder and scalar factors")
+    blocks = len(c["ch_mult"])
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[c["ch"] * m for m in c["ch_mult"]], layers_per_block=c["num_res_blocks"],
+        down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
+        latent_channels=c["z_channels"], norm_num_groups=32, scaling_factor=norm.scale[0],
+        shift_factor=norm.shift[0] or None, use_quant_conv=c["use_quant_conv"], use_post_quant_conv=c["use_quant_conv"])
+    state = ldm_to_diffusers(ours.state_dict())
+    vae.load_state_dict({k: v for k, v in state.items() if not k.startswith("decoder.condition_encoder.")})
+    torch.manual_seed(0)
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=vae.eval(), text_encoder=clip_text(False), tokenizer=clip_tokenizer(folder / "tokenizers" / "clip"),
+        unet=diffusers.UNet2DConditionModel(**UNET, in_channels=4, out_channels=4, cross_attention_dim=32),
+        scheduler=diffusers.DDIMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipeline")
+    return folder / "pipeline"
+
+
+if __name__ == "__main__":  # python tests/tiny_pipelines.py CHECKPOINT OUT: OUT/pipeline (around_checkpoint)
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    print(around_checkpoint(sys.argv[1], Path(sys.argv[2])))

@@ -16,7 +16,15 @@ from ..modules.losses import (adaptive_weight_from_output_grads, discriminator_l
                               reconstruction_losses)
 from .nonfinite import NonFiniteSteps
 
-NOISE_STREAM = 7  # seed-sequence tag of the posterior samples (data/datasets.py lists the others)
+NOISE_STREAM = 7  # seed-sequence tag of the posterior samples and latent noise (data/datasets.py lists the others)
+VAL_NOISE_STREAM = 8  # the fixed noise of validation's perturbed latents (model.val_latent_noise)
+# what validation reports on the perturbed latents (as val/noisy_<name>): the known region's
+NOISY_METRICS = ("psnr_known", "ssim_known", "lpips_known", "pre_error", "de2000_known")
+
+
+def seed_of(*ids) -> int:
+    """A torch seed from a seed-sequence id tuple: independent streams per tuple, as data.sample_rng."""
+    return int(np.random.SeedSequence([int(i) for i in ids]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -97,13 +105,15 @@ class AsymmetricDecoderTraining(pl.LightningModule):
 
     def __init__(self, vae: AsymmetricAutoencoder, discriminator: nn.Module, perceptual: Optional[nn.Module],
                  loss: Optional[LossConfig] = None, optim: Optional[OptimConfig] = None, batch_size: int = 1,
-                 sample_posterior: bool = True, warm_start_keys: Iterable[str] = (), channels_last: bool = False,
+                 sample_posterior: bool = True, latent_noise: float = 0.0, val_latent_noise: float = 0.0,
+                 warm_start_keys: Iterable[str] = (), channels_last: bool = False,
                  compile: Union[bool, str, None] = None, run_config: Optional[dict] = None, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         self.vae, self.discriminator, self.perceptual = vae, discriminator, perceptual
         self.loss_cfg, self.optim_cfg = loss or LossConfig(), optim or OptimConfig()
         self.batch_size, self.sample_posterior, self.seed = batch_size, sample_posterior, int(seed)
+        self.latent_noise, self.val_latent_noise = float(latent_noise), float(val_latent_noise)
         self._noise = None  # the posterior sample's generator, on the device, reseeded every batch
         self.warm_start_keys = set(warm_start_keys)  # names relative to vae, e.g. "decoder.conv_in.weight"
         if perceptual is not None:
@@ -138,13 +148,25 @@ class AsymmetricDecoderTraining(pl.LightningModule):
 
     @torch.no_grad()
     def latent(self, batch, image: torch.Tensor) -> torch.Tensor:
-        """Latent of the full, unmasked image (B,4,H/8,W/8): from the frozen encoder, or from the batch's cached
-        posterior ("mean", "logvar" from scripts/cache_latents.py: the encoder skipped)."""
+        """The latent the training step decodes (B,C,h,w), from the posterior of the full, unmasked image (the frozen
+        encoder's, or the batch's cached "mean" and "logvar" from scripts/cache_latents.py: the encoder skipped):
+        a sample mean + std * eps, std = exp(logvar / 2) (with sample_posterior false: the mean); then, with
+        latent_noise > 0, tau * n added where the diffusion model works (vae.latent_norm: for SD, z + tau * n /
+        0.18215), tau ~ U(0, latent_noise) per sample and n ~ N(0, I) (RAE's noise augmentation: the decoder learns
+        to take a denoiser's imperfect latents). eps, tau and n are drawn in that order from noise_generator."""
         if "mean" in batch:
             posterior = DiagonalGaussianDistribution(torch.cat([batch["mean"], batch["logvar"]], dim=1))
         else:
             posterior = self.vae.encode(image)
-        return posterior.sample(self.noise_generator(image.device)) if self.sample_posterior else posterior.mode()
+        generator = self.noise_generator(image.device)
+        z = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        if self.latent_noise > 0:
+            x = self.vae.latent_norm.to_diffusion(z)  # (B, C p^2, h/p, w/p): the diffusion model's latents
+            tau = self.latent_noise * torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device,
+                                                 dtype=x.dtype)
+            z = self.vae.latent_norm.from_diffusion(
+                x + tau * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+        return z
 
     def noise_generator(self, device) -> Optional[torch.Generator]:
         """Under a Trainer, a generator seeded by (seed, rank, micro-batch of the run): the noise of a batch does
@@ -154,8 +176,8 @@ class AsymmetricDecoderTraining(pl.LightningModule):
             return None
         if self._noise is None or self._noise.device != torch.device(device):
             self._noise = torch.Generator(device)
-        ids = [self.seed, NOISE_STREAM, self.global_rank, self.trainer.fit_loop.total_batch_idx]
-        return self._noise.manual_seed(int(np.random.SeedSequence(ids).generate_state(1, np.uint64)[0] >> 1))
+        return self._noise.manual_seed(seed_of(self.seed, NOISE_STREAM, self.global_rank,
+                                               self.trainer.fit_loop.total_batch_idx))
 
     def inputs(self, batch):
         image, mask = batch["image"], batch["mask"]
@@ -272,16 +294,36 @@ class AsymmetricDecoderTraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch, batch_idx):
+        """Decodes the posterior mean (deterministic, as the paper's evaluation) and, with val_latent_noise > 0, also
+        the mean plus val_latent_noise * n in the diffusion model's latents (as latent_noise), n fixed per validation
+        image (fixed_noise): the known region's metrics there are logged as val/noisy_<metric>."""
         image, mask = self.inputs(batch)
-        posterior = self.vae.encode(image)
-        recon = self.vae.decode(posterior.mode(), image, mask, check=False).float().clamp(-1, 1)
+        z = self.vae.encode(image).mode()
+        recon = self.vae.decode(z, image, mask, check=False).float().clamp(-1, 1)
         values = region_metrics(recon, image.float(), mask.float(), self.perceptual)
         values["l1"] = (recon - image).abs().mean(dim=(1, 2, 3))
+        if self.val_latent_noise > 0:  # the noise where the diffusion model works, as latent_noise
+            x = self.vae.latent_norm.to_diffusion(z)
+            n = self.fixed_noise(batch, batch_idx, x)
+            noisy = self.vae.decode(self.vae.latent_norm.from_diffusion(x + self.val_latent_noise * n), image, mask,
+                                    check=False).float().clamp(-1, 1)
+            known = region_metrics(noisy, image.float(), mask.float(), self.perceptual)
+            values.update({f"noisy_{k}": known[k] for k in NOISY_METRICS if k in known})
         for name, v in values.items():  # NaN (an empty region) is left out of the mean
             total, count = self.val_sums.get(name, (0.0, 0))
             self.val_sums[name] = (total + torch.nansum(v.float()), count + (~v.isnan()).sum())
         if batch_idx == 0:
             self.val_example = (image[:8].detach(), recon[:8].detach(), mask[:8].detach())
+
+    def fixed_noise(self, batch, batch_idx, z) -> torch.Tensor:
+        """N(0, I) of z's shape, each sample's drawn from (seed, its validation index): the same whatever the batching,
+        ranks or workers. The index is the batch's "index" (data.ImageMaskVal), else its position in the loop."""
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(len(z)) + batch_idx * len(z)
+        noise = [torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
+            seed_of(self.seed, VAL_NOISE_STREAM, i))) for i in index.tolist()]
+        return torch.stack(noise).to(z)
 
     def on_validation_epoch_start(self):
         self.val_sums = {}  # metric name -> (sum, count) of per-sample values on this rank

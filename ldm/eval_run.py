@@ -127,7 +127,9 @@ def lpips_network(pretrained, device):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOMLY initialised.*")  # said in results.md
-            return PerceptualLoss("vgg", pretrained=pretrained).to(device)
+            with torch.random.fork_rng(devices=[]):  # untrained: the same VGG whatever ran before (a pipeline)
+                torch.manual_seed(0)
+                return PerceptualLoss("vgg", pretrained=pretrained).to(device)
     except FileNotFoundError as err:
         raise EvalError(f"{err} (or pass --no-lpips-pretrained for an untrained VGG)") from None
 

@@ -268,3 +268,15 @@ def test_fid_reads_inception_weights_in_torch_fidelitys_format(tmp_path, monkeyp
     assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
     scores = fid.compute()  # random Inception weights: tiny features, so only the order is meaningful
     assert math.isfinite(scores[("dark", "raw")]) and scores[("dark", "raw")] > abs(scores[("same", "raw")]), scores
+
+
+def test_the_untrained_lpips_is_one_network_whatever_ran_before():
+    """--no-lpips-pretrained's random VGG must not depend on the random draws before it (a pipeline's generation
+    runs before the generated table is scored): one decoder, one image, one LPIPS, with or without --pipeline."""
+    from ldm.eval_run import lpips_network
+    build = lpips_network.__wrapped__  # the cache would hand back the first network
+    first = build(False, "cpu").state_dict()
+    torch.rand(1000)
+    second = build(False, "cpu").state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

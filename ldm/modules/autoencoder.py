@@ -1,10 +1,8 @@
 """The SD family's asymmetric KL-f8 autoencoder: frozen SD encoder, heavy decoder with a masked-image branch."""
 from typing import Optional, Sequence
 
-from torch import nn
-
 from ..keys import diffusers_config, identity_quant_convs, ldm_to_diffusers
-from .common import AsymmetricAutoencoder
+from .common import AsymmetricAutoencoder, latent_convs
 from .vae import AsymmetricDecoder, Encoder
 
 SD_LATENT_NORM = {"patch_size": 1, "shift": [0.0], "scale": [0.18215]}  # SD 1.x's scaling_factor
@@ -35,8 +33,6 @@ class AsymmetricAutoencoderKL(AsymmetricAutoencoder):
                  encoder_num_res_blocks: int = 2, z_channels: int = 4, embed_dim: int = 4,
                  use_quant_conv: bool = True, latent_norm: Optional[dict] = None, base: Optional[str] = None,
                  family: str = "sd"):
-        if not use_quant_conv and embed_dim != z_channels:
-            raise ValueError(f"use_quant_conv=False needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
         super().__init__(dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                               use_condition=use_condition, encoder_ch=encoder_ch,
                               encoder_ch_mult=list(encoder_ch_mult),
@@ -44,9 +40,7 @@ class AsymmetricAutoencoderKL(AsymmetricAutoencoder):
                               embed_dim=embed_dim, use_quant_conv=use_quant_conv,
                               latent_norm=latent_norm, base=base, family=family))
         self.encoder = Encoder(encoder_ch, encoder_ch_mult, encoder_num_res_blocks, z_channels=z_channels)
-        # without quant convs the encoder's moments (B, 2*z, h, w) are the posterior and z goes straight in
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1) if use_quant_conv else nn.Identity()
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1) if use_quant_conv else nn.Identity()
+        self.quant_conv, self.post_quant_conv = latent_convs(z_channels, embed_dim, use_quant_conv)
         self.decoder = AsymmetricDecoder(ch, ch_mult, num_res_blocks, z_channels=z_channels,
                                          use_condition=use_condition,
                                          gradient_checkpointing=gradient_checkpointing)

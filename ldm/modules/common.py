@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..latent_norm import LatentNorm, plain
 from ..tiling import OVERLAP, tiled_decode
@@ -74,6 +75,46 @@ class Blend(Block):
     def forward(self, h: torch.Tensor, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = F.interpolate(mask, size=h.shape[-2:], mode="nearest").to(h.dtype)
         return h * m + feat.to(h.dtype) * (1 - m)
+
+
+class BranchDecoder(nn.Module):
+    """What every family's decoder shares: z -> up_path(mid_path(z), branch(masked_image), mask), the branch being
+    `encoder` (a ConditionEncoder, None without use_condition), each part under gradient checkpointing when asked.
+    A family's decoder builds its layers and defines mid_path and up_path (ldm/tiling.py runs the three apart)."""
+
+    gradient_checkpointing: bool = False
+
+    @property
+    def use_condition(self) -> bool:
+        return self.encoder is not None
+
+    def _run(self, fn, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward(self, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (masked_image is None) != (mask is None):
+            raise ValueError("AsymmetricDecoder: pass both masked_image and mask, or neither")
+        conditioned = masked_image is not None
+        if conditioned and not self.use_condition:
+            raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
+        return self.up_path(self.mid_path(z), self.branch(masked_image) if conditioned else None, mask)
+
+    def branch(self, masked_image: torch.Tensor) -> list:
+        """The masked-image branch's features, full resolution first (ConditionEncoder)."""
+        return self._run(self.encoder, masked_image)
+
+
+def latent_convs(z_channels: int, embed_dim: int, use_quant_conv: bool) -> tuple[nn.Module, nn.Module]:
+    """(quant_conv, post_quant_conv): 1x1 convs around the latent, or identities for a VAE without them (SD3,
+    FLUX.1), whose encoder's moments (B, 2 z, h, w) are the posterior and whose z goes straight in."""
+    if not use_quant_conv:
+        if embed_dim != z_channels:
+            raise ValueError(f"use_quant_conv=False needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
+        return nn.Identity(), nn.Identity()
+    return nn.Conv2d(2 * z_channels, 2 * embed_dim, 1), nn.Conv2d(embed_dim, z_channels, 1)
 
 
 class AsymmetricAutoencoder(nn.Module):

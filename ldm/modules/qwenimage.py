@@ -15,11 +15,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..keys_qwenimage import X1_WIDTH, diffusers_form
 from ..latent_norm import LatentNorm
-from .common import AsymmetricAutoencoder, Block, Blend, ConditionEncoder
+from .common import AsymmetricAutoencoder, Block, Blend, BranchDecoder, ConditionEncoder, latent_convs
 
 # diffusers' AutoencoderKLQwenImage defaults: the released model's per-channel latent statistics
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -150,7 +149,7 @@ class UpBlock(nn.Module):
         return self.upsamplers[0](x) if self.upsamplers is not None else x
 
 
-class AsymmetricDecoder(nn.Module):
+class AsymmetricDecoder(BranchDecoder):
     """Qwen-Image's decoder of any width, with an optional masked-image branch (`encoder`, as the SD family's).
 
     z (B, z_channels, h, w) -> image (B, 3, 8h, 8w); `up_blocks.0` is the lowest resolution. With `masked_image`
@@ -181,30 +180,9 @@ class AsymmetricDecoder(nn.Module):
         self.encoder = ConditionEncoder([c, *reversed(inputs)]) if use_condition else None
         self.blend = Blend()
 
-    @property
-    def use_condition(self) -> bool:
-        return self.encoder is not None
-
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def forward(self, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if (masked_image is None) != (mask is None):
-            raise ValueError("AsymmetricDecoder: pass both masked_image and mask, or neither")
-        conditioned = masked_image is not None
-        if conditioned and not self.use_condition:
-            raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
-        return self.up_path(self.mid_path(z), self.branch(masked_image) if conditioned else None, mask)
-
     def mid_path(self, z: torch.Tensor) -> torch.Tensor:
         """z -> the mid block's output (B, 4d, h, w): the attention, over the whole latent."""
         return self._run(self.mid_block, self.conv_in(z))
-
-    def branch(self, masked_image: torch.Tensor) -> list:
-        return self._run(self.encoder, masked_image)
 
     def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
         """Mid-block output -> image; convolutions and RMS norms only (ldm/tiling.py runs it per tile)."""
@@ -234,8 +212,6 @@ class AsymmetricAutoencoderKLQwenImage(AsymmetricAutoencoder):
                  encoder_num_res_blocks: int = 2, z_channels: int = 16, embed_dim: int = 16,
                  use_quant_conv: bool = True, latent_norm: Optional[dict] = None, base: Optional[str] = None,
                  family: str = "qwenimage"):
-        if not use_quant_conv and embed_dim != z_channels:
-            raise ValueError(f"use_quant_conv=False needs embed_dim == z_channels, got {embed_dim} and {z_channels}")
         super().__init__(dict(ch=ch, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
                               use_condition=use_condition, encoder_ch=encoder_ch,
                               encoder_ch_mult=list(encoder_ch_mult),
@@ -243,8 +219,7 @@ class AsymmetricAutoencoderKLQwenImage(AsymmetricAutoencoder):
                               embed_dim=embed_dim, use_quant_conv=use_quant_conv,
                               latent_norm=latent_norm, base=base, family=family))
         self.encoder = Encoder(base_dim(encoder_ch), 2 * z_channels, encoder_ch_mult, encoder_num_res_blocks)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1) if use_quant_conv else nn.Identity()
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1) if use_quant_conv else nn.Identity()
+        self.quant_conv, self.post_quant_conv = latent_convs(z_channels, embed_dim, use_quant_conv)
         self.decoder = AsymmetricDecoder(base_dim(ch), ch_mult, num_res_blocks, z_channels, use_condition,
                                          gradient_checkpointing)
 

@@ -8,9 +8,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .common import Block, Blend, ConditionEncoder
+from .common import Block, Blend, BranchDecoder, ConditionEncoder
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -128,7 +127,7 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class AsymmetricDecoder(nn.Module):
+class AsymmetricDecoder(BranchDecoder):
     """SD decoder of any width, with an optional masked-image conditional branch (`encoder`).
 
     z (B, z_channels, h, w) -> image (B, 3, 8h, 8w). With `use_condition`, `masked_image` (B,3,8h,8w) and
@@ -167,15 +166,6 @@ class AsymmetricDecoder(nn.Module):
         self.encoder = ConditionEncoder(widths, in_channels=out_channels) if use_condition else None
         self.blend = Blend()
 
-    @property
-    def use_condition(self) -> bool:
-        return self.encoder is not None
-
-    def _run(self, fn, *args):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     @staticmethod
     def _up_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
         for block in level.block:
@@ -184,22 +174,9 @@ class AsymmetricDecoder(nn.Module):
             h = level.upsample(h)
         return h
 
-    def forward(self, z: torch.Tensor, masked_image: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if (masked_image is None) != (mask is None):
-            raise ValueError("AsymmetricDecoder: pass both masked_image and mask, or neither")
-        conditioned = masked_image is not None
-        if conditioned and not self.use_condition:
-            raise ValueError("AsymmetricDecoder: built with use_condition=False but given a mask")
-        return self.up_path(self.mid_path(z), self.branch(masked_image) if conditioned else None, mask)
-
     def mid_path(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, z_channels, h, w) -> the mid block's output (B, C, h, w): the attention, over the whole latent."""
         return self._run(self.mid, self.conv_in(z))
-
-    def branch(self, masked_image: torch.Tensor) -> list:
-        """The masked-image branch's features, full resolution first (ConditionEncoder)."""
-        return self._run(self.encoder, masked_image)
 
     def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
         """Mid-block output (B, C, h, w) -> image (B, 3, 8h, 8w); `feats` (the branch's) and `mask` or neither.

@@ -2,6 +2,8 @@
 PX x PX per mode in this fresh process, each with its peak resident memory over the memory resident before it
 (Linux: VmHWM, reset through /proc/self/clear_refs). Prints one JSON line: MiB per mode, and whether the modes
 agree."""
+import ctypes
+import gc
 import json
 import sys
 
@@ -36,7 +38,10 @@ def status(key: str) -> int:
 
 
 def peak_over_resident(fn):
-    """(fn(), bytes of its peak resident memory over the resident memory before it)."""
+    """(fn(), bytes of its peak resident memory over the resident memory before it). The memory an earlier mode
+    freed goes back to the system first (glibc's malloc_trim): reused, it would not count as this mode's peak."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
     before = status("VmRSS:")

@@ -57,7 +57,7 @@ def test_bad_arguments_are_usage_errors_naming_them(capsys):
 def test_latency_table_times_each_implementation_in_its_own_process(capsys):
     """One decoder's rows (a process each, ~7 s: torch and diffusers imported anew); that every implementation
     decodes the same image, for every decoder, is test_every_implementation_decodes_the_same_image's."""
-    assert bench.main(["--latency", "--presets", "x1", "--sizes", "64", "--repeats", "1", "--tile", "9"]) == 0
+    assert bench.main(["--latency", "--presets", "x1", "--sizes", "80", "--repeats", "1", "--tile", "9"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if re.match(r"\| x1 ", line)]
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [("x1", impl) for impl in ("ours", "tiled", "diffusers")]
     for r in rows:

@@ -196,6 +196,24 @@ def run_ablate(out, *extra, check=True, **popen):
     return proc
 
 
+def ablate_here(out, *extra):
+    """run_ablate in this process (ablate.main; its train.py runs are processes as ever): one start-up of torch and
+    Lightning fewer. Returns what it printed, as a CompletedProcess."""
+    import contextlib
+    import io
+    argv = ["-c", "configs/demo.yaml", *TINY, *STEPS, "--variant", "asymmetric=", "--variant", "no_condition",
+            "--variant", "no_gan", "--out", str(out), *EVAL, *extra]
+    printed, cwd = io.StringIO(), os.getcwd()
+    os.chdir(ROOT)  # the config paths are relative to the repository, as run_ablate's
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = ablate.main(argv)
+    finally:
+        os.chdir(cwd)
+    assert code == 0, printed.getvalue()[-3000:]
+    return subprocess.CompletedProcess(argv, code, printed.getvalue(), "")
+
+
 # the GAN on from step 3: no_gan differs
 STEPS = ["trainer.max_steps=6", "run.checkpoint_every_n_steps=2", "trainer.val_check_interval=6",
          "loss.disc_start=2", "data.epoch_length=6"]  # passes of 3 batches: the kill at step 2 is mid-pass
@@ -225,7 +243,7 @@ def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
     assert not (out / "no_gan" / "checkpoints").exists() and not (out / "report").exists()
     stamp = first_ckpt.stat().st_mtime_ns
 
-    rerun = run_ablate(out)
+    rerun = ablate_here(out)
     assert "asymmetric: finished (step 6), skipped" in rerun.stdout
     assert "no_condition: resuming at step 2 to step 6" in rerun.stdout and "no_gan: training to step 6" in rerun.stdout
     assert first_ckpt.stat().st_mtime_ns == stamp  # not trained again
@@ -244,11 +262,11 @@ def test_three_variants_end_to_end_killed_in_the_second_and_rerun(tmp_path):
     assert "| no_gan | loss.disc_weight=0.0 | raw |" in md and "PSNR known" in md
     assert (out / "report" / "grid.png").is_file() and (out / "report" / "results.md").is_file()
 
-    again = run_ablate(out)  # everything finished: nothing trains, the same table
+    again = ablate_here(out)  # everything finished: nothing trains, the same table
     assert again.stdout.count("), skipped") == 3 and table(out) == rows
     for name in ("asymmetric", "no_gan"):  # trained without a kill: taken as finished, only no_condition trains
         shutil.copytree(out / name, tmp_path / "uninterrupted" / name)
-    assert run_ablate(tmp_path / "uninterrupted").stdout.count("), skipped") == 2
+    assert ablate_here(tmp_path / "uninterrupted").stdout.count("), skipped") == 2
     assert table(tmp_path / "uninterrupted") == rows  # the resumed pass continued where the kill stopped it
 
 

@@ -15,7 +15,8 @@ from ldm import AsymmetricAutoencoderKL
 from ldm.checkpointing import AtomicCheckpointIO, atomic_save, newest_readable_checkpoint
 from ldm.config import ConfigError, load_config
 from ldm.run import build_loggers, resolve_resume
-from test_train import ROOT, TINY, run_train
+from fault_probe import SignalSelf
+from test_train import ROOT, TINY, run_here
 
 NO_VAL = ["trainer.val_check_interval=1000"]  # these tests are about steps and checkpoints, not validation
 
@@ -118,7 +119,7 @@ def test_sigkill_then_resume_auto_ends_at_the_uninterrupted_step(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     newest, unreadable = newest_readable_checkpoint(ckpt_dir)
     assert not unreadable and 2 <= step_of(newest) < 8
-    resumed = run_train(tmp_path, *args, resume="auto")
+    resumed = run_here(tmp_path, *args, resume="auto")
     assert f"resuming from {newest}" in resumed.stderr
     assert step_of(ckpt_dir / "last.ckpt") == 8  # where the uninterrupted run ends
     assert step_files(ckpt_dir) == ["step00000006.ckpt", "step00000008.ckpt"]  # keep_last_k, old run's pruned
@@ -178,8 +179,8 @@ def test_a_second_ctrl_c_stops_at_once():
 
 
 def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):
-    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", "+signal=SIGUSR1@3",
-                     *NO_VAL, script="tests/fault_probe.py")
+    proc = run_here(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=2", *NO_VAL,
+                    callbacks=[SignalSelf(signal.SIGUSR1, 3)])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert step_of(ckpt_dir / "last.ckpt") == 3 and step_files(ckpt_dir) == ["step00000002.ckpt"]
     assert "SIGUSR1: last checkpoint" in proc.stdout + proc.stderr
@@ -189,8 +190,8 @@ def test_sigusr1_saves_between_periodic_checkpoints(tmp_path):
 def test_a_signal_mid_accumulation_saves_once_the_cycle_has_stepped(tmp_path):
     """optim.accumulate_grad_batches=2: a signal after micro-batch 6 (step 3 done, micro-batch 7 to come) saves
     at step 4, once micro-batch 7 has stepped; a save at step 3 would resume without micro-batch 6's gradients."""
-    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=100", "+signal=SIGUSR1@batch6",
-                     "optim.accumulate_grad_batches=2", *NO_VAL, script="tests/fault_probe.py")
+    proc = run_here(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=100",
+                    "optim.accumulate_grad_batches=2", *NO_VAL, callbacks=[SignalSelf(signal.SIGUSR1, 6, micro_batch=True)])
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert step_of(ckpt_dir / "last.ckpt") == 4
     assert "at step 4; stopping" in proc.stdout + proc.stderr
@@ -198,12 +199,15 @@ def test_a_signal_mid_accumulation_saves_once_the_cycle_has_stepped(tmp_path):
 
 # ---------------------------------------------------------------- non-finite losses
 @pytest.mark.parametrize("fused", [True, False])
-def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path, fused):
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(tmp_path, fused, monkeypatch):
     """Fused Adam (the default) skips a non-finite step on the device (found_inf), without a host sync: the step
     counts, its weights and Adam state stay. Unfused Adam: the host checks first and skips the step itself."""
-    proc = run_train(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=1", "run.max_nonfinite_steps=2",
-                     "run.keep_last_k=5", "trainer.log_every_n_steps=1", "+nan_batches=1,3,4", f"optim.fused={fused}",
-                     *NO_VAL, script="tests/fault_probe.py", check=False)
+    from fault_probe import inject_nan
+    from ldm.models.asym_decoder import AsymmetricDecoderTraining
+    monkeypatch.setattr(AsymmetricDecoderTraining, "recon_terms", AsymmetricDecoderTraining.recon_terms)  # restored
+    inject_nan({1, 3, 4})  # the LPIPS term NaN at those batches
+    proc = run_here(tmp_path, "trainer.max_steps=400", "run.checkpoint_every_n_steps=1", "run.max_nonfinite_steps=2",
+                    "run.keep_last_k=5", "trainer.log_every_n_steps=1", f"optim.fused={fused}", *NO_VAL, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("error: loss term 'lpips' was non-finite for 2 consecutive steps (3 skipped in all)")

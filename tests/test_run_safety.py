@@ -19,7 +19,7 @@ from ldm.checkpointing import AtomicCheckpointIO
 from ldm.convert import CheckpointError, read_checkpoint
 import train
 from test_reliability import NO_VAL, start_train, step_of, wait_for
-from test_train import ROOT, TINY, run_train
+from test_train import ROOT, TINY, run_here, run_train
 
 
 def errors(stderr: str) -> list:
@@ -180,7 +180,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_auto_finishes_once_there_is_
     assert step_of(ckpts / "last.ckpt") == 2
     if resize is not None:
         resize(400)
-    run_train(where, *args, resume="auto")
+    run_here(where, *args, resume="auto")
     assert step_of(ckpts / "last.ckpt") == 6 and sorted(p.name for p in ckpts.iterdir()) == [
         "last.ckpt", "step00000006.ckpt"]
 

@@ -5,12 +5,12 @@ import re
 from PIL import Image
 
 from ldm.summary import read_metrics
-from test_train import run_train, val_rows
+from test_train import run_here, val_rows
 
 
 def test_a_tiny_run_ends_with_its_summary_and_a_plot_of_its_curves(tmp_path):
-    proc = run_train(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=2",
-                     "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true", "loss.disc_start=2")
+    proc = run_here(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=2", "run.checkpoint_every_n_steps=2",
+                    "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true", "loss.disc_start=2")
     run = tmp_path / "run"
     out = proc.stdout
     assert "run done: step 4 of 4" in out, out[-3000:]

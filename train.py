@@ -32,19 +32,27 @@ from ldm.runlock import RunLock
 from ldm.summary import summarize
 
 ROOT = Path(__file__).resolve().parent
-# expected here: the frozen encoder and LPIPS stay in eval mode; manual optimisation checkpoints post-step
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
-# configure_model only compiles (shards nothing); validation metrics are reduced over ranks before they are logged
-warnings.filterwarnings("ignore", message=r".*WeightAveraging doesn't support sharding.*")
-warnings.filterwarnings("ignore", message=r".*recommended to use `self.log\(.*sync_dist=True`.*")
-# notes that say nothing to a user of this codebase: Lightning's own deprecations, its IterableDataset __len__
-# caution (each worker reads its own share, data/datamodule.py), the CSV logger's "directory not empty" (--resume
-# and run.overwrite decide that) and its litlogger tip
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(pytorch_lightning|lightning_fabric)\.")
-warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
-warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
-warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+
+
+def ignore_known_warnings() -> None:
+    """Filters for the warnings that say nothing to a user of this codebase (installed at import; tests that run
+    train.main in their own process install them again inside their warnings capture)."""
+    # expected here: the frozen encoder and LPIPS stay in eval mode; manual optimisation checkpoints post-step
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*ModelCheckpoint with manual optimization.*")
+    # configure_model only compiles (shards nothing); validation metrics are reduced over ranks before they are logged
+    warnings.filterwarnings("ignore", message=r".*WeightAveraging doesn't support sharding.*")
+    warnings.filterwarnings("ignore", message=r".*recommended to use `self.log\(.*sync_dist=True`.*")
+    # notes that say nothing to a user of this codebase: Lightning's own deprecations, its IterableDataset __len__
+    # caution (each worker reads its own share, data/datamodule.py), the CSV logger's "directory not empty" (--resume
+    # and run.overwrite decide that) and its litlogger tip
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(pytorch_lightning|lightning_fabric)\.")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*Your `IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+
+
+ignore_known_warnings()
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda rec: "litlogger" not in rec.getMessage())
 
 

@@ -43,14 +43,18 @@ def run_here(tmp_path, *overrides, name="run", resume=None, callbacks=(), check=
     argv = [*base, f"run.log_dir={tmp_path}", *overrides, "--name", name, *(["--resume", resume] if resume else [])]
     out, err = io.StringIO(), io.StringIO()
     handler, lightning = logging.StreamHandler(err), logging.getLogger("pytorch_lightning")
+    level = lightning.level  # another test may have quietened it (scripts/bench/harness.py: ERROR)
     lightning.addHandler(handler)
+    lightning.setLevel(logging.INFO)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            train.ignore_known_warnings()  # as in a process of its own (pytest resets filters between tests)
             code = train.main(argv, extra_callbacks=list(callbacks))
     finally:
         lightning.removeHandler(handler)
+        lightning.setLevel(level)
     warned = "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)  # first: the last line stays the error
     proc = subprocess.CompletedProcess(argv, code, out.getvalue(), warned + err.getvalue())
     if check and code != 0:

@@ -17,6 +17,7 @@ from .masks import (
     make_eval_masks,
     outpaint_mask,
     sample_rng,
+    seed_of,
     save_masks,
     stroke_mask,
 )
@@ -28,6 +29,6 @@ __all__ = [
     "IMAGE_SUFFIXES", "SkipCounter", "load_crop", "to_rgb",
     "LatentCacheError", "LatentCacheTrain", "encoder_fingerprint",
     "MEAN_AREA", "PRESETS", "MaskGenerator", "box_mask", "stroke_mask", "outpaint_mask",
-    "load_mask_files", "make_eval_masks", "sample_rng", "save_masks",
+    "load_mask_files", "make_eval_masks", "sample_rng", "save_masks", "seed_of",
     "SAMPLE_IMAGES", "Source", "list_image_files", "resolve_source", "sample_image_files",
 ]

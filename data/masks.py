@@ -156,6 +156,12 @@ class MaskGenerator:
         return f"MaskGenerator(resolution={self.resolution}, p_full={self.p_full}, [{parts}])"
 
 
+def seed_of(*ids) -> int:
+    """A torch seed (a non-negative int64) from a seed-sequence id tuple: independent streams per tuple, as
+    sample_rng's."""
+    return int(np.random.SeedSequence([int(i) for i in ids]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def sample_rng(seed, *ids):
     """A fresh generator for one sample, seeded by (seed, *ids): independent streams per id tuple."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), *map(int, ids)]))

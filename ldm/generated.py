@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
+
+from data.masks import seed_of
 
 from . import pipelines
 from .checkpointing import atomic_save
@@ -47,7 +48,7 @@ class Generation:
                 "class": pipelines.select(self.pipeline).cls}
 
     def seed_of(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.seed, GENERATION_STREAM, index]).generate_state(1, np.uint64)[0] >> 1)
+        return seed_of(self.seed, GENERATION_STREAM, index)
 
 
 def read_captions(path) -> list:

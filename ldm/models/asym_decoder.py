@@ -5,10 +5,11 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from data.masks import seed_of
 
 from ..metrics import region_metrics
 from ..modules.common import AsymmetricAutoencoder, Block, DiagonalGaussianDistribution
@@ -20,11 +21,6 @@ NOISE_STREAM = 7  # seed-sequence tag of the posterior samples and latent noise 
 VAL_NOISE_STREAM = 8  # the fixed noise of validation's perturbed latents (model.val_latent_noise)
 # what validation reports on the perturbed latents (as val/noisy_<name>): the known region's
 NOISY_METRICS = ("psnr_known", "ssim_known", "lpips_known", "pre_error", "de2000_known")
-
-
-def seed_of(*ids) -> int:
-    """A torch seed from a seed-sequence id tuple: independent streams per tuple, as data.sample_rng."""
-    return int(np.random.SeedSequence([int(i) for i in ids]).generate_state(1, np.uint64)[0] >> 1)
 
 
 @dataclass

@@ -20,16 +20,16 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from data import LatentCacheError
-from ldm.bases import read_bases
-from ldm.callbacks import NonFiniteLossError
-from ldm.checkpointing import RunCheckpoint
-from ldm.checks import pointless
-from ldm.config import ConfigError, load_config
+from ldm.formats.bases import read_bases
+from ldm.training.callbacks import NonFiniteLossError
+from ldm.training.checkpointing import RunCheckpoint
+from ldm.training.checks import pointless
+from ldm.training.config import ConfigError, load_config
 from ldm.models.asym_decoder import AsymmetricDecoderTraining
-from ldm.run import (build_datamodule, build_system, build_trainer, check_inputs, check_resume, disk_full_as_error,
+from ldm.training.run import (build_datamodule, build_system, build_trainer, check_inputs, check_resume, disk_full_as_error,
                      is_rank_zero, open_run_dir, prepare_run_dir)
-from ldm.runlock import RunLock
-from ldm.summary import summarize
+from ldm.training.runlock import RunLock
+from ldm.training.summary import summarize
 
 ROOT = Path(__file__).resolve().parent
 
@@ -75,7 +75,7 @@ def fit(argv=None, extra_callbacks=()) -> None:
     if args.print_run_dir:  # for job scripts (scripts/slurm/train.sbatch): where the logs go
         print(Path(cfg.run.log_dir) / name)
         return
-    # one job per run folder: a second one exits 2 naming the live holder (ldm/runlock.py); rank 0 holds it
+    # one job per run folder: a second one exits 2 naming the live holder (ldm/training/runlock.py); rank 0 holds it
     with RunLock(Path(cfg.run.log_dir) / name, enabled=is_rank_zero()):
         run_dir, resume, start_over = prepare_run_dir(cfg, name, args.resume)
         check_inputs(cfg)
@@ -107,7 +107,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:  # before training began (once it has, Ctrl-C saves: ldm.checkpointing.RunCheckpoint)
+    except KeyboardInterrupt:  # before training began (once it has, Ctrl-C saves: ldm.training.checkpointing.RunCheckpoint)
         print("error: interrupted before training began: nothing to save", file=sys.stderr)
         return 130
     return 0

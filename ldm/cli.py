@@ -22,7 +22,7 @@ def at_least(low: int):
 
 def tile_side(text: str) -> int:
     """--tile: 0 (never tile) or a latent tile side larger than the tiles' overlap."""
-    from .tiling import OVERLAP
+    from .modules.tiling import OVERLAP
     value = _number(text)
     if value != 0 and value <= OVERLAP:
         raise argparse.ArgumentTypeError(f"{value}: must be 0 (never) or larger than the overlap, {OVERLAP} latent px")

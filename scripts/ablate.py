@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "scripts"))
 import eval as eval_script  # noqa: E402  (scripts/eval.py)
-from ldm.ablation import REPORT, Plan, changes, delta, load_set, parse_variant, prepare, progress, resolve, write_report  # noqa: E402
-from ldm.config import ConfigError  # noqa: E402
+from ldm.evaluation.ablation import REPORT, Plan, changes, delta, load_set, parse_variant, prepare, progress, resolve, write_report  # noqa: E402
+from ldm.training.config import ConfigError  # noqa: E402
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 OWN_EVAL_FLAGS = ("--decoder", "--name", "--out")  # eval.py flags this script sets itself

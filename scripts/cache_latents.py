@@ -37,7 +37,7 @@ from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import build_autoencoder, load_into  # noqa: E402
 from ldm.cli import at_least  # noqa: E402
-from ldm.config import load_config  # noqa: E402
+from ldm.training.config import load_config  # noqa: E402
 
 
 def parse_args(argv=None):

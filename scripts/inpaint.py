@@ -6,7 +6,7 @@ Qwen-Image, Qwen-Image-Edit) and decode with our decoder, at the image's own sha
     python scripts/inpaint.py --vae OUR_CHECKPOINT --pipeline PIPELINE_FOLDER --batch LIST.csv [...]
 
 --pipeline is a local pipeline folder (model_index.json, ...); its class picks the inpainting pipeline
-(ldm/pipelines.py PIPELINES). --vae is any checkpoint of ours that scripts/export.py reads (a run checkpoint, a
+(ldm/decoding/pipelines.py PIPELINES). --vae is any checkpoint of ours that scripts/export.py reads (a run checkpoint, a
 diffusers or decoder export) trained on that pipeline's VAE. The image and mask (white = hole) keep their aspect:
 they are resized to the pipeline's pixel budget (its native side squared, or --size N squared) with sides a
 multiple it accepts (Qwen-Image-Edit picks its own size, about 1024^2 px: no --size); the pipeline runs there with
@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ldm.cli import at_least, existing, fraction, non_negative, tile_side  # noqa: E402
-from ldm.evaluation import to_uint8  # noqa: E402
+from ldm.evaluation.loop import to_uint8  # noqa: E402
 from ldm.metrics import save_grid  # noqa: E402
-from ldm.pipelines import (PipelineError, check_decoder, inpaint, load_decoder, load_pipeline,  # noqa: E402
+from ldm.decoding.pipelines import (PipelineError, check_decoder, inpaint, load_decoder, load_pipeline,  # noqa: E402
                            read_batch, read_pair, select, vae_config)
-from ldm.tiling import DEFAULT_TILE, TILE_ABOVE  # noqa: E402
+from ldm.modules.tiling import DEFAULT_TILE, TILE_ABOVE  # noqa: E402
 
 SINGLE = ("image", "mask", "prompt", "out")  # the flags one pair needs, and --batch replaces
 

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 from probe_utils import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 import train
-from ldm import checkpointing
+from ldm.training import checkpointing
 from ldm.models.asym_decoder import AsymmetricDecoderTraining
 
 

@@ -1,4 +1,4 @@
-"""scripts/ablate.py and ldm/ablation.py: variants resolved and refused before training, run folders skipped,
+"""scripts/ablate.py and ldm/evaluation/ablation.py: variants resolved and refused before training, run folders skipped,
 resumed or refused, SLURM submission lines, and a three-variant ablation end to end (killed and re-run)."""
 import csv
 import os
@@ -14,8 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.ablation import Plan, Variant, delta, load_set, parse_variant, prepare, progress, resolve, split_items
-from ldm.config import ConfigError
+from ldm.evaluation.ablation import Plan, Variant, delta, load_set, parse_variant, prepare, progress, resolve, split_items
+from ldm.training.config import ConfigError
 from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]

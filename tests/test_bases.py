@@ -1,6 +1,6 @@
 """The bases (configs/bases/): import each family's VAE as diffusers saves it and as its original single file,
 train on it, export it, and refuse a VAE of another family. Reference models are random, saved by diffusers.
-Qwen-Image's (another layout: ldm/modules/qwenimage.py) decodes and encodes one frame; tests/test_qwenimage.py
+Qwen-Image's (another layout: ldm/modules/qwenimage/autoencoder.py) decodes and encodes one frame; tests/test_qwenimage.py
 has its own tests."""
 import contextlib
 import json
@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ldm import PRESETS, AsymmetricAutoencoderKL, build_autoencoder, load_autoencoder
-from ldm.convert import CheckpointError, diffusers_to_ldm
-from ldm.keys_qwenimage import wan_keys
+from ldm import CheckpointError
+from ldm.modules.sd.keys import diffusers_to_ldm
+from ldm.modules.qwenimage.keys import wan_keys
 from ldm.latent_norm import LatentNorm
 
 diffusers = pytest.importorskip("diffusers")
@@ -284,7 +285,7 @@ def test_a_flux2_vae_with_another_decoder_width_warm_starts_only_a_decoder_of_th
     kw = {**base_kwargs("flux2"), "encoder_ch": 64, "encoder_num_res_blocks": 1, "num_res_blocks": 1}
     for ch, warm in ((32, True), (64, False)):  # the decoder of the file's widths, and one of the encoder's
         model = AsymmetricAutoencoderKL(**{**kw, "ch": ch})
-        with caplog.at_level(logging.WARNING, logger="ldm.convert"):
+        with caplog.at_level(logging.WARNING, logger="ldm.formats.convert"):
             caplog.clear()
             report = load_into(model, tmp_path / "vae")
         assert any(k.startswith("encoder.") for k in report.loaded)
@@ -341,8 +342,8 @@ def test_a_vae_of_another_family_is_refused_naming_both(families, base, other, t
 def test_sdxl_single_file_trains_in_an_sd1_or_sdxl_run_but_its_folder_only_in_sdxl(families, tmp_path, capsys):
     """sd1 and sdxl files have the same shapes: the configured base decides; config.json's factor does not lie."""
     import train
-    from ldm.bases import check_base, read_bases
-    from ldm.convert import read_checkpoint
+    from ldm.formats.bases import check_base, read_bases
+    from ldm.formats.convert import read_checkpoint
     bases = read_bases(ROOT / "configs" / "bases")
     _, pipeline, single = families["sdxl"]
     for base in ("sd1", "sdxl"):

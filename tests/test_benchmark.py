@@ -213,7 +213,7 @@ def test_decoder_flops_leave_out_the_gradient_checkpointing_recompute():
 
 
 def naive_step(cfg, precision="32-true"):
-    from ldm.config import to_container
+    from ldm.training.config import to_container
     from reference_steps import NaiveStep
     return NaiveStep(to_container(cfg.model.autoencoder), ndf=cfg.discriminator.ndf,
                      n_layers=cfg.discriminator.n_layers, precision=precision)
@@ -226,7 +226,7 @@ def trainable(module):
 def test_naive_loop_trains_our_network_in_diffusers():
     """Our weights through the ldm -> diffusers key table decode the same in NaiveStep's model; the same
     parameters train (the decoder only) and the same PatchGAN."""
-    from ldm.keys import ldm_to_diffusers
+    from ldm.modules.sd.keys import ldm_to_diffusers
     cfg = harness.load([ROOT / "configs" / "x1.yaml"], [*TINY, "data.resolution=16"])
     torch.manual_seed(0)
     system = harness.build_ours(cfg)

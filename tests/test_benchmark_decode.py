@@ -29,10 +29,10 @@ def test_every_implementation_decodes_the_same_image(preset):
 def test_decoder_flops_are_those_of_diffusers_decoders():
     """The FLOP shares count our vanilla decoder as diffusers' AutoencoderKL decode (SD's VAE) and x1 with its
     branch as diffusers' AsymmetricAutoencoderKL decode."""
-    from ldm.modules.autoencoder import PRESETS, AsymmetricAutoencoderKL
+    from ldm import PRESETS, AsymmetricAutoencoderKL
     with torch.device("meta"):
-        sd = bench.build_diffusers(AsymmetricAutoencoderKL(use_condition=False), vanilla=True)
-        asym = bench.build_diffusers(AsymmetricAutoencoderKL(**PRESETS["x1"]), vanilla=False)
+        sd = bench.build_diffusers(AsymmetricAutoencoderKL(use_condition=False))
+        asym = bench.build_diffusers(AsymmetricAutoencoderKL(**PRESETS["x1"]))
         assert (type(sd).__name__, type(asym).__name__) == ("AutoencoderKL", "AsymmetricAutoencoderKL")
         z, image, mask = torch.randn(1, 4, 16, 16), torch.randn(1, 3, 128, 128), torch.ones(1, 1, 128, 128)
         theirs_sd = bench.count(lambda: sd.decode(z))

@@ -1,4 +1,4 @@
-"""Every config value out of its domain (ldm/checks.py) and every bad script argument stops the run before
+"""Every config value out of its domain (ldm/training/checks.py) and every bad script argument stops the run before
 anything is built: one line naming the key (or flag), exit code 2, no traceback."""
 import sys
 from fnmatch import fnmatchcase
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ldm.checks import ANY_VALUE_OF_ITS_TYPE, RULES, leaves, pointless
-from ldm.config import load_config
+from ldm.training.checks import ANY_VALUE_OF_ITS_TYPE, RULES, leaves, pointless
+from ldm.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"
@@ -128,7 +128,7 @@ def test_a_value_out_of_its_domain_is_one_line_naming_the_key_and_exit_2(overrid
 
 
 def test_every_rule_is_exercised_and_every_base_leaf_has_a_rule_or_none_is_needed():
-    """A key added to configs/base.yaml needs a line in ldm/checks.py RULES (or ANY_VALUE_OF_ITS_TYPE), and a
+    """A key added to configs/base.yaml needs a line in ldm/training/checks.py RULES (or ANY_VALUE_OF_ITS_TYPE), and a
     bad value here."""
     base = leaves(OmegaConf.to_container(OmegaConf.load(BASE)))
     patterns = [p for p, _ in RULES]

@@ -1,4 +1,4 @@
-"""ldm.cluster: the DDP strategy every multi-process name maps to, and devices / nodes taken from SLURM's srun."""
+"""ldm.training.cluster: the DDP strategy every multi-process name maps to, and devices / nodes taken from SLURM's srun."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +7,8 @@ import pytest
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 
-from ldm.cluster import ddp_strategy, slurm_layout, trainer_arguments
-from ldm.config import ConfigError
+from ldm.training.cluster import ddp_strategy, slurm_layout, trainer_arguments
+from ldm.training.config import ConfigError
 
 SLURM_VARS = ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES", "SLURM_JOB_NAME", "SLURM_JOB_ID")
 

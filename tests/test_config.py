@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm import build_autoencoder
-from ldm.config import ConfigError, load_config
+from ldm.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"
@@ -35,8 +35,8 @@ REDUCED = ["model.autoencoder.ch=32", "model.autoencoder.num_res_blocks=1", "mod
 def one_lpips_per_setting():
     """LPIPS is frozen and the same for every config with the same `perceptual` settings: built once per setting
     (VGG16's features, about 0.7 s of CPU), not once per config."""
-    import ldm.run
-    real, built = ldm.run.PerceptualLoss, {}
+    import ldm.training.run
+    real, built = ldm.training.run.PerceptualLoss, {}
 
     def shared(**kwargs):
         key = tuple(sorted(kwargs.items()))
@@ -44,7 +44,7 @@ def one_lpips_per_setting():
             built[key] = real(**kwargs)
         return built[key]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm.run, "PerceptualLoss", shared)
+        patch.setattr(ldm.training.run, "PerceptualLoss", shared)
         yield built
 
 
@@ -52,7 +52,7 @@ def one_lpips_per_setting():
 def test_every_config_instantiates_and_validates_at_reduced_size(path, one_lpips_per_setting):
     """The whole run of each YAML at reduced widths: system, data and masks, one validation batch with LPIPS."""
     from data import ImageMaskDataModule
-    from ldm.run import build_system
+    from ldm.training.run import build_system
     cfg = load_config(BASE, [path], REDUCED)
     torch.manual_seed(0)
     system = build_system(cfg)

@@ -17,7 +17,7 @@ import data.datasets
 from data import (EpochLoader, ImageMaskDataModule, ImageMaskTrain, ImageMaskVal, LogSkippedFiles, MaskGenerator,
                   collect, load_crop, resolve_source)
 from data.sources import Source, shard_samples
-from ldm.config import load_config
+from ldm.training.config import load_config
 from probe_utils import load_script
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""scripts/eval.py, ldm/evaluation.py on tiny random models (scripts/ablate.py: test_ablate.py; scripts/inpaint.py:
+"""scripts/eval.py, ldm/evaluation/loop.py on tiny random models (scripts/ablate.py: test_ablate.py; scripts/inpaint.py:
 test_inpaint_bases.py)."""
 import csv
 import importlib.util
@@ -13,7 +13,7 @@ from PIL import Image
 
 from data import load_mask_files, make_eval_masks
 from ldm import AsymmetricAutoencoderKL
-from ldm.evaluation import BUCKETS, COLUMNS, INCEPTION_FILE, OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, \
+from ldm.evaluation.loop import BUCKETS, COLUMNS, INCEPTION_FILE, OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, \
     markdown, write_reports
 from probe_utils import load_script
 
@@ -273,7 +273,7 @@ def test_fid_reads_inception_weights_in_torch_fidelitys_format(tmp_path, monkeyp
 def test_the_untrained_lpips_is_one_network_whatever_ran_before():
     """--no-lpips-pretrained's random VGG must not depend on the random draws before it (a pipeline's generation
     runs before the generated table is scored): one decoder, one image, one LPIPS, with or without --pipeline."""
-    from ldm.eval_run import lpips_network
+    from ldm.evaluation.run import lpips_network
     build = lpips_network.__wrapped__  # the cache would hand back the first network
     first = build(False, "cpu").state_dict()
     torch.rand(1000)

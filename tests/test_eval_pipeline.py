@@ -8,7 +8,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 import tiny_pipelines  # noqa: E402
-from ldm import AsymmetricAutoencoderKL, evaluation, pipelines  # noqa: E402
+from ldm import AsymmetricAutoencoderKL  # noqa: E402
+from ldm.decoding import pipelines  # noqa: E402
+from ldm.evaluation import loop as evaluation  # noqa: E402
 from probe_utils import load_script  # noqa: E402
 from test_bases import TINY, base_kwargs, family_config  # noqa: E402
 from test_interop import jitter  # noqa: E402

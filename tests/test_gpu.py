@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldm import AsymmetricAutoencoderKL
-from ldm.callbacks import EMA
+from ldm.training.callbacks import EMA
 from test_train import TINY as CPU_TINY
 
 ROOT = Path(__file__).resolve().parents[1]

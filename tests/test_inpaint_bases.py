@@ -1,4 +1,4 @@
-"""ldm/pipelines.py and scripts/inpaint.py end to end on CPU with a tiny random pipeline of every kind they drive
+"""ldm/decoding/pipelines.py and scripts/inpaint.py end to end on CPU with a tiny random pipeline of every kind they drive
 (tests/tiny_pipelines.py, no hub), on a non-square image."""
 import json
 
@@ -12,12 +12,12 @@ from ldm import build_autoencoder
 
 diffusers = pytest.importorskip("diffusers")
 import tiny_pipelines  # noqa: E402
-from ldm import pipelines  # noqa: E402
+from ldm.decoding import pipelines  # noqa: E402
 from probe_utils import load_script  # noqa: E402
 from test_bases import TINY, base_kwargs, family_config, family_vae, their_decode  # noqa: E402
 from test_interop import jitter  # noqa: E402
 
-# each pipeline class ldm/pipelines.py drives -> the base whose VAE it runs on (configs/bases/<base>.yaml)
+# each pipeline class ldm/decoding/pipelines.py drives -> the base whose VAE it runs on (configs/bases/<base>.yaml)
 BASE = {"StableDiffusionInpaintPipeline": "sd1", "StableDiffusionXLInpaintPipeline": "sdxl",
         "StableDiffusion3InpaintPipeline": "sd3", "FluxFillPipeline": "flux", "FluxInpaintPipeline": "flux",
         "FluxKontextInpaintPipeline": "flux", "ChromaInpaintPipeline": "flux", "ZImageInpaintPipeline": "flux",

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm import AsymmetricAutoencoderKL, CheckpointError, load_autoencoder, load_into
-from ldm.convert import diffusers_to_ldm, ldm_to_diffusers
+from ldm.modules.sd.keys import diffusers_to_ldm, ldm_to_diffusers
 from probe_utils import load_script
 
 diffusers = pytest.importorskip("diffusers")
@@ -237,7 +237,7 @@ def official_ckpt(model):
 def test_format4_official_checkpoint_drops_up_layers_by_name(tmp_path, caplog):
     model = ours("small")
     torch.save(official_ckpt(model), tmp_path / "official.ckpt")
-    with caplog.at_level(logging.WARNING, logger="ldm.convert"):
+    with caplog.at_level(logging.WARNING, logger="ldm"):
         vae = load_autoencoder(tmp_path / "official.ckpt")
     assert "dropping 2 decoder.up_layers" in caplog.text
     assert vae.load_report.dropped == ["decoder.up_layers.0.weight", "decoder.up_layers.0.bias"]
@@ -266,7 +266,7 @@ def test_non_autoencoder_tensors_are_reported_as_skipped(tmp_path, caplog):
     ckpt = official_ckpt(model)
     ckpt["state_dict"].update({"model_ema.decay": torch.tensor(0.999), "decoderr.conv_in.weight": torch.randn(1)})
     torch.save(ckpt, tmp_path / "extra.ckpt")
-    with caplog.at_level(logging.WARNING, logger="ldm.convert"):
+    with caplog.at_level(logging.WARNING, logger="ldm.formats.convert"):
         vae = load_autoencoder(tmp_path / "extra.ckpt")
     assert "skipping 2 tensors that are not autoencoder weights" in caplog.text
     assert {"model_ema.decay", "decoderr.conv_in.weight"} <= set(vae.load_report.skipped)

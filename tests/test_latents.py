@@ -21,7 +21,7 @@ diffusers_vae = pytest.importorskip("diffusers.models.autoencoders.vae")
 def build():
     """build(*overrides) -> (system, cfg), the GAN on from step 0 (harness.load); one untrained LPIPS for all (lpips
     builds a whole VGG16 each time)."""
-    import ldm.run
+    import ldm.training.run
     shared = {}
 
     def perceptual(**kwargs):
@@ -30,9 +30,9 @@ def build():
             shared[key] = real(**kwargs)
         return shared[key]
 
-    real = ldm.run.PerceptualLoss
+    real = ldm.training.run.PerceptualLoss
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm.run, "PerceptualLoss", perceptual)
+        patch.setattr(ldm.training.run, "PerceptualLoss", perceptual)
 
         def make(*overrides):
             cfg = harness.load([], [*TINY, "loss.perceptual_weight=0", *overrides])  # LPIPS: validation only

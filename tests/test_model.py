@@ -4,7 +4,7 @@ import torch
 
 from ldm import PRESETS, AsymmetricAutoencoderKL
 from ldm.modules.common import ConditionEncoder
-from ldm.modules.vae import AsymmetricDecoder
+from ldm.modules.sd.vae import AsymmetricDecoder
 
 TINY = dict(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)
 
@@ -180,7 +180,7 @@ def test_attention_runs_on_a_fused_kernel(memory_format):
     scores (32 GiB at 2048 px). Restricted to the flash kernel (O(HW) memory) it must still run, and equal
     softmax(q k^T / sqrt(C)) v computed in float64."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from ldm.modules.vae import AttnBlock
+    from ldm.modules.sd.vae import AttnBlock
     torch.manual_seed(0)
     block = AttnBlock(64).eval()
     x = torch.randn(2, 64, 12, 10).contiguous(memory_format=memory_format)

@@ -1,4 +1,4 @@
-"""The Qwen-Image family (ldm/modules/qwenimage.py) beyond what tests/test_bases.py covers for every base (one-frame
+"""The Qwen-Image family (ldm/modules/qwenimage/autoencoder.py) beyond what tests/test_bases.py covers for every base (one-frame
 parity with diffusers from a folder and a Wan single file, training, resume, DDP, the latent cache): the widths
 of the presets, tiled decoding, the clamp's gradient and the diffusers export."""
 import json
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ldm import PRESETS, build_autoencoder, load_autoencoder
-from ldm.config import load_config
-from ldm.keys import CheckpointError
+from ldm.training.config import load_config
+from ldm import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
 from probe_utils import load_script  # noqa: E402
@@ -65,7 +65,7 @@ def test_tiled_decode_equals_untiled_without_whole_image_statistics(monkeypatch)
     the up path's and the branch's receptive field (about 6.5 latent px at these widths) the tiles give the
     untiled numbers; with none they do not, so the tiles are really decoded apart. The attention runs once,
     over the whole latent."""
-    import ldm.tiling as tiling
+    import ldm.modules.tiling as tiling
     torch.manual_seed(0)  # ch_mult (1,1,1,1), one residual block per level: small receptive field, fast
     vae = build_autoencoder(family="qwenimage", **{**TINY, "ch_mult": (1, 1, 1, 1), "num_res_blocks": 0}).eval()
     z, image, mask = inputs(1, 128, 128)

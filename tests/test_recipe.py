@@ -18,9 +18,9 @@ from scipy import ndimage
 
 from data import PRESETS, MEAN_AREA, box_mask, outpaint_mask
 from data.images import load_crop, random_crop_box
-from ldm.config import load_config
+from ldm.training.config import load_config
 from ldm.models.asym_decoder import LossConfig, OptimConfig
-from ldm.run import build_system
+from ldm.training.run import build_system
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "configs" / "base.yaml"

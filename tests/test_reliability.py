@@ -12,9 +12,9 @@ import torch
 
 import train  # the command line's exit codes (test_config_errors_...)
 from ldm import AsymmetricAutoencoderKL
-from ldm.checkpointing import AtomicCheckpointIO, atomic_save, newest_readable_checkpoint
-from ldm.config import ConfigError, load_config
-from ldm.run import build_loggers, resolve_resume
+from ldm.training.checkpointing import AtomicCheckpointIO, atomic_save, newest_readable_checkpoint
+from ldm.training.config import ConfigError, load_config
+from ldm.training.run import build_loggers, resolve_resume
 from fault_probe import SignalSelf
 from test_train import ROOT, TINY, run_here
 
@@ -66,7 +66,7 @@ def test_atomic_save_leaves_the_old_file_when_killed_mid_write(tmp_path, monkeyp
 def test_a_resumed_run_continues_metrics_csv(tmp_path):
     """ResumableCSVLogger (train.py): a second logger on the run folder, as after a resume or SLURM requeue, appends
     to metrics.csv and keeps its columns; Lightning's CSVLogger deletes the file (the earlier steps' metrics)."""
-    from ldm.checkpointing import ResumableCSVLogger
+    from ldm.training.checkpointing import ResumableCSVLogger
     for steps, metrics in ((range(0, 3), {"train/loss": 1.0}), (range(3, 5), {"train/loss": 2.0, "val/l1": 0.5})):
         logger = ResumableCSVLogger(save_dir=str(tmp_path), name="run", version="")
         for step in steps:
@@ -162,7 +162,7 @@ def test_a_signal_to_the_whole_process_group_spares_the_loader_workers(tmp_path,
 def test_a_second_ctrl_c_stops_at_once():
     """The first SIGINT asks for a save at the step's end; the second raises KeyboardInterrupt (Lightning then
     shuts down, exit 1); the handlers in place before training are back afterwards."""
-    from ldm.checkpointing import RunCheckpoint
+    from ldm.training.checkpointing import RunCheckpoint
     callback, before = RunCheckpoint(dirpath="unused"), signal.getsignal(signal.SIGINT)
     callback.on_train_start(type("Trainer", (), {"is_global_zero": False})(), None)  # installs the handlers
     try:

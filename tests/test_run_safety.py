@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpointing import AtomicCheckpointIO
-from ldm.convert import CheckpointError, read_checkpoint
+from ldm.training.checkpointing import AtomicCheckpointIO
+from ldm.formats.convert import CheckpointError, read_checkpoint
 import train
 from test_reliability import NO_VAL, start_train, step_of, wait_for
 from test_train import ROOT, TINY, run_here, run_train
@@ -98,7 +98,7 @@ def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_once_it_di
 
 
 def _lock_of(run_dir: Path, host: str, age_s: float, pid=1, start="1") -> None:
-    from ldm import runlock
+    from ldm.training import runlock
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / runlock.LOCK
     path.write_text(json.dumps({"host": host, "pid": pid, "start": start, "job": "77", "since": "then"}))
@@ -109,8 +109,8 @@ def test_a_holder_is_stale_by_its_pid_on_this_host_and_by_its_heartbeat_elsewher
     """Another host: a heartbeat younger than STALE_S holds the folder, an older one is taken over, and the holder's
     own heartbeat keeps the file's mtime fresh. This host: the PID decides (alive, ended, or reused by another
     process), whatever the heartbeat. The job id is named."""
-    from ldm import runlock
-    from ldm.runlock import RunFolderBusy, RunLock
+    from ldm.training import runlock
+    from ldm.training.runlock import RunFolderBusy, RunLock
     run_dir = tmp_path / "run"
     _lock_of(run_dir, "node-b", age_s=runlock.STALE_S - 30)
     with pytest.raises(RunFolderBusy, match=r"in use by SLURM job 77, PID 1 on node-b, since then \(heartbeat 150 s"):
@@ -188,7 +188,7 @@ def test_a_full_disk_stops_with_one_line_and_resume_auto_finishes_once_there_is_
 def test_a_tiled_decode_that_fills_its_store_says_so_and_leaves_nothing(tmp_path, monkeypatch):
     """A CPU decode's tile states go to files under the store folder: on a full disk (a 1 MB tmpfs, else a write
     that raises ENOSPC) the error names the store, and the decode's temporary folder is gone."""
-    from ldm import tiling
+    from ldm.modules import tiling
     from tiling_probe import inputs, tiny_vae
     vae = tiny_vae()
     z, image, mask = inputs(1, 256, 256)
@@ -229,8 +229,8 @@ WRITERS = textwrap.dedent("""
     import json, os, sys, torch
     sys.path[:0] = [{root!r}, {root!r} + "/scripts", {root!r} + "/tests"]
     import export
-    from ldm.checkpointing import atomic_save
-    from ldm.evaluation import write_reports
+    from ldm.training.checkpointing import atomic_save
+    from ldm.evaluation.loop import write_reports
     from ldm.metrics import save_grid
     from ldm import AsymmetricAutoencoderKL
     model = AsymmetricAutoencoderKL(ch=32, num_res_blocks=1, encoder_ch=32, encoder_num_res_blocks=1)

@@ -4,7 +4,7 @@ import re
 
 from PIL import Image
 
-from ldm.summary import read_metrics
+from ldm.training.summary import read_metrics
 from test_train import run_here, val_rows
 
 

@@ -1,4 +1,4 @@
-"""Tiled and sliced decoding (ldm/tiling.py) against the untiled decode, on a tiny-width decoder."""
+"""Tiled and sliced decoding (ldm/modules/tiling.py) against the untiled decode, on a tiny-width decoder."""
 import copy
 import json
 import math
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import ldm.tiling as tiling
-from ldm.tiling import auto_tile, open_store, spans, tiled_decode
+import ldm.modules.tiling as tiling
+from ldm.modules.tiling import auto_tile, open_store, spans, tiled_decode
 from tiling_probe import inputs, tiny_vae
 
 MIN_PSNR_DB = 80.0  # tiled vs untiled (float32); measured 106-130 dB (docs/decoding.md)

@@ -177,7 +177,7 @@ def test_existing_run_is_not_overwritten_unless_asked(tmp_path):
              "run.overwrite=true")
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step00000001.ckpt"]  # the old run's are gone
-    from ldm.run import resolve_resume
+    from ldm.training.run import resolve_resume
     assert torch.load(resolve_resume("auto", tmp_path / "run"), weights_only=False)["global_step"] == 1
 
 
@@ -263,12 +263,12 @@ def test_progress_bar_loss_is_the_steps_loss_read_with_the_finite_check():
 
 
 def test_ema_callback_matches_lightnings_and_leaves_frozen_weights_alone():
-    """ldm.callbacks.EMA (train.py) updates as Lightning's EMAWeightAveraging does, with one foreach lerp over the
+    """ldm.training.callbacks.EMA (train.py) updates as Lightning's EMAWeightAveraging does, with one foreach lerp over the
     trained tensors: same averaged decoder and discriminator after 4 steps, frozen encoder and LPIPS exactly
     their first copy, the counter at 4, and validation / the end of training swap the average in."""
     from pytorch_lightning.callbacks import EMAWeightAveraging
 
-    from ldm.callbacks import EMA
+    from ldm.training.callbacks import EMA
     sys.path.insert(0, str(ROOT / "scripts" / "bench"))
     import harness
     averages = {}
@@ -300,7 +300,7 @@ def test_only_the_decoder_trains_and_its_warm_started_weights_get_the_scaled_lr(
     sys.path.insert(0, str(ROOT / "scripts" / "bench"))
     import harness
     from ldm import AsymmetricAutoencoderKL
-    from ldm.run import build_system
+    from ldm.training.run import build_system
     cfg = harness.load([], TINY)
     sd = {k: v for k, v in AsymmetricAutoencoderKL(**cfg.model.autoencoder).state_dict().items()
           if not k.startswith("decoder.encoder.")}  # an SD autoencoder: no conditional branch
@@ -328,8 +328,8 @@ def test_accumulated_micro_batches_step_as_their_whole_batch_across_epochs():
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from ldm.config import load_config
-    from ldm.run import build_system
+    from ldm.training.config import load_config
+    from ldm.training.run import build_system
     g = torch.Generator().manual_seed(0)
     micro = [{"image": torch.rand(1, 3, 32, 32, generator=g) * 2 - 1,
               "mask": (torch.rand(1, 1, 32, 32, generator=g) < 0.5).float()} for _ in range(3)]

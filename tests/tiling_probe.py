@@ -10,8 +10,8 @@ import sys
 import torch
 
 from probe_utils import ROOT  # noqa: F401  (puts the repository on sys.path)
-from ldm.modules.autoencoder import AsymmetricAutoencoderKL
-from ldm.tiling import tiled_decode
+from ldm.modules.sd.autoencoder import AsymmetricAutoencoderKL
+from ldm.modules.tiling import tiled_decode
 
 
 def tiny_vae() -> AsymmetricAutoencoderKL:

@@ -1,4 +1,4 @@
-"""Tiny random inpainting pipelines of every pipeline ldm/pipelines.py drives, saved with save_pretrained; tokenizers
+"""Tiny random inpainting pipelines of every pipeline ldm/decoding/pipelines.py drives, saved with save_pretrained; tokenizers
 written to disk (no hub)."""
 import json
 from pathlib import Path
@@ -185,7 +185,7 @@ def around_checkpoint(checkpoint, folder: Path) -> Path:
     blends the image's own latents into the known region at every step (diffusers' legacy inpainting), as a
     denoiser that keeps the known region and invents the hole. For the levers table (docs/evaluation.md)."""
     from ldm import load_autoencoder
-    from ldm.keys import ldm_to_diffusers
+    from ldm.modules.sd.keys import ldm_to_diffusers
     ours = load_autoencoder(checkpoint)
     c, norm = ours.config, ours.latent_norm
     if (c["ch"], c["num_res_blocks"], list(c["ch_mult"])) != (c["encoder_ch"], c["encoder_num_res_blocks"],

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bases import describe
-from .latent_norm import LatentNorm, agree
-from .metrics import paste_back
-from .tiling import auto_tile
+from ..formats.bases import describe
+from ..latent_norm import LatentNorm, agree
+from ..metrics import paste_back
+from ..modules.tiling import auto_tile
 
 SUFFIXES = ("InpaintPipeline", "Img2ImgPipeline", "Pipeline")  # longest first
 BATCH_COLUMNS = ("image", "mask", "prompt", "out")  # a --batch file's
@@ -344,7 +344,7 @@ def inpaint(pipe, decoder, image, mask, prompt, compare=False, paste=False, tile
 
 def load_decoder(path, device="cpu"):
     """Our autoencoder from any checkpoint scripts/export.py reads (a run checkpoint, a diffusers or decoder export)."""
-    from .convert import CheckpointError, load_autoencoder
+    from ..formats.convert import CheckpointError, load_autoencoder
     if not Path(path).exists():
         raise PipelineError(f"{path}: no such file or folder")
     try:

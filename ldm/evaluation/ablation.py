@@ -4,7 +4,7 @@ evaluated together into one table.
 A variant (and the base) is a list of items: `key=value` overrides, YAML files (`*.yaml`), or names of
 ablation files (`no_gan` = configs/ablations/no_gan.yaml). Layers merge over configs/base.yaml in order:
 the base's files, the base's overrides, the variant's files, the variant's overrides, each strictly
-(ldm.config). scripts/ablate.py turns the command line into these calls.
+(ldm.training.config). scripts/ablate.py turns the command line into these calls.
 """
 import csv
 import io
@@ -16,13 +16,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .checkpointing import checkpoint_step, newest_readable_checkpoint
-from .config import ConfigError, config_changes, dotlist, load_file, merge_layers, to_container
-from .evaluation import COLUMNS, HEADINGS, fmt
-from .files import atomic_write, atomic_write_text
-from .runlock import live_holder
+from ..training.checkpointing import checkpoint_step, newest_readable_checkpoint
+from ..training.config import ConfigError, config_changes, dotlist, load_file, merge_layers, to_container
+from .loop import COLUMNS, HEADINGS, fmt
+from ..files import atomic_write, atomic_write_text
+from ..training.runlock import live_holder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (ldm/evaluation/ is two below)
 ABLATIONS = ROOT / "configs" / "ablations"
 REPORT = "report"  # <out>/report/: the evaluation and the table; no variant may take this name
 

@@ -1,6 +1,6 @@
 """The paper's protocol: what an inpainting pipeline generates for each evaluation image, cached on disk.
 
-For image i and its fixed mask the pipeline (ldm/pipelines.py) runs once, with the prompt on line i of a captions
+For image i and its fixed mask the pipeline (ldm/decoding/pipelines.py) runs once, with the prompt on line i of a captions
 file (or an empty one) and a seed drawn from (seed, i), to its final latents z (C, h, w) as its VAE decodes them.
 Each z is written to <cache>/<i:06d>.pt atomically as it comes, with what it was made from (the image's and the
 mask's SHA-256, the prompt): an interrupted run resumes where it stopped, a re-run reads them without loading the
@@ -21,9 +21,9 @@ from torch.utils.data import IterableDataset
 
 from data.masks import seed_of
 
-from . import pipelines
-from .checkpointing import atomic_save
-from .files import atomic_write_text
+from ..decoding import pipelines
+from ..training.checkpointing import atomic_save
+from ..files import atomic_write_text
 
 GENERATION_STREAM = 10  # seed-sequence tag of image i's pipeline seed (data/datasets.py lists the others)
 
@@ -34,7 +34,7 @@ class GenerationError(ValueError):
 
 @dataclass(frozen=True)
 class Generation:
-    """How the pipeline runs for every image (ldm.pipelines.final_latents' arguments)."""
+    """How the pipeline runs for every image (ldm.decoding.pipelines.final_latents' arguments)."""
     pipeline: str  # the local pipeline folder
     steps: int = 50
     seed: int = 0

@@ -1,6 +1,6 @@
 """Evaluation of decoders side by side: batched decoding, region metrics (raw and pasted back), FID, reports.
 
-Plain functions and small classes of tensors; ldm/eval_run.py builds an evaluation of them from eval.py's arguments.
+Plain functions and small classes of tensors; ldm/evaluation/run.py builds an evaluation of them from eval.py's arguments.
 Conventions as ldm/metrics.py: images (B,3,H,W) in [-1,1], masks (B,1,H,W) with 1 = hole.
 """
 import csv
@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from .files import atomic_write_text
-from .metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
+from ..files import atomic_write_text
+from ..metrics import (bucket_labels, concat_dicts, feather_back, grid_panels, nanmean_by_bucket, nanmean_dict,
                       panel_grid, paste_back, region_metrics, save_grid)
 
 # the decoder output itself; it pasted into the original through the mask; through a feathered (blurred) mask,
@@ -152,7 +152,7 @@ def evaluate(decoders, batches, perceptual=None, encoder=None, fid: Optional[Fid
     """Run every decoder on every batch ({"image", "mask", "index"}); returns (summary, grid uint8 (3,H',W')).
 
     The latent every decoder decodes: the batch's "latent" (B,C,h,w) where it has one (an inpainting pipeline's,
-    ldm/generated.py), else the posterior mean of `encoder` (a shared VAE: the frozen SD encoder), else of each
+    ldm/evaluation/generated.py), else the posterior mean of `encoder` (a shared VAE: the frozen SD encoder), else of each
     decoder's own encoder. The grid holds the samples of lowest index of the first one's shape.
     """
     records, shown = Records(), []

@@ -3,7 +3,7 @@
 Two tables. The reconstruction table: every decoder decodes the frozen encoder's posterior mean of the whole image
 (--vae; the hole's latent holds the true content: the easy case). The generated table (--pipeline, the paper's
 protocol): every decoder decodes the same latents an inpainting pipeline generated for the image and its mask
-(ldm/generated.py), ours conditioned on the image and mask, `vanilla` being the pipeline's own VAE.
+(ldm/evaluation/generated.py), ours conditioned on the image and mask, `vanilla` being the pipeline's own VAE.
 """
 import functools
 import logging
@@ -22,15 +22,15 @@ from tqdm import tqdm
 from data import resolve_source
 from data.buckets import ShapeBatches, aspect_buckets
 from data.evaluation import EvalImages, eval_masks, image_count
-from . import pipelines
-from .convert import CheckpointError, load_autoencoder
-from .evaluation import OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, write_reports
+from ..decoding import pipelines
+from ..formats.convert import CheckpointError, load_autoencoder
+from .loop import OUTPUTS, Decoder, FidTracker, evaluate, inception_weights, write_reports
 from .generated import Generation, GeneratedLatents, GenerationError, PipelineVAE, WithLatents, read_captions
-from .metrics import feather_radius
-from .tiling import auto_tile
+from ..metrics import feather_radius
+from ..modules.tiling import auto_tile
 
 log = logging.getLogger("eval")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (ldm/evaluation/ is two below)
 VANILLA = "vanilla"
 
 
@@ -123,7 +123,7 @@ def load_decoders(args, device):
 
 @functools.lru_cache(maxsize=2)  # frozen: built once per process, also when main() runs repeatedly
 def lpips_network(pretrained, device):
-    from .modules.losses import PerceptualLoss
+    from ..modules.losses import PerceptualLoss
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOMLY initialised.*")  # said in results.md
@@ -136,7 +136,7 @@ def lpips_network(pretrained, device):
 
 # ---- the generated latents ---------------------------------------------------------------------------------
 def generated_latents(args, images, device) -> GeneratedLatents:
-    """The pipeline's latents of every image, generated where the cache lacks them (ldm/generated.py)."""
+    """The pipeline's latents of every image, generated where the cache lacks them (ldm/evaluation/generated.py)."""
     generation = Generation(args.pipeline, steps=args.steps, seed=args.seed, guidance=args.guidance,
                             strength=args.strength, negative_prompt=args.negative_prompt)
     captions = read_captions(args.captions) if args.captions else None

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from .keys import CheckpointError
-from .latent_norm import LatentNorm, agree
+from ..modules.common import CheckpointError
+from ..latent_norm import LatentNorm, agree
 
 LAYOUT = ("family", "z_channels", "use_quant_conv", "latent_norm")
 

@@ -1,10 +1,10 @@
-"""Checkpoints in: format detection and loading (rename table: ldm/keys.py; writers: scripts/export.py).
+"""Checkpoints in: format detection and loading (key tables: each family's keys.py; writers: export.py beside this).
 
 Formats (`Source.format`): sd (full SD, `first_stage_model.*`), ldm (standalone VAE), diffusers (AutoencoderKL,
 AutoencoderKLFlux2, AsymmetricAutoencoderKL or AutoencoderKLQwenImage folder, pipeline folder with vae/, or weights
 file), wan (the Wan / Qwen-Image VAE single file), official (asymmetric-VQGAN Lightning checkpoint), run (this
-codebase's `vae.*` checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family (SD's
-ldm names, or Qwen-Image's: ldm/keys_qwenimage.py). FLUX.2's batch-norm statistics (bn.*) become the Source's
+codebase's `vae.*` checkpoints), decoder (this codebase's decoder export). A state dict's keys tell its family
+(ldm/modules/families.py own_keys). FLUX.2's batch-norm statistics (bn.*) become the Source's
 latent_norm, with its config.json's eps. Plain VAE weights initialise the frozen encoder, the quant convs and, where
 the layout is the VAE's own, the decoder core.
 """
@@ -20,15 +20,17 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .keys import (ATTN_WEIGHT, BATCH_NORM, DECODER_FORMAT, DROPPED, EXPECTED, PARTS, SKIPPED,  # noqa: F401
-                   CheckpointError, config_from_diffusers, diffusers_to_ldm, infer_config as infer_sd,
-                   latent_norm_from_batch_norm, ldm_to_diffusers)
-from .keys_qwenimage import (config_from_diffusers as qwenimage_from_diffusers, infer_config as infer_qwenimage,
-                             is_qwenimage, is_wan, to_frame, wan_keys)
-from .modules.common import AsymmetricAutoencoder
-from .modules.families import build_autoencoder, upgrade
+from ..modules.common import AsymmetricAutoencoder, CheckpointError
+from ..modules.families import (BATCH_NORM, DIFFUSERS_CLASSES, build_autoencoder, infer_config,
+                                latent_norm_from_batch_norm, own_keys, upgrade)
 
 log = logging.getLogger(__name__)
+DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
+PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
+SKIPPED = ("loss.",)  # official LPIPS/discriminator weights: not part of the autoencoder
+EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
+            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AutoencoderKLFlux2/"
+            "AsymmetricAutoencoderKL/AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
 
 # ---- reading: file or folder -> Source (ldm keys, autoencoder only) -------------------------------------
 @dataclass
@@ -101,20 +103,6 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err}); {EXPECTED}") from None
 
 
-def _drop_by_name(path: Path, state: dict) -> tuple[dict, list, list]:
-    """Remove `decoder.up_layers.*` (with a message) and `loss.*`; everything else must be the model's."""
-    dropped = [k for k in state if k.startswith(DROPPED)]
-    skipped = [k for k in state if k.startswith(SKIPPED)]
-    if dropped:
-        log.warning("%s: dropping %d decoder.up_layers.* tensors (official ConvTranspose2d weights that the "
-                    "decoder never uses in forward)", path, len(dropped))
-    keep = {k: v for k, v in state.items() if k not in dropped and k not in skipped}
-    for k, v in keep.items():
-        if ATTN_WEIGHT.match(k) and v.ndim < 4:
-            keep[k] = v.reshape(v.shape[0], -1, 1, 1)  # Linear or conv1d attention weights -> 1x1 conv
-    return keep, dropped, skipped
-
-
 QUANT_CONVS = ("quant_conv", "post_quant_conv")
 
 
@@ -136,24 +124,15 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
             fmt, sub = name, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             skipped = [k for k in tensors if not k.startswith(prefix)]  # UNet, text encoder, discriminator
             break
-    if is_wan(sub):  # Wan / Qwen-Image single file: renamed to diffusers' names
-        fmt, sub = "wan", wan_keys(sub)
-    one_frame = []
-    if is_qwenimage(sub):  # diffusers' names are ours: 3D kernels cut to one frame, the time_convs dropped
-        fmt = "diffusers" if fmt == "ldm" else fmt
-        sub, one_frame = to_frame(sub)
-        if one_frame:
-            log.info("%s: dropping %d time_conv tensors (temporal resampling: never runs on one frame)", path,
-                     len(one_frame))
-    elif any(k.startswith(("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")) for k in sub):
-        fmt, sub = "diffusers", diffusers_to_ldm(sub)
+    sub, named, dropped = own_keys(sub, str(path))  # its family's keys: Wan, diffusers names renamed
+    fmt = named if named and fmt == "ldm" or named == "wan" else fmt
     if not any(k.startswith(("encoder.", "decoder.")) for k in sub):
         found = ", ".join(list(state)[:3]) or "nothing"
         raise CheckpointError(f"{path}: no autoencoder weights in it (found {found}); {EXPECTED}")
     if fmt == "ldm" and any(k.startswith("decoder.encoder.") for k in sub):
         fmt = "official"
-    sub, dropped, more = _drop_by_name(path, sub)
-    dropped += one_frame
+    more = [k for k in sub if k.startswith(SKIPPED)]
+    sub = {k: v for k, v in sub.items() if k not in more}
     batch_norm = {k[len(BATCH_NORM):]: sub.pop(k) for k in [k for k in sub if k.startswith(BATCH_NORM)]}
     stray = [k for k in sub if k.split(".")[0] not in PARTS]  # e.g. model_ema.decay: listed in the report, unused
     if stray:
@@ -174,11 +153,6 @@ def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
     if stray:
         raise CheckpointError(f"{path}: decoder export holding {stray}; expected decoder.* and post_quant_conv.*")
     return Source(path, "decoder", tensors, {**infer_config(tensors, str(path)), **upgrade(declared)})
-
-
-def infer_config(state: dict, where: str) -> dict:
-    """The kwargs a state dict's weights imply, by its family's key layout."""
-    return (infer_qwenimage if is_qwenimage(state) else infer_sd)(state, where)
 
 
 def _read_file(path: Path) -> Source:
@@ -210,9 +184,7 @@ def _read_folder(path: Path) -> Source:
         weights = folder / "decoder.safetensors"
         return _decoder_source(weights, _read_safetensors(weights)[0], cfg.get("autoencoder", {}))
     cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
-    readers = {"AutoencoderKL": config_from_diffusers, "AutoencoderKLFlux2": config_from_diffusers,
-               "AsymmetricAutoencoderKL": config_from_diffusers, "AutoencoderKLQwenImage": qwenimage_from_diffusers}
-    if cls not in readers:
+    if cls not in DIFFUSERS_CLASSES:
         raise CheckpointError(f"{cfg_path}: describes {cls!r}; expected a diffusers AutoencoderKL, AutoencoderKLFlux2, "
                               "AsymmetricAutoencoderKL or AutoencoderKLQwenImage (or a decoder export)")
     names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -221,7 +193,7 @@ def _read_folder(path: Path) -> Source:
         raise CheckpointError(f"{folder}: no {' or '.join(names)} beside config.json")
     src = _read_file(weights)
     try:
-        src.config.update(readers[cls](cfg, str(cfg_path)))
+        src.config.update(DIFFUSERS_CLASSES[cls](cfg, str(cfg_path)))
     except KeyError as err:
         raise CheckpointError(f"{cfg_path}: lacks {err}") from None
     if src.batch_norm or "batch_norm_eps" in cfg:  # the latent statistics are weights: bn.running_mean, running_var

@@ -4,7 +4,7 @@ step, tiling, export and the scripts use (`AsymmetricAutoencoder`), whatever the
 A family (ldm/modules/families.py) subclasses AsymmetricAutoencoder and sets its networks: `encoder` (image ->
 moments), `quant_conv`, `post_quant_conv`, `decoder`. The decoder takes (z, masked_image, mask) or z alone, has
 `use_condition`, `conv_out` (a Conv2d producing the image: the adaptive GAN weight's layer), and for
-ldm/tiling.py `upsample_factor`, `whole_image_norms` (whether its up path needs whole-image statistics when
+ldm/modules/tiling.py `upsample_factor`, `whole_image_norms` (whether its up path needs whole-image statistics when
 tiled), `mid_path(z)`, `branch(masked_image)` and `up_path(h, feats, mask)`.
 """
 from typing import Optional, Sequence
@@ -15,7 +15,29 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..latent_norm import LatentNorm, plain
-from ..tiling import OVERLAP, tiled_decode
+from .tiling import OVERLAP, tiled_decode
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, foreign or does not fit the model; the message names the file."""
+
+
+def diffusers_version() -> str:
+    """The installed diffusers' version for an export's config.json (absent: the folder is still valid for it)."""
+    try:
+        from importlib.metadata import version
+        return version("diffusers")
+    except Exception:
+        return "0.21.0"
+
+
+def identity_quant_convs(z_channels: int) -> dict:
+    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
+    how a diffusers class that always has both holds a VAE without them (SD3, FLUX.1)."""
+    def eye(n):
+        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
+    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
+            for k, v in eye(n).items()}
 
 
 class Block(nn.Module):
@@ -80,7 +102,7 @@ class Blend(Block):
 class BranchDecoder(nn.Module):
     """What every family's decoder shares: z -> up_path(mid_path(z), branch(masked_image), mask), the branch being
     `encoder` (a ConditionEncoder, None without use_condition), each part under gradient checkpointing when asked.
-    A family's decoder builds its layers and defines mid_path and up_path (ldm/tiling.py runs the three apart)."""
+    A family's decoder builds its layers and defines mid_path and up_path (ldm/modules/tiling.py runs the three apart)."""
 
     gradient_checkpointing: bool = False
 
@@ -163,7 +185,7 @@ class AsymmetricAutoencoder(nn.Module):
         plain decode (text-to-image). A decoder built with use_condition=False ignores them.
         `check=False` skips the value check of the mask (it syncs with the device; training turns it off).
         `tile`: decode in latent tiles of that side with `tile_overlap` latent pixels of context, with
-        whole-image statistics where the family's norms need them (ldm/tiling.py; inference only).
+        whole-image statistics where the family's norms need them (ldm/modules/tiling.py; inference only).
         `slice_batch`: one sample at a time.
         """
         if (image is None) != (mask is None):

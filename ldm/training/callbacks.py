@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, TQDMProgressBar
 
-from .metrics import sample_grid, save_grid
+from ..metrics import sample_grid, save_grid
 
 
 class SampleGrids(pl.Callback):

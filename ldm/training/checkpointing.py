@@ -17,7 +17,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from .config import ConfigError
-from .files import atomic_write
+from ..files import atomic_write
 
 PARTIAL_GLOB = ".*.ckpt.*.tmp"  # what atomic_save leaves behind when killed mid-write
 
@@ -145,7 +145,7 @@ class RunCheckpoint(ModelCheckpoint):
                       "unsaved)", file=sys.stderr, flush=True)
         self.received = signal.Signals(signum).name
         previous = self._previous.get(signum)
-        # A previous SIGUSR1 handler is kept (train.py turns Lightning's SLURM auto-requeue off: ldm/cluster.py).
+        # A previous SIGUSR1 handler is kept (train.py turns Lightning's SLURM auto-requeue off: ldm/training/cluster.py).
         # Lightning's SIGTERM handler is not chained: it would end the run by SIGTERMException at the next step;
         # nor Python's SIGINT one (KeyboardInterrupt at once).
         if signum == signal.SIGUSR1 and callable(previous):

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple, Union
 
 from omegaconf import OmegaConf
 
-from .modules.families import FAMILIES
+from ..modules.families import FAMILIES
 
 
 class Rule(NamedTuple):

@@ -18,7 +18,7 @@ def trainer_arguments(kwargs: dict) -> tuple[dict, list]:
     Under srun, devices and num_nodes are SLURM's (tasks per node, nodes) and Lightning's SLURM auto-requeue is
     off: its SIGUSR1 handler saves inside the signal handler, mid-step (under DDP with a barrier that can meet
     another rank's all-reduce), and requeues at once; the run instead saves at the next step's end
-    (ldm.checkpointing.RunCheckpoint) and scripts/slurm/train.sbatch requeues the job once training has stopped.
+    (ldm.training.checkpointing.RunCheckpoint) and scripts/slurm/train.sbatch requeues the job once training has stopped.
     """
     kwargs, plugins = dict(kwargs), []
     if SLURMEnvironment.detect():

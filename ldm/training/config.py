@@ -62,7 +62,7 @@ def _kind(node) -> str:
 
 def load_config(base: str | Path, files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> DictConfig:
     """Merge `files` then `key=value` overrides over `base`; unknown keys, wrong types and values out of
-    their domain (ldm/checks.py) raise ConfigError."""
+    their domain (ldm/training/checks.py) raise ConfigError."""
     layers = [(str(f), load_file(f)) for f in files]
     overrides = list(overrides)
     if overrides:

@@ -15,18 +15,18 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 
 from data import ImageMaskDataModule, LogSkippedFiles, encoder_fingerprint
 from data.sources import resolve_source
-from .bases import check_base
+from ..formats.bases import check_base
 from .callbacks import EMA, ImagesPerSecond, SampleGrids, StepProgressBar, StopOnNonFinite
 from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoint, UnsafeCheckpointError,
                             checkpoint_step, load_checkpoint, newest_readable_checkpoint, remove_partial_saves)
 from .cluster import trainer_arguments
 from .config import ConfigError, config_changes, to_container
-from .convert import CheckpointError, load_into, read_checkpoint
-from .files import FULL, atomic_write, os_error
-from .latent_norm import fill
-from .models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
-from .modules.families import build_autoencoder, upgrade
-from .modules.losses import NLayerDiscriminator, PerceptualLoss
+from ..formats.convert import CheckpointError, load_into, read_checkpoint
+from ..files import FULL, atomic_write, os_error
+from ..latent_norm import fill
+from ..models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
+from ..modules.families import build_autoencoder, upgrade
+from ..modules.losses import NLayerDiscriminator, PerceptualLoss
 
 
 def is_rank_zero() -> bool:
@@ -120,7 +120,7 @@ def check_inputs(cfg) -> None:
 
 def build_system(cfg, bases: Optional[dict] = None) -> AsymmetricDecoderTraining:
     """The networks and the training recipe, from the config (weights loaded where configured). A VAE file of
-    another base than model.autoencoder's is refused; `bases` ({name: autoencoder kwargs}, ldm.bases.read_bases
+    another base than model.autoencoder's is refused; `bases` ({name: autoencoder kwargs}, ldm.formats.bases.read_bases
     of configs/bases/) lets the error name the file's base."""
     src, warm_keys = None, []
     if cfg.model.vae_ckpt:

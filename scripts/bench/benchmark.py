@@ -40,7 +40,7 @@ import torch
 
 from harness import build_ours, fit_ours, gib, in_child, load, make_batch, pick_device, quiet  # first: puts ldm on the path
 from benchmark_latents import cache_inputs, cache_report
-from ldm.config import ConfigError
+from ldm.training.config import ConfigError
 from reference_steps import REFERENCE_PRECISIONS, durations, mark, mark_step_end, run_reference, sync
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)

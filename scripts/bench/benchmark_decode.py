@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from ldm.cli import at_least, multiple_of_8  # noqa: E402
-from ldm.modules.autoencoder import PRESETS, AsymmetricAutoencoderKL  # noqa: E402
-from ldm.tiling import OVERLAP  # noqa: E402
+from ldm import PRESETS, AsymmetricAutoencoderKL  # noqa: E402
+from ldm.modules.tiling import OVERLAP  # noqa: E402
 
 # the published model configs (diffusers' config.json of each), the parts that set the compute
 SD15_UNET = dict(in_channels=9, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -97,16 +97,12 @@ def decoder_flops(preset, px) -> int:
 IMPLS = ("ours", "tiled", "diffusers", "bf16", "compiled")
 
 
-def build_diffusers(vae, vanilla):
-    """diffusers' model of our decoder: SD's AutoencoderKL (our vanilla decoder is its decoder), else
-    AsymmetricAutoencoderKL from the config.json an export writes."""
+def build_diffusers(vae):
+    """diffusers' model of our decoder, the class an export names: SD's AutoencoderKL for the vanilla decoder (no
+    branch), else AsymmetricAutoencoderKL."""
     import diffusers
-    from ldm.keys import diffusers_config
-    if vanilla:
-        return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                       down_block_types=("DownEncoderBlock2D",) * 4,
-                                       up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
-    return diffusers.AsymmetricAutoencoderKL.from_config(diffusers_config(vae.config))
+    config, _ = vae.diffusers_form()
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def decode_fn(preset, px, impl, device, tile=64):
@@ -123,10 +119,9 @@ def decode_fn(preset, px, impl, device, tile=64):
     mask[..., px // 4:3 * px // 4, px // 4:3 * px // 4] = 1
     cond = () if vanilla else (image, mask)
     if impl == "diffusers":
-        from ldm.keys import ldm_to_diffusers
         with device:
-            ref = build_diffusers(vae, vanilla)
-        ref.load_state_dict(ldm_to_diffusers(vae.state_dict()))
+            ref = build_diffusers(vae)
+        ref.load_state_dict(vae.diffusers_form()[1])
         del vae
         ref.eval()
         kwargs = {} if vanilla else dict(image=image, mask=mask)  # keywords: its second argument is a generator

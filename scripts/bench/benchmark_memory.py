@@ -85,7 +85,7 @@ def search_max_batch(files, overrides, resolutions, budget_gib=None):
 
 def meta_system(cfg):
     """Our system on the meta device: shapes only, no memory, no compute."""
-    from ldm.run import build_system
+    from ldm.training.run import build_system
     with torch.device("meta"):
         return build_system(cfg).to("meta")  # .to: lpips makes its scaling buffers on the CPU
 

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # ldm and data from a checkout
 
-from ldm.config import ConfigError, load_config  # noqa: E402
+from ldm.training.config import ConfigError, load_config  # noqa: E402
 
 
 def load(files, overrides, batch_size=None, compile_blocks=False):
@@ -44,7 +44,7 @@ def make_batch(cfg, device, seed=0):
 
 
 def build_ours(cfg):
-    from ldm.run import build_system
+    from ldm.training.run import build_system
     return build_system(cfg)  # model.compile: the Trainer's configure_model compiles the blocks
 
 
@@ -77,13 +77,13 @@ def in_child(fn, *args, preload=()):
     """fn(*args) in a fresh process: its own peak memory, no state shared between variants.
 
     CUDA: spawned (CUDA does not survive a fork). CPU: forked from this process, which has imported the
-    heavy modules (ldm.run, and the `preload` module names) once and run no torch compute (no OpenMP pool to inherit).
+    heavy modules (ldm.training.run, and the `preload` module names) once and run no torch compute (no OpenMP pool to inherit).
     """
     method = "spawn" if torch.cuda.is_available() else "fork"
     if method == "fork":
         import importlib
 
-        import ldm.run  # noqa: F401
+        import ldm.training.run  # noqa: F401
         for name in preload:
             importlib.import_module(name)
     with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method)) as pool:

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from harness import build_ours, fit_ours, load, make_batch, pick_device, quiet
 from ldm.cli import at_least
-from ldm.config import ConfigError
+from ldm.training.config import ConfigError
 from reference_steps import durations, mark, sync
 
 # kernel kind by name, first match wins (cuDNN / cuBLAS / CUTLASS / ATen kernel names). Inductor's kernels come

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from ldm.config import to_container
-from ldm.keys import diffusers_config
+from ldm import build_autoencoder
+from ldm.training.config import to_container
 from ldm.modules.losses import NLayerDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 
 # Lightning precision -> autocast dtype (None: fp32, no autocast); ours (cached encoder timing) and the references
@@ -143,7 +143,9 @@ class NaiveStep:
     def __init__(self, autoencoder: dict, ndf=64, n_layers=3, lr=1e-4, disc_weight=0.8, precision="32-true",
                  device="cpu"):
         from diffusers import AsymmetricAutoencoderKL as DiffusersAsymKL
-        self.vae = DiffusersAsymKL.from_config(diffusers_config(autoencoder)).to(device)
+        with torch.device("meta"):  # only its config.json: the same as an export's
+            config, _ = build_autoencoder(**autoencoder).diffusers_form()
+        self.vae = DiffusersAsymKL.from_config(config).to(device)
         self.lpips = naive_lpips().to(device)
         self.disc = NLayerDiscriminator(ndf=ndf, n_layers=n_layers).to(device)
         self.disc_weight, self.precision = disc_weight, precision
@@ -191,7 +193,7 @@ class NaiveStep:
 
 def build_reference(name, cfg, precision, device):
     """The reference loop `name` (official | naive) for the run's config, seeded like ours."""
-    from ldm.run import build_system
+    from ldm.training.run import build_system
     torch.manual_seed(cfg.seed)
     lr = cfg.optim.base_lr * cfg.data.batch_size
     if name == "naive":

@@ -1,11 +1,11 @@
 """The Qwen-Image family (Qwen-Image, Qwen-Image-Edit; its VAE is fine-tuned from the Wan 2.1 video VAE): blocks,
-frozen encoder and asymmetric decoder, on one frame as 2D convolutions (its key map: ldm/keys_qwenimage.py).
+frozen encoder and asymmetric decoder, on one frame as 2D convolutions (its key map: ldm/modules/qwenimage/keys.py).
 
 Parameter names are diffusers' AutoencoderKLQwenImage's, so that its folders load by key copy (the Wan
 single-file layout is renamed by one table). An image is one frame: diffusers' causal 3D convolutions pad two
 frames of zeros before the first, so on a first frame a kernel (O, I, 3, kh, kw) multiplies zeros with its first
 two temporal taps and the frame's output is the 2D convolution with its last temporal slice [:, :, -1]
-(keys_qwenimage.to_frame). The temporal resampling convs (`time_conv`) never run on a first frame (diffusers'
+(keys.py to_frame). The temporal resampling convs (`time_conv`) never run on a first frame (diffusers'
 feature cache skips them), so this module has none. RMS norm is per pixel: the up path needs no whole-image
 statistics (a tiled decode runs each tile's up path at once). tests/test_bases.py proves the one-frame decode and
 encode equal diffusers', tests/test_qwenimage.py the tiled decode equal the untiled one.
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..keys_qwenimage import X1_WIDTH, diffusers_form
-from ..latent_norm import LatentNorm
-from .common import AsymmetricAutoencoder, Block, Blend, BranchDecoder, ConditionEncoder, latent_convs
+from .keys import X1_WIDTH, diffusers_form
+from ...latent_norm import LatentNorm
+from ..common import AsymmetricAutoencoder, Block, Blend, BranchDecoder, ConditionEncoder, latent_convs
 
 # diffusers' AutoencoderKLQwenImage defaults: the released model's per-channel latent statistics
 LATENTS_MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -185,7 +185,7 @@ class AsymmetricDecoder(BranchDecoder):
         return self._run(self.mid_block, self.conv_in(z))
 
     def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
-        """Mid-block output -> image; convolutions and RMS norms only (ldm/tiling.py runs it per tile)."""
+        """Mid-block output -> image; convolutions and RMS norms only (ldm/modules/tiling.py runs it per tile)."""
         levels = len(self.up_blocks)
         for k, block in enumerate(self.up_blocks):
             if feats is not None:
@@ -232,12 +232,12 @@ class AsymmetricAutoencoderKLQwenImage(AsymmetricAutoencoder):
 
     def diffusers_form(self) -> tuple[dict, dict]:
         """(config.json, weights) of diffusers' AutoencoderKLQwenImage: the branch-off decoder of the encoder's
-        widths only (ldm/keys_qwenimage.py diffusers_form says why)."""
+        widths only (ldm/modules/qwenimage/keys.py diffusers_form says why)."""
         return diffusers_form(self.config, self.state_dict())
 
     @staticmethod
     def width_must(mults: str) -> str:
-        """What a width must be (config checks, ldm/checks.py)."""
+        """What a width must be (config checks, ldm/training/checks.py)."""
         return "a multiple of 4 (Qwen-Image's base_dim is ch x 96 / 128: 128 = x1)"
 
     @staticmethod

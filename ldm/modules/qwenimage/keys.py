@@ -1,18 +1,20 @@
-"""The Qwen-Image family's key layouts (ldm/modules/qwenimage.py; the SD family's are in ldm/keys.py): the Wan
+"""The Qwen-Image family's key layouts (its networks: autoencoder.py beside this file): the Wan
 single-file <-> diffusers rename table, diffusers' 3D tensors <-> one frame, and the widths a state dict or a
 diffusers config.json implies; and the inverse for export (AutoencoderKLQwenImage's config.json and weights).
 
 Our parameter names are diffusers' AutoencoderKLQwenImage's; our tensors are one frame's (to_frame).
 """
+import logging
 import re
 
 import torch
 
-from .keys import CheckpointError, diffusers_version, identity_quant_convs
-from .latent_norm import LatentNorm
+from ..common import CheckpointError, diffusers_version, identity_quant_convs
+from ...latent_norm import LatentNorm
 
+log = logging.getLogger(__name__)
 FAMILY = "qwenimage"
-X1_WIDTH = 96  # Qwen-Image's base_dim, built for the preset width ch = 128 (ldm/modules/qwenimage.py base_dim)
+X1_WIDTH = 96  # Qwen-Image's base_dim, built for the preset width ch = 128 (autoencoder.py base_dim)
 
 
 def preset_width(dim: int, where: str) -> int:
@@ -91,6 +93,21 @@ def to_frame(state: dict) -> tuple[dict, list]:
             continue
         out[key] = v[:, :, -1] if v.ndim == 5 else v.reshape(-1, 1, 1) if key.endswith(".gamma") else v
     return out, dropped
+
+
+def own_keys(state: dict, where: str) -> "tuple[dict, str | None, list] | None":
+    """A Qwen-Image-family state dict (Wan single-file or diffusers names) in this family's keys and one frame's
+    tensors -> (state, "wan" or "diffusers": the names it had, the time_conv keys dropped); None: not this family."""
+    named = None
+    if is_wan(state):
+        named, state = "wan", wan_keys(state)
+    if not is_qwenimage(state):
+        return None
+    state, dropped = to_frame(state)
+    if dropped:
+        log.info("%s: dropping %d time_conv tensors (temporal resampling: never runs on one frame)", where,
+                 len(dropped))
+    return state, named or "diffusers", dropped
 
 
 def from_frame(state: dict, temporal: list, num_res_blocks: int) -> dict:

@@ -1,8 +1,8 @@
 """The SD family's asymmetric KL-f8 autoencoder: frozen SD encoder, heavy decoder with a masked-image branch."""
 from typing import Optional, Sequence
 
-from ..keys import diffusers_config, identity_quant_convs, ldm_to_diffusers
-from .common import AsymmetricAutoencoder, latent_convs
+from ..common import AsymmetricAutoencoder, identity_quant_convs, latent_convs
+from .keys import diffusers_config, ldm_to_diffusers
 from .vae import AsymmetricDecoder, Encoder
 
 SD_LATENT_NORM = {"patch_size": 1, "shift": [0.0], "scale": [0.18215]}  # SD 1.x's scaling_factor
@@ -55,7 +55,7 @@ class AsymmetricAutoencoderKL(AsymmetricAutoencoder):
 
     @staticmethod
     def width_must(mults: str) -> str:
-        """What a width must be times the multipliers `mults` (config checks, ldm/checks.py)."""
+        """What a width must be times the multipliers `mults` (config checks, ldm/training/checks.py)."""
         return f"a width that GroupNorm(32) can split times each of {mults} (each product a multiple of 32)"
 
     @staticmethod

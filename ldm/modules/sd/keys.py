@@ -1,16 +1,14 @@
-"""Key layouts: the one ldm <-> diffusers rename table, and the widths that a state dict or config.json implies."""
+"""The SD family's key layouts: the one ldm <-> diffusers rename table, the widths that a state dict or config.json
+implies, and FLUX.2's batch-norm latent statistics."""
+import logging
 import re
 
-import torch
+from ...latent_norm import LatentNorm
+from ..common import CheckpointError, diffusers_version
 
-from .latent_norm import LatentNorm
-
-DECODER_FORMAT = "asymmetric-vqgan-decoder"  # marks a decoder export (config.json and safetensors metadata)
-PARTS = ("encoder", "quant_conv", "post_quant_conv", "decoder")
-EXPECTED = ("expected a .ckpt/.safetensors with ldm autoencoder keys (SD, ldm VAE, official asymmetric or "
-            "run checkpoint) or a Wan / Qwen-Image VAE, a diffusers AutoencoderKL/AutoencoderKLFlux2/"
-            "AsymmetricAutoencoderKL/AutoencoderKLQwenImage folder (or pipeline folder with vae/), or a decoder export")
+log = logging.getLogger(__name__)
 BATCH_NORM = "bn."  # a frozen BatchNorm's running statistics over the patchified latent (FLUX.2): latent_norm data
+DIFFUSERS_PREFIXES = ("encoder.down_blocks.", "encoder.mid_block.", "decoder.up_blocks.")
 
 # ---- the rename table: (ldm, diffusers, exported) key-prefix templates --------------------------------
 # {part}: encoder|decoder; {i}, {j}: indices copied; decoder levels flip: ldm up.{i} <-> up_blocks.{k},
@@ -52,10 +50,6 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _TABLE = [(_pattern(ldm), _pattern(dif), ldm, dif, exported) for ldm, dif, exported in RENAMES]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, foreign or does not fit the model; the message names the file."""
 
 
 def _rename(key: str, to_diffusers: bool, levels: int) -> str:
@@ -158,7 +152,7 @@ def config_from_diffusers(cfg: dict, where: str) -> dict:
     layers_down = cfg["layers_per_down_block"] if asym else cfg["layers_per_block"]
     layers_up = cfg["layers_per_up_block"] if asym else cfg["layers_per_block"]
     z = cfg.get("latent_channels", 4)
-    # use_quant_conv is read off the weights (absent, or identity 1x1 convs in an export: ldm/convert.py)
+    # use_quant_conv is read off the weights (absent, or identity 1x1 convs in an export: ldm/formats/convert.py)
     # our exports state the whole latent normalisation in _latent_norm (diffusers skips "_" keys), others their factors
     norm = cfg.get("_latent_norm") or (n.as_config() if (n := LatentNorm.from_diffusers_config(cfg)) else None)
     base = cfg.get("_base") or cfg.get("base")  # "base": exports before 2026-12
@@ -186,40 +180,40 @@ def latent_norm_from_batch_norm(cfg: dict, stats: dict, where: str) -> dict:
 
 
 def diffusers_config(kw: dict) -> dict:
-    """AsymmetricAutoencoderKL kwargs -> diffusers AsymmetricAutoencoderKL config.json (DESIGN.md keys); the
-    inverse of config_from_diffusers."""
-    if kw["z_channels"] != kw["embed_dim"] or not kw["use_condition"]:
-        raise CheckpointError("diffusers' AsymmetricAutoencoderKL needs z_channels == embed_dim and the "
-                              f"masked-image branch (use_condition=True); got {kw}")
+    """Our kwargs -> diffusers' config.json (DESIGN.md keys), the inverse of config_from_diffusers: an
+    AsymmetricAutoencoderKL, or for a decoder without the masked-image branch (use_condition=False) an
+    AutoencoderKL, whose one width list serves its encoder and decoder."""
+    if kw["z_channels"] != kw["embed_dim"]:
+        raise CheckpointError(f"diffusers' autoencoders need z_channels == embed_dim; got {kw}")
     norm = LatentNorm.from_config(kw.get("latent_norm"))
-    return {"_class_name": "AsymmetricAutoencoderKL", "_diffusers_version": diffusers_version(),
-            "in_channels": 3, "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * len(kw["encoder_ch_mult"]),
-            "down_block_out_channels": [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]],
-            "layers_per_down_block": kw["encoder_num_res_blocks"],
-            "up_block_types": ["UpDecoderBlock2D"] * len(kw["ch_mult"]),
-            "up_block_out_channels": [kw["ch"] * m for m in kw["ch_mult"]],
-            "layers_per_up_block": kw["num_res_blocks"], "act_fn": "silu",
-            "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
-            # scaling_factor: what diffusers' SD pipelines read (1 where the statistics are per channel); the
-            # whole normalisation and the base's name for readers, in keys diffusers skips without a warning
-            "scaling_factor": norm.scale[0] if norm.channels is None and norm.patch_size == 1 else 1.0,
-            "_latent_norm": norm.as_config(), "_base": kw.get("base")}
+    down, up = [kw["encoder_ch"] * m for m in kw["encoder_ch_mult"]], [kw["ch"] * m for m in kw["ch_mult"]]
+    config = {"_diffusers_version": diffusers_version(), "in_channels": 3, "out_channels": 3,
+              "down_block_types": ["DownEncoderBlock2D"] * len(down), "up_block_types": ["UpDecoderBlock2D"] * len(up),
+              "act_fn": "silu", "latent_channels": kw["z_channels"], "norm_num_groups": 32, "sample_size": 256,
+              # scaling_factor: what diffusers' SD pipelines read (1 where the statistics are per channel); the
+              # whole normalisation and the base's name for readers, in keys diffusers skips without a warning
+              "scaling_factor": norm.scale[0] if norm.channels is None and norm.patch_size == 1 else 1.0,
+              "_latent_norm": norm.as_config(), "_base": kw.get("base")}
+    if kw["use_condition"]:
+        return {"_class_name": "AsymmetricAutoencoderKL", **config, "down_block_out_channels": down,
+                "layers_per_down_block": kw["encoder_num_res_blocks"], "up_block_out_channels": up,
+                "layers_per_up_block": kw["num_res_blocks"]}
+    if down != up or kw["encoder_num_res_blocks"] != kw["num_res_blocks"]:
+        raise CheckpointError(f"diffusers' AutoencoderKL has one width for encoder and decoder; this decoder without "
+                              f"the masked-image branch has {up} x {kw['num_res_blocks']} against {down} x "
+                              f"{kw['encoder_num_res_blocks']}")
+    return {"_class_name": "AutoencoderKL", **config, "block_out_channels": up, "layers_per_block": kw["num_res_blocks"]}
 
 
-def diffusers_version() -> str:
-    """The installed diffusers' version for an export's config.json (absent: the folder is still valid for it)."""
-    try:
-        from importlib.metadata import version
-        return version("diffusers")
-    except Exception:
-        return "0.21.0"
-
-
-def identity_quant_convs(z_channels: int) -> dict:
-    """quant_conv (2z -> 2z) and post_quant_conv (z -> z) as exact identity 1x1 convs (weight I, bias 0):
-    how a diffusers class that always has both holds a VAE without them (SD3, FLUX.1)."""
-    def eye(n):
-        return {"weight": torch.eye(n)[:, :, None, None], "bias": torch.zeros(n)}
-    return {f"{name}.{k}": v for name, n in (("quant_conv", 2 * z_channels), ("post_quant_conv", z_channels))
-            for k, v in eye(n).items()}
+def own_keys(state: dict, where: str) -> tuple[dict, "str | None", list]:
+    """An SD-family state dict in ldm keys: diffusers' names renamed, attention weights as 1x1 convs, the official
+    checkpoints' unused decoder.up_layers.* dropped by name -> (state, "diffusers" where its names were, dropped)."""
+    named = None
+    if any(k.startswith(DIFFUSERS_PREFIXES) for k in state):
+        named, state = "diffusers", diffusers_to_ldm(state)
+    dropped = [k for k in state if k.startswith(DROPPED)]
+    if dropped:
+        log.warning("%s: dropping %d decoder.up_layers.* tensors (official ConvTranspose2d weights that the "
+                    "decoder never uses in forward)", where, len(dropped))
+    return ({k: v.reshape(v.shape[0], -1, 1, 1) if ATTN_WEIGHT.match(k) and v.ndim < 4 else v  # Linear, conv1d
+             for k, v in state.items() if k not in dropped}, named, dropped)

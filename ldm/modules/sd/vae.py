@@ -1,7 +1,7 @@
 """The SD family's networks: the blocks of the SD KL-f8 autoencoder, its encoder and the asymmetric decoder.
 
 Module names follow the official ldm checkpoints (`down.i.block.j`, `mid.attn_1`, `up.i.upsample`, ...)
-so that official weights load by key copy; renamings to the diffusers layout live in `ldm/convert.py`.
+so that official weights load by key copy; renamings to the diffusers layout live in `ldm/formats/convert.py`.
 """
 from typing import Optional, Sequence
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Block, Blend, BranchDecoder, ConditionEncoder
+from ..common import Block, Blend, BranchDecoder, ConditionEncoder
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -180,7 +180,7 @@ class AsymmetricDecoder(BranchDecoder):
 
     def up_path(self, h: torch.Tensor, feats: Optional[list] = None, mask: Optional[torch.Tensor] = None):
         """Mid-block output (B, C, h, w) -> image (B, 3, 8h, 8w); `feats` (the branch's) and `mask` or neither.
-        Spatially local (convolutions and GroupNorms only): ldm/tiling.py runs it tile by tile."""
+        Spatially local (convolutions and GroupNorms only): ldm/modules/tiling.py runs it tile by tile."""
         conditioned = feats is not None
         for i in reversed(range(len(self.up))):
             if conditioned:

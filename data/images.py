@@ -1,11 +1,12 @@
-"""Decoding any image file to an RGB crop: mode conversion, fast JPEG draft decoding, skip counting."""
+"""Decoding any image file to an RGB crop: turned as shown (EXIF orientation), mode conversion, fast JPEG draft
+decoding, skip counting. Every image file this project reads is opened by `decode_image` (a test enforces it)."""
 import io
 import logging
 import math
 import multiprocessing
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,41 @@ class SkipCounter:
         return self._count.value
 
 
-def open_image(src):
-    """A lazily decoded PIL image from a path or the file's bytes."""
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height (6, 8: a phone held upright)
+
+
+def decode_image(src, plan=None):
+    """(image, scale): the image in `src` (a path or the file's bytes) decoded and turned as it is shown, its EXIF
+    orientation applied (a phone photo stored landscape with orientation 6 or 8 comes out portrait, as viewers show
+    it and as its mask was drawn); any PIL mode (to_rgb converts). Raises on unreadable or truncated data.
+
+    plan(width, height) -> (w, h) or None is called with the shown size before the pixels are decoded; a JPEG then
+    decodes at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while it keeps at least w x h pixels. `scale`: decoded
+    pixels per shown pixel, exactly 1/s (the image has ceil(size / s) pixels); 1 without a reduction."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ValueError("zero-byte file")
-        return Image.open(io.BytesIO(src))
-    return Image.open(src)
+        src = io.BytesIO(src)
+    scale = 1.0
+    with Image.open(src) as img:
+        if plan is not None and img.format == "JPEG":  # its EXIF (APP1) precedes the pixels: known before decoding
+            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
+            stored = img.size
+            want = plan(*(stored[::-1] if turned else stored))
+            drafted = img.draft(img.mode, want[::-1] if turned else want) if want is not None else None
+            if drafted is not None:  # (mode, (0, 0, the source's extent in decoded pixels)); a mirrored orientation
+                scale = drafted[1][2] / stored[0]  # (2, 4, 5, 7) shifts the crop by under a decoded pixel
+            plan = None
+        img.load()  # the actual decode: raises on truncated or corrupt data
+        ImageOps.exif_transpose(img, in_place=True)
+    if plan is not None:
+        plan(*img.size)
+    return img, scale
+
+
+def open_image(src):
+    """The image in `src` (a path or bytes), decoded and turned as shown (decode_image)."""
+    return decode_image(src)[0]
 
 
 def to_rgb(img):
@@ -86,32 +115,30 @@ def center_crop_box(width, height, aspect=1.0):
 
 
 def load_crop(src, resolution, rng=None, min_scale=0.5, flip=False, with_crop=False):
-    """Decode `src` (path or bytes), crop (random if rng else centred) a box of the output's aspect, resize to
-    `resolution` (a side, or (height, width)): (H, W, 3) uint8; with_crop: (pixels, the box in source pixels,
-    flipped).
+    """Decode `src` (path or bytes) as it is shown (decode_image: EXIF orientation), crop (random if rng else
+    centred) a box of the output's aspect, resize to `resolution` (a side, or (height, width)): (H, W, 3) uint8;
+    with_crop: (pixels, the box in shown source pixels, flipped).
 
     Raises on unreadable data; callers count and skip. Crops smaller than the output are upscaled, larger ones
     downscaled by area averaging.
     """
     out_h, out_w = (int(resolution),) * 2 if np.ndim(resolution) == 0 else map(int, resolution)
-    with open_image(src) as img:
-        width, height = img.size
+    chosen = []
+
+    def plan(width, height):  # the box, in shown pixels; a big JPEG decodes reduced while the crop keeps out_w px
         aspect = out_w / out_h
         box = (random_crop_box(rng, width, height, min_scale, aspect) if rng is not None
                else center_crop_box(width, height, aspect))
-        source_box = box
+        chosen.append(box)
         side = box[2] - box[0]  # the box's width, out_w pixels of the output
-        if img.format == "JPEG" and side > 2 * out_w:
-            # decode at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while the crop keeps >= the output's pixels: big
-            # photos decode several times faster; draft never goes below the requested size
-            size = (math.ceil(width * out_w / side), math.ceil(height * out_w / side))
-            drafted = img.draft(img.mode, size)  # (mode, the source's extent in decoded pixels), None if not reduced
-            if drafted is not None:
-                scale = drafted[1][2] / width  # exactly 1/s (img.size is rounded up: ceil(width / s) pixels)
-                box = tuple(v * scale for v in box)
-                side = box[2] - box[0]
-        img.load()  # the actual decode: raises on truncated or corrupt data
+        return (math.ceil(width * out_w / side), math.ceil(height * out_w / side)) if side > 2 * out_w else None
+
+    img, scale = decode_image(src, plan)
+    with img:
         rgb = to_rgb(img)
+    source_box = chosen[0]
+    box = tuple(v * scale for v in source_box)  # in decoded pixels
+    side = box[2] - box[0]
     # area averaging to shrink (PIL BOX); bilinear to enlarge, which is what cv2.INTER_AREA does there
     resample = Image.BOX if side >= out_w else Image.BILINEAR
     out = rgb.resize((out_w, out_h), resample, box=box)

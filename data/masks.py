@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .images import open_image
+
 BASE_RESOLUTION = 256  # the presets' pixel sizes are for 256 px; other resolutions scale them
 
 # LaMa's evaluation presets (configs/data_gen/random_{thick,medium,thin}_256.yaml), sizes in pixels at 256 px.
@@ -223,7 +225,7 @@ def load_mask_files(paths, resolution=None):
         raise FileNotFoundError("no mask files: the list of mask paths is empty")
     masks = []
     for path in paths:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # turned as shown (EXIF orientation), as its image
             grey = img.convert("L")
         if resolution is not None:
             grey = grey.resize((resolution, resolution), Image.NEAREST)

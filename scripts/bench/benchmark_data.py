@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
+from data.images import open_image
 from data.shards import prefix_range, write_shards
 from ldm.cli import at_least, existing_folder, multiple_of_8
 
@@ -29,7 +30,7 @@ def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
     for path in sample_image_files():
-        with Image.open(path) as img:
+        with open_image(path) as img:
             photo = img.convert("RGB")
         for c in range(copies):
             w, h = photo.size
@@ -76,7 +77,7 @@ def describe_jpegs(folder):
     files = list_image_files(folder)
     sizes = []
     for path in files:
-        with Image.open(path) as img:
+        with open_image(path) as img:  # as shown (EXIF orientation), as the loader reads it
             sizes.append(img.size)
     kb = np.mean([os.path.getsize(path) for path in files]) / 1024
     width, height = np.mean(sizes, axis=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 from data import LatentCacheError
+from ldm.cli import script_main
 from ldm.formats.bases import read_bases
 from ldm.training.callbacks import NonFiniteLossError
 from ldm.training.checkpointing import RunCheckpoint
@@ -97,6 +98,7 @@ def fit(argv=None, extra_callbacks=()) -> None:
                 print(summarize(run_dir, trainer.global_step, trainer.max_steps, stopped_by=signal), flush=True)
 
 
+@script_main
 def main(argv=None, extra_callbacks=()) -> int:
     """Exit code of a run: 0 done (or stopped by a signal, checkpoint saved), 2 config error, 3 non-finite loss."""
     try:

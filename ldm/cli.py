@@ -1,6 +1,29 @@
-"""argparse types for the scripts' arguments: a bad value is a usage error naming the flag (exit code 2)."""
+"""What the scripts share: argparse types for their arguments (a bad value is a usage error naming the flag, exit
+code 2), and script_main (a full disk said in one line, as train.py says it)."""
 import argparse
+import functools
+import sys
 from pathlib import Path
+
+from .files import disk_full
+
+
+def script_main(main):
+    """A script's main(argv) -> exit code that says a full disk (or an exhausted quota) met while writing in one line
+    on stderr, `error: No space left on device: could not write PATH; make room, then run it again`, exit code 2, as
+    train.py does (ldm.files.disk_full), instead of a traceback. Our files are written whole or not at all
+    (ldm.files.atomic_write): what was written before stays intact."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as raised:
+            line = disk_full(raised)
+            if line is None:
+                raise
+            print(f"error: {line}; make room, then run it again", file=sys.stderr)
+            return 2
+    return run
 
 
 def _number(text: str, kind=int):

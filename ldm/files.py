@@ -48,6 +48,16 @@ def os_error(err: BaseException):
     return None
 
 
+def disk_full(err: BaseException):
+    """"No space left on device: could not write PATH" where `err` is (or arose from) a full disk or an exhausted
+    quota (FULL), else None: what train.py and every script say in one line instead of a traceback
+    (ldm.cli.script_main)."""
+    cause = os_error(err)
+    if cause is None or cause.errno not in FULL:
+        return None
+    return f"{cause.strerror or os.strerror(cause.errno)}: could not write {cause.filename or 'a file'}"
+
+
 def _fsync_folder(folder: Path) -> None:
     if hasattr(os, "O_DIRECTORY"):
         fd = os.open(folder, os.O_DIRECTORY)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import eval as eval_script  # noqa: E402  (scripts/eval.py)
 from ldm.evaluation.ablation import REPORT, Plan, changes, delta, load_set, parse_variant, prepare, progress, resolve, write_report  # noqa: E402
 from ldm.training.config import ConfigError  # noqa: E402
+from ldm.cli import script_main  # noqa: E402
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 OWN_EVAL_FLAGS = ("--decoder", "--name", "--out")  # eval.py flags this script sets itself
@@ -204,6 +205,7 @@ def report(plan, base, configs) -> int:
     return 0
 
 
+@script_main
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

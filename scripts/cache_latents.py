@@ -36,7 +36,7 @@ from data.latents import (CACHE_ORDER_STREAM, CACHE_STREAM, LatentCacheError, en
 from data.masks import sample_rng  # noqa: E402
 from data.sources import file_samples, resolve_source, shard_samples  # noqa: E402
 from ldm import build_autoencoder, load_into  # noqa: E402
-from ldm.cli import at_least  # noqa: E402
+from ldm.cli import at_least, script_main  # noqa: E402
 from ldm.training.config import load_config  # noqa: E402
 
 
@@ -143,6 +143,7 @@ class CacheWriter:
         return shards
 
 
+@script_main
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(ROOT / "configs" / "base.yaml", args.config, args.overrides)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from data.evaluation import MASK_CHOICES  # noqa: E402
-from ldm.cli import at_least, existing, fraction, multiple_of_8, non_negative, ratios, tile_side  # noqa: E402
+from ldm.cli import (at_least, existing, fraction, multiple_of_8, non_negative, ratios, script_main,  # noqa: E402
+                     tile_side)
 from ldm.evaluation.run import main as run_main  # noqa: E402
 from ldm.modules.tiling import TILE_ABOVE  # noqa: E402
 
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@script_main
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

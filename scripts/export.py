@@ -17,10 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from ldm import CheckpointError  # noqa: E402
-from ldm.cli import existing  # noqa: E402
+from ldm.cli import existing, script_main  # noqa: E402
 from ldm.formats.export import FORMATS, export, save_decoder, save_diffusers, save_official  # noqa: E402,F401
 
 
+@script_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", type=existing, help="run checkpoint, SD/ldm/official .ckpt/.safetensors, or folder")

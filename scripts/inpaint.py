@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from ldm.cli import at_least, existing, fraction, non_negative, tile_side  # noqa: E402
+from ldm.cli import at_least, existing, fraction, non_negative, script_main, tile_side  # noqa: E402
 from ldm.evaluation.loop import to_uint8  # noqa: E402
 from ldm.metrics import save_grid  # noqa: E402
 from ldm.decoding.pipelines import (PipelineError, check_decoder, inpaint, load_decoder, load_pipeline,  # noqa: E402
@@ -65,6 +65,7 @@ def parse_args(argv=None):
     return args
 
 
+@script_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -13,9 +13,10 @@ import sys
 
 from data.shards import prefix_range, write_shards
 from data.sources import list_image_files
-from ldm.cli import at_least, existing_folder
+from ldm.cli import at_least, existing_folder, script_main
 
 
+@script_main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("src", type=existing_folder, help="image folder (searched recursively for jpg, jpeg, png, webp, bmp)")

@@ -280,3 +280,37 @@ def test_the_untrained_lpips_is_one_network_whatever_ran_before():
     second = build(False, "cpu").state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs filled to its last byte, or a skip saying why it could not be mounted (root only)."""
+    import os
+    import shutil
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a full disk is a small tmpfs, and mounting one needs root (and mount)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"mount -t tmpfs was refused: {done.stderr.strip()}")
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 512)
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_eval_on_a_full_disk_says_so_in_the_line_train_py_says_it(models, full_disk, capsys):
+    out = full_disk / "eval"
+    argv = ["--decoder", str(models.export), "--data", "sample", "--masks", "medium", "--resolution", "16",
+            "--num-images", "2", "--batch-size", "2", "--workers", "0", "--no-lpips-pretrained", "--out", str(out)]
+    assert eval_script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: No space left on device: could not write {out / 'results.md'}; make room, then run it again"], err
+    assert "Traceback" not in err and not any(p.name.endswith(".tmp") for p in out.iterdir())

@@ -213,6 +213,30 @@ def test_a_tiled_decode_that_fills_its_store_says_so_and_leaves_nothing(tmp_path
             subprocess.run(["umount", str(store)], capture_output=True)
 
 
+def test_every_script_says_a_full_disk_in_train_pys_one_line():
+    """Each script's main (train.py's too) goes through ldm.cli.script_main: ENOSPC or EDQUOT, also as the cause of
+    another error (torch.save raises a RuntimeError), is one line and exit code 2; any other error stays a traceback.
+    scripts/eval.py on a real full disk: test_eval.py."""
+    import ast
+    from ldm.cli import script_main
+    scripts = [ROOT / "train.py", *sorted((ROOT / "scripts").rglob("*.py"))]
+    mains = {path.relative_to(ROOT): [ast.unparse(d) for d in node.decorator_list] for path in scripts
+             for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef) and node.name == "main"}
+    assert len(mains) >= 11 and all(d == ["script_main"] for d in mains.values()), mains
+
+    def fails(err):
+        def main(argv=None):
+            try:
+                raise err
+            except OSError:
+                raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return script_main(main)
+    full = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/scratch/out/results.json")
+    assert fails(full)() == 2
+    with pytest.raises(RuntimeError, match="PytorchStreamWriter"):
+        fails(OSError(errno.EACCES, os.strerror(errno.EACCES), "/scratch/out/results.json"))()
+
+
 def test_a_tile_is_an_int_larger_than_the_overlap():
     from tiling_probe import inputs, tiny_vae
     vae = tiny_vae()

@@ -22,7 +22,7 @@ from .checkpointing import (AtomicCheckpointIO, ResumableCSVLogger, RunCheckpoin
 from .cluster import trainer_arguments
 from .config import ConfigError, config_changes, to_container
 from ..formats.convert import CheckpointError, load_into, read_checkpoint
-from ..files import FULL, atomic_write, os_error
+from ..files import atomic_write, disk_full
 from ..latent_norm import fill
 from ..models.asym_decoder import AsymmetricDecoderTraining, LossConfig, OptimConfig
 from ..modules.families import build_autoencoder, upgrade
@@ -233,11 +233,10 @@ def disk_full_as_error(run_dir: Path):
     try:
         yield
     except Exception as raised:
-        err = os_error(raised)
-        if err is None or err.errno not in FULL:
+        line = disk_full(raised)
+        if line is None:
             raise
         best, _ = newest_readable_checkpoint(run_dir / "checkpoints", hpc_dir=run_dir)
         newest = f"{best} (step {checkpoint_step(best)})" if best is not None else "none yet"
-        raise ConfigError(f"{err.strerror}: could not write {err.filename or 'a file under ' + str(run_dir)}; "
-                          f"newest intact checkpoint: {newest}; make room, then --resume auto continues from "
+        raise ConfigError(f"{line}; newest intact checkpoint: {newest}; make room, then --resume auto continues from "
                           f"it") from None

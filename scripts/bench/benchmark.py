@@ -41,6 +41,7 @@ import torch
 from harness import build_ours, fit_ours, gib, in_child, load, make_batch, pick_device, quiet  # first: puts ldm on the path
 from benchmark_latents import cache_inputs, cache_report
 from ldm.training.config import ConfigError
+from ldm.cli import script_main
 from reference_steps import REFERENCE_PRECISIONS, durations, mark, mark_step_end, run_reference, sync
 
 # dense peaks (TFLOP/s) by device name: (bf16 tensor core, tf32 tensor core, fp32 non-tensor core)
@@ -288,6 +289,7 @@ def run_benchmark(args):
     report(cfg, args, results, decoder_flops(cfg))
 
 
+@script_main
 def main(argv=None):
     args = parse_args(argv)
     if args.max_batch:

@@ -12,6 +12,7 @@ Each source is timed in 3 rounds; the best round is reported (other processes on
 """
 import argparse
 import os
+import sys
 import tempfile
 import time
 
@@ -22,7 +23,7 @@ from PIL import Image
 from data import EpochLoader, ImageMaskTrain, MaskGenerator, list_image_files, resolve_source, sample_image_files
 from data.images import open_image
 from data.shards import prefix_range, write_shards
-from ldm.cli import at_least, existing_folder, multiple_of_8
+from ldm.cli import at_least, existing_folder, multiple_of_8, script_main
 
 
 def make_jpeg_folder(out_dir, copies=8, long_side=500, seed=0):
@@ -84,6 +85,7 @@ def describe_jpegs(folder):
     return f"{len(sizes)} JPEGs, mean {width:.0f}x{height:.0f} px, {kb:.0f} KB"
 
 
+@script_main
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--resolution", type=multiple_of_8, default=256)
@@ -108,4 +110,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

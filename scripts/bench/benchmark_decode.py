@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from ldm.cli import at_least, multiple_of_8  # noqa: E402
+from ldm.cli import at_least, multiple_of_8, script_main  # noqa: E402
 from ldm import PRESETS, AsymmetricAutoencoderKL  # noqa: E402
 from ldm.modules.tiling import OVERLAP  # noqa: E402
 
@@ -179,6 +179,7 @@ def latency_table(presets, sizes, impls, repeats, tile, warmup=1) -> None:
                       f"| {r['device']} |", flush=True)
 
 
+@script_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flops", action="store_true", help="the FLOP shares")

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from harness import build_ours, fit_ours, load, make_batch, pick_device, quiet
-from ldm.cli import at_least
+from ldm.cli import at_least, script_main
 from ldm.training.config import ConfigError
 from reference_steps import durations, mark, sync
 
@@ -194,6 +194,7 @@ def summarise(prof, wall, steps, device_type, top):
         print(f"{self_us(e) / steps / 1e3:9.2f} ms/step  x{e.count // steps:<4} {kind_of(e.key):<20} {e.key[:110]}")
 
 
+@script_main
 def main(argv=None):
     args = parse_args(argv)
     quiet()

@@ -2,6 +2,7 @@
 FLUX.1 Fill, tests/tiny_pipelines.py): both tables in the report, every decoder decoding the cached latents, a
 re-run reading the cache without loading the pipeline, a run killed mid-way and re-run giving the same report."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,3 +113,50 @@ def test_a_rerun_reads_the_cache_and_a_killed_run_resumes_to_the_same_report(fam
     assert eval_script.main(argv(killed)) == 0 and len(calls) == 3  # image 1 made on the re-run
     assert (killed / "results.md").read_text().replace(str(killed), str(out)) == (out / "results.md").read_text()
     assert results(killed)["generated"] == got["generated"]
+
+
+# ---- what the cache pins: image i's pipeline seed and what an entry is keyed on (no pipeline: unit tests) ---------
+# seed_of(0, GENERATION_STREAM, i) for i = 0, 1, 2: settings.json does not hold the formula, so a change would read an
+# old cache as if this version had made it (and a fresh run would not reproduce it)
+PINNED_SEEDS = [7570335421732594259, 4175580719367453055, 4298969647590338121]
+
+
+def test_an_images_pipeline_seed_is_drawn_from_the_seed_and_its_index_alone(monkeypatch):
+    from ldm.evaluation.generated import GENERATION_STREAM, Generation, GeneratedLatents
+    assert [Generation("p", seed=0).seed_of(i) for i in range(3)] == PINNED_SEEDS
+    assert Generation("p", seed=1).seed_of(0) not in PINNED_SEEDS
+    assert GENERATION_STREAM not in (0, 1, 2, 3)  # not a training, validation or mask stream (data/datasets.py)
+    seen = {}
+
+    def final_latents(pipe, image, mask, prompt, seed, **kw):
+        seen[prompt] = seed
+        return torch.zeros(1, 4, 2, 2), None, None
+    monkeypatch.setattr(pipelines, "final_latents", final_latents)
+    monkeypatch.setattr(pipelines, "entry", lambda pipe: SimpleNamespace(multiple=lambda pipe: 8))
+    cache = GeneratedLatents("unused", Generation("p", seed=0), captions=["a", "b", "c"])
+    for index in (2, 0):  # whatever the order images are generated in (a resumed run starts mid-way)
+        cache.run(None, {"index": index, "image": torch.zeros(3, 16, 16), "mask": torch.zeros(1, 16, 16)})
+    assert seen == {"c": PINNED_SEEDS[2], "a": PINNED_SEEDS[0]}
+
+
+def test_a_cache_entry_is_keyed_on_the_pixels_the_binarised_mask_and_the_prompt(tmp_path):
+    from ldm.evaluation.generated import Generation, GeneratedLatents, GenerationError
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 16, 24, generator=g) * 2 - 1
+    mask = (torch.rand(1, 16, 24, generator=g) > 0.5).float()
+    sample, z = {"index": 0, "image": image, "mask": mask}, torch.randn(4, 2, 3, generator=g)
+    cache = GeneratedLatents(tmp_path, Generation("p"), captions=["a cat", ""])
+    cache.write(sample, z)
+    assert torch.equal(cache.read(sample), z)
+    assert torch.equal(cache.read({**sample, "mask": mask * 0.8 + 0.1}), z)  # the same hole: > 0.5 where it was 1
+    assert cache.read({**sample, "index": 1}) is None  # image 1's entry: not made yet
+    pixel, flipped = image.clone(), mask.clone()
+    pixel[1, 5, 7] += 1 / 127.5  # one grey level of one pixel
+    flipped[0, 3, 3] = 1 - flipped[0, 3, 3]
+    for other in ({"image": pixel}, {"mask": flipped}, {"image": image.reshape(3, 24, 16)},  # same bytes, other shape
+                  {"mask": mask.reshape(1, 24, 16), "image": image.reshape(3, 24, 16)}):
+        with pytest.raises(GenerationError, match="000000.pt: made for another image, mask or prompt"):
+            cache.read({**sample, **other})
+    cache.captions = ["a dog", ""]
+    with pytest.raises(GenerationError, match="made for another image, mask or prompt"):
+        cache.read(sample)

@@ -338,3 +338,21 @@ def test_seam_is_zero_when_identical_and_grows_as_the_edge_blurs():
     assert band[:, 6:10].all() and band.sum() == 4 * H  # 2 px each side of the edge
     assert region_metrics(image, image, mask)["seam"].item() == 0
     assert torch.isnan(seam_error(image, image, torch.ones_like(mask)))  # no edge
+
+
+def test_the_colour_metric_scores_outputs_outside_the_range_as_the_image_file_holds_them():
+    """A decoder's output beyond [-1, 1] (highlights past white, shadows past black) is scored clamped, as an image
+    file holds it: no colour difference where the clamped output is the image, and the clamped output's difference
+    elsewhere (not extrapolated through the sRGB curve, not rescaled to the output's own range)."""
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    image[:, :, :3], image[:, :, 3:5] = 1.0, -1.0  # white rows, black rows
+    out = image.clone()
+    out[:, :, :3] += torch.rand(2, 3, 3, 8, generator=g) * 0.5 + 0.1  # past white
+    out[:, :, 3:5] -= torch.rand(2, 3, 2, 8, generator=g) * 0.5 + 0.1  # past black
+    known = torch.zeros(2, 1, 8, 8)
+    assert region_metrics(out, image, known)["de2000_known"].abs().max() == 0
+    out[:, :, 5:] += torch.randn(2, 3, 3, 8, generator=g) * 0.3  # in range, or past it, and different
+    got = region_metrics(out, image, known)["de2000_known"]
+    want = region_metrics(out.clamp(-1, 1), image, known)["de2000_known"]
+    assert (got > 0.5).all() and torch.equal(got, want)

@@ -330,7 +330,7 @@ def test_export_cli_run_checkpoint_to_diffusers(run_ckpt, tmp_path):
            "--format", "diffusers"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
     ref, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info
     assert torch.equal(ref.decoder.conv_out.weight, ema["decoder.conv_out.weight"])  # EMA by default

@@ -47,6 +47,7 @@ class Source:
     live: Optional["Source"] = None  # Lightning WeightAveraging: state_dict is the EMA, this the live weights
     ema: bool = False
     batch_norm: dict = field(default_factory=dict)  # bn.* buffers (FLUX.2): latent statistics, not model weights
+    run: Optional[dict] = None  # a run checkpoint's {"config": its resolved run config, "global_step": steps done}
 
     @property
     def plain_vae(self) -> bool:
@@ -145,7 +146,9 @@ def _from_state(path: Path, state: dict, top: dict) -> Source:
     if isinstance(declared, dict) and isinstance(declared.get("model"), dict):
         config.update(upgrade(declared["model"].get("autoencoder") or {}))
     ema_state = top.get("ema_state_dict") if isinstance(top.get("ema_state_dict"), dict) else None
-    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state, batch_norm=batch_norm)
+    run = {"config": declared, "global_step": top.get("global_step")} if fmt == "run" and isinstance(declared, dict) \
+        else None
+    return Source(path, fmt, sub, config, dropped, skipped + more + stray, ema_state, batch_norm=batch_norm, run=run)
 
 
 def _decoder_source(path: Path, tensors: dict, declared: dict) -> Source:
@@ -247,6 +250,7 @@ class LoadReport:
     dropped: list
     skipped: list
     ema: bool = False
+    run: Optional[dict] = None  # a run checkpoint's resolved config and step (Source.run): what its model card says
 
     def __str__(self) -> str:
         def groups(keys):  # e.g. ['decoder.encoder.layers']
@@ -293,7 +297,7 @@ def _apply(model: AsymmetricAutoencoder, src: Source, parts) -> LoadReport:
         raise CheckpointError(f"{src.path}: {src.format} checkpoint lacks {bad[0]} (and {len(bad) - 1} more) "
                               f"that the model ({model.config}) needs")
     model.load_state_dict({**target, **strict}, strict=True)
-    return LoadReport(str(src.path), src.format, sorted(strict), fresh, src.dropped, src.skipped, src.ema)
+    return LoadReport(str(src.path), src.format, sorted(strict), fresh, src.dropped, src.skipped, src.ema, src.run)
 
 
 def load_into(model: AsymmetricAutoencoder, path, parts=PARTS, ema: Optional[bool] = None) -> LoadReport:

@@ -5,7 +5,8 @@ diffusers: DIR/config.json + DIR/diffusion_pytorch_model.safetensors (the family
            quant convs (sd3, flux) gets identity 1x1 convs; config.json names the base and its latent normalisation);
 official:  DIR/model.ckpt, {"state_dict": official ldm keys, "config": {"model": {"autoencoder": kwargs}}};
            4-channel bases with quant convs only (sd1, sdxl);
-decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json.
+decoder:   DIR/decoder.safetensors (decoder.* + post_quant_conv.*, config in its metadata) + DIR/config.json;
+and in every form DIR/README.md, its model card (ldm/formats/card.py).
 Each file whole or not at all, with the umask's mode (ldm/files.py).
 """
 import json
@@ -14,8 +15,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_text
 from ..modules.common import CheckpointError
+from .card import model_card
 from .convert import DECODER_FORMAT, load_autoencoder
 
 FORMATS = ("diffusers", "official", "decoder")
@@ -65,10 +67,16 @@ def save_decoder(model, out) -> list[Path]:
             _json(out / "config.json", {"format": DECODER_FORMAT, "autoencoder": model.config})]
 
 
-def export(checkpoint, out, fmt: str, ema=None) -> list[Path]:
-    """Load `checkpoint` (any readable format; ema: None = EMA when present) and write it as `fmt`."""
+def export(checkpoint, out, fmt: str, ema=None, configs=None, pipeline=None, repo_id=None) -> list[Path]:
+    """Load `checkpoint` (any readable format; ema: None = EMA when present), write it as `fmt` and its model card
+    (out/README.md; configs, pipeline, repo_id: card.model_card's)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
     model = load_autoencoder(checkpoint, ema=ema)
     save = {"diffusers": save_diffusers, "official": save_official, "decoder": save_decoder}[fmt]
-    return save(model, out)
+    paths = save(model, out)
+    out = Path(out)
+    vae_class = json.loads((out / "config.json").read_text())["_class_name"] if fmt == "diffusers" else None
+    where = out / "model.ckpt" if fmt == "official" else out
+    text = model_card(model, fmt, where, checkpoint, configs, pipeline, repo_id, vae_class)
+    return [*paths, atomic_write_text(out / "README.md", text)]

@@ -48,14 +48,15 @@ def os_error(err: BaseException):
     return None
 
 
-def disk_full(err: BaseException):
+def disk_full(err: BaseException, folder=None):
     """"No space left on device: could not write PATH" where `err` is (or arose from) a full disk or an exhausted
     quota (FULL), else None: what train.py and every script say in one line instead of a traceback
-    (ldm.cli.script_main)."""
+    (ldm.cli.script_main); `folder` is named where the error names no file."""
     cause = os_error(err)
     if cause is None or cause.errno not in FULL:
         return None
-    return f"{cause.strerror or os.strerror(cause.errno)}: could not write {cause.filename or 'a file'}"
+    what = cause.filename or (f"a file under {folder}" if folder is not None else "a file")
+    return f"{cause.strerror or os.strerror(cause.errno)}: could not write {what}"
 
 
 def _fsync_folder(folder: Path) -> None:

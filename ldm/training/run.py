@@ -233,7 +233,7 @@ def disk_full_as_error(run_dir: Path):
     try:
         yield
     except Exception as raised:
-        line = disk_full(raised)
+        line = disk_full(raised, run_dir)
         if line is None:
             raise
         best, _ = newest_readable_checkpoint(run_dir / "checkpoints", hpc_dir=run_dir)

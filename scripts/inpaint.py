@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         import diffusers
         cls = getattr(diffusers, select(args.pipeline, args.edit).cls)
         for job in jobs:
-            check_inputs(cls, job.control, run["extra"], job.control_mode)
+            check_inputs(cls, job.control, run["extra"], control_mode=job.control_mode, guidance_scale=args.guidance,
+                         strength=args.strength, negative_prompt=args.negative_prompt)
         decoder = load_decoder(args.vae, device)
         check_decoder(decoder, vae_config(args.pipeline), f"--vae {args.vae}")
         pipe = load_pipeline(args.pipeline, device, args.edit)

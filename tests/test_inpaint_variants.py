@@ -102,6 +102,9 @@ REFUSED = {  # (model_index class, its VAE's base, --vae base, flags, the messag
                            "FluxControlNetInpaintPipeline takes no pag_scale"),
     "an --extra inpaint.py sets": ("StableDiffusionPAGInpaintPipeline", "sd1", "sd1", ["--extra", "height=64"],
                                    "--extra height: set by inpainting itself"),
+    "a strength an editing pipeline does not take": ("FluxKontextPipeline", "flux", "flux",
+                                                     ["--edit", "--strength", "0.5"],
+                                                     "FluxKontextPipeline takes no strength"),
     "an inpainting folder under --edit": ("FluxFillPipeline", "flux", "flux", ["--edit"],
                                           "model_index.json names 'FluxFillPipeline'; supported for editing "
                                           "(--edit): FluxKontextPipeline, QwenImageEditPipeline"),

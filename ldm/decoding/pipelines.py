@@ -112,9 +112,10 @@ def _keywords(pipe, **optional) -> dict:
     return given
 
 
-def check_inputs(pipe, control=None, extra=None, control_mode=None) -> None:
-    """A control image where the pipeline takes one and only there; `extra` keywords the pipeline takes and that
-    final_latents does not set itself. Refused by name, before any work (`pipe`: the pipeline or its class)."""
+def check_inputs(pipe, control=None, extra=None, **keywords) -> None:
+    """A control image where the pipeline takes one and only there; the optional `keywords` that were given (e.g.
+    strength, control_mode) and the `extra` ones taken by the pipeline's __call__, `extra` none that final_latents
+    sets itself. Refused by name, before any work (`pipe`: the pipeline or its class)."""
     spec, name = entry(pipe), class_of(pipe).__name__
     if ("control" in spec.inputs) != (control is not None):
         raise PipelineError(f"{name} takes a control image: give one (--control)" if control is None
@@ -122,7 +123,7 @@ def check_inputs(pipe, control=None, extra=None, control_mode=None) -> None:
     for key in extra or {}:
         if key in OWN:
             raise PipelineError(f"--extra {key}: set by inpainting itself (its own flag or argument)")
-    _keywords(pipe, control_mode=control_mode, **(extra or {}))
+    _keywords(pipe, **keywords, **(extra or {}))
 
 
 def to_z(pipe, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -156,7 +157,9 @@ def final_latents(pipe, image, mask, prompt, steps=50, seed=0, size=None, guidan
     `control`: the control image (same size as the image) of a pipeline that takes one; `extra`: further __call__
     keywords. An editing pipeline is given the image alone; the mask is returned at the decode size, for ours."""
     image, mask, control = as_tensors(image, mask, control)
-    check_inputs(pipe, control, extra, control_mode)
+    negative = [negative_prompt] * len(image) if isinstance(negative_prompt, str) else negative_prompt
+    optional = dict(guidance_scale=guidance, strength=strength, negative_prompt=negative, control_mode=control_mode)
+    check_inputs(pipe, control, extra, **optional)
     b, _, height, width = image.shape
     spec = entry(pipe)
     w, h = run_size(pipe, spec, width, height, size)
@@ -168,9 +171,7 @@ def final_latents(pipe, image, mask, prompt, steps=50, seed=0, size=None, guidan
     given = {spec.inputs[k]: (pil_images(v) if spec.pil else (v + 1) / 2 if k != "mask" else v)
              for k, v in given.items()}
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-    negative = [negative_prompt] * b if isinstance(negative_prompt, str) else negative_prompt
-    kwargs = _keywords(pipe, guidance_scale=guidance, strength=strength, negative_prompt=negative,
-                       control_mode=control_mode, **(extra or {}))
+    kwargs = _keywords(pipe, **optional, **(extra or {}))
     latents = pipe(prompt=prompts, **given, height=h, width=w,  # keywords: Kontext's and Qwen-Image-Edit's
                    num_inference_steps=steps, output_type="latent", **(spec.call(w, h) if spec.call else {}),
                    **kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images  # CPU: the same noise

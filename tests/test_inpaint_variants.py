@@ -148,7 +148,7 @@ def test_the_api_refuses_a_decoder_of_another_family_by_name_before_running_the_
         pipelines.inpaint(pipe, decoders["sd1"][0], image, mask, "a cat", steps=2, size=64)
 
 
-def briefly_trained_flux_decoder(steps=30):
+def briefly_trained_flux_decoder(steps=20):
     """Our tiny FLUX.1-family decoder whose masked-image branch and output head were trained for a few steps to
     reproduce the known region (random latents, random smooth images and 8x8-block masks, 16 px), the rest as
     built."""

@@ -69,8 +69,8 @@ def inputs(folder, size=SIZE, seed=2):
     return image, mask, (folder / "img.png", folder / "mask.png")
 
 
-def test_every_pipeline_of_the_table_is_tested_here():
-    assert [p.cls for p in pipelines.PIPELINES] == list(BASE)
+def test_the_first_pipelines_of_the_table_are_tested_here():  # the others: test_inpaint_variants.py
+    assert [p.cls for p in pipelines.PIPELINES][:len(BASE)] == list(BASE)
 
 
 @pytest.mark.parametrize("cls", [cls for cls in BASE if cls not in QWEN])

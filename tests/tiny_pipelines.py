@@ -1,5 +1,5 @@
-"""Tiny random inpainting pipelines of every pipeline ldm/decoding/pipelines.py drives, saved with save_pretrained; tokenizers
-written to disk (no hub)."""
+"""Tiny random inpainting pipelines of every pipeline ldm/decoding/table.py drives (the ControlNet, Control, PAG and
+editing ones: tiny_variants.py), saved with save_pretrained; tokenizers written to disk (no hub)."""
 import json
 from pathlib import Path
 
@@ -174,7 +174,9 @@ def components(cls: str, vae, folder: Path) -> dict:
 def build(cls: str, vae, folder: Path):
     """(the pipeline, its folder): a random diffusers `cls` pipeline around `vae` (its family's AutoencoderKL,
     AutoencoderKLFlux2 or AutoencoderKLQwenImage), saved with save_pretrained."""
-    pipe = getattr(diffusers, cls)(vae=vae, **components(cls, vae, folder))
+    import tiny_variants  # the ControlNet, Control, PAG and editing pipelines, over their base class's components
+    made = tiny_variants.components if cls in tiny_variants.BASE_CLASS else components
+    pipe = getattr(diffusers, cls)(vae=vae, **made(cls, vae, folder))
     pipe.save_pretrained(folder / "pipeline")
     return pipe, folder / "pipeline"
 

@@ -59,6 +59,10 @@ def test_inpainting_reads_a_phone_photo_as_shown_and_its_mask_fits(tmp_path, ori
     image, mask = read_pair(phone_jpeg(tmp_path / "phone.jpg", orientation), tmp_path / "mask.png")
     assert image.size == mask.size == (48, 72)
     assert_as_shown(image)
+    from ldm.decoding.pipelines import as_tensors  # the Python API, given the user's own Image.open of the photo
+    image, mask, _ = as_tensors(Image.open(tmp_path / "phone.jpg"), Image.open(tmp_path / "mask.png"))
+    assert image.shape == (1, 3, 72, 48) and mask.shape == (1, 1, 72, 48)
+    assert_as_shown(((image[0].permute(1, 2, 0) + 1) * 127.5).numpy())
 
 
 def test_evaluation_folders_read_images_and_masks_as_shown(phone_folder, tmp_path):

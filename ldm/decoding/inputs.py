@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+from PIL import ImageOps
 
 from .table import PipelineError
 
@@ -23,11 +24,18 @@ class Job(NamedTuple):
     control_mode: Optional[int] = None
 
 
+def shown(image):
+    """A PIL image as it is shown: the user's own Image.open of a phone photo still holds its EXIF orientation
+    (data/images.py decode_image applies it to the files we open; a no-op on those)."""
+    return ImageOps.exif_transpose(image)
+
+
 def image_tensor(image) -> torch.Tensor:
-    """A tensor, or a PIL image -> (1,3,H,W) in [-1,1]."""
+    """A tensor, or a PIL image (turned as shown) -> (1,3,H,W) in [-1,1]."""
     if isinstance(image, torch.Tensor):
         return image
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    pixels = np.asarray(shown(image).convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
 
 
 def as_tensors(image, mask, control=None):
@@ -35,7 +43,7 @@ def as_tensors(image, mask, control=None):
     (B,1,H,W) in {0,1}, the control (B or 1,3,H,W) in [-1,1] or None; all of the image's size."""
     image = image_tensor(image)
     if not isinstance(mask, torch.Tensor):
-        mask = torch.from_numpy(np.asarray(mask.convert("L")) > 127)[None, None]
+        mask = torch.from_numpy(np.asarray(shown(mask).convert("L")) > 127)[None, None]
     if (image.dim() != 4 or image.shape[1] != 3 or mask.dim() != 4 or mask.shape[1] != 1
             or mask.shape[-2:] != image.shape[-2:] or mask.shape[0] not in (1, image.shape[0])):
         raise PipelineError(f"image {tuple(image.shape)} and mask {tuple(mask.shape)}: want (B,3,H,W) and "

@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 
+import comfy.model_management as model_management
 import folder_paths
 import torch
 from comfy_api.latest import ComfyExtension, io
@@ -85,9 +86,14 @@ class AsymmetricDecode(io.ComfyNode):
     @classmethod
     def execute(cls, decoder, samples, image, mask, tile, paste_back) -> io.NodeOutput:
         model, name = decoder
+        device = model_management.get_torch_device()  # ComfyUI's compute device; the decoder waits on the host
         with LIBRARY.active(), torch.no_grad():
-            out = layouts.decode(model, samples["samples"], image, mask, tile=tile, paste=paste_back, name=name)
-        return io.NodeOutput(out.cpu())
+            try:
+                out = layouts.decode(model.to(device), samples["samples"].to(device), image, mask, tile=tile,
+                                     paste=paste_back, name=name)
+            finally:
+                model.to(model_management.unet_offload_device())  # the VRAM back to the samplers
+        return io.NodeOutput(out.to(model_management.intermediate_device()))
 
 
 class AsymmetricDecoderExtension(ComfyExtension):

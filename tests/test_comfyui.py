@@ -295,7 +295,8 @@ def test_the_readme_install_line_and_comfyuis_quick_test_load_the_pack(tmp_path)
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     where = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.distribution("
-                            "'asymmetric-decoder').locate_file(''))"], capture_output=True, text=True, env=env)
+                            "'asymmetric-decoder').locate_file(''))"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path)  # not a checkout's folder: its egg-info (pip install -e) would answer
     assert where.stdout.strip().startswith(str(tmp_path / "venv")), where.stdout + where.stderr  # installed there
     proc = subprocess.run([python, "main.py", "--cpu", "--quick-test-for-ci"], cwd=comfy, env=env,
                           capture_output=True, text=True, timeout=600)

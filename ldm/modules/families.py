@@ -15,8 +15,8 @@ from .sd.autoencoder import PRESETS, AsymmetricAutoencoderKL  # noqa: F401  (PRE
 FAMILIES = {cls.family: cls for cls in (AsymmetricAutoencoderKL, AsymmetricAutoencoderKLQwenImage)}
 DEFAULT = "sd"  # configs and checkpoints from before families: the SD layout
 # a diffusers VAE folder's config.json `_class_name` -> the reader of its config (kwargs of our family's class)
-DIFFUSERS_CLASSES = {"AutoencoderKL": sd_keys.config_from_diffusers, "AutoencoderKLFlux2": sd_keys.config_from_diffusers,
-                     "AsymmetricAutoencoderKL": sd_keys.config_from_diffusers,
+DIFFUSERS_CLASSES = {**dict.fromkeys(("AutoencoderKL", "AutoencoderKLFlux2", "AsymmetricAutoencoderKL"),
+                                     sd_keys.config_from_diffusers),
                      "AutoencoderKLQwenImage": qwenimage_keys.config_from_diffusers}
 BATCH_NORM = sd_keys.BATCH_NORM  # FLUX.2's latent statistics, stored as batch-norm buffers (bn.*) in its VAE
 latent_norm_from_batch_norm = sd_keys.latent_norm_from_batch_norm

@@ -202,7 +202,8 @@ def diffusers_config(kw: dict) -> dict:
         raise CheckpointError(f"diffusers' AutoencoderKL has one width for encoder and decoder; this decoder without "
                               f"the masked-image branch has {up} x {kw['num_res_blocks']} against {down} x "
                               f"{kw['encoder_num_res_blocks']}")
-    return {"_class_name": "AutoencoderKL", **config, "block_out_channels": up, "layers_per_block": kw["num_res_blocks"]}
+    return {"_class_name": "AutoencoderKL", **config, "block_out_channels": up,
+            "layers_per_block": kw["num_res_blocks"]}
 
 
 def own_keys(state: dict, where: str) -> tuple[dict, "str | None", list]:

@@ -60,8 +60,7 @@ def as_tensors(image, mask, control=None):
 def read_image(name, path):
     from data.images import open_image, to_rgb
     try:
-        with open_image(path) as img:
-            img.load()
+        with open_image(path) as img:  # decoded: a truncated file raises here
             return to_rgb(img)
     except (OSError, ValueError) as err:  # missing, unreadable, truncated
         raise PipelineError(f"{name} {path}: not a readable image ({err})") from None

@@ -112,10 +112,10 @@ def _keywords(pipe, **optional) -> dict:
     return given
 
 
-def check_inputs(pipe, control=None, extra=None, **keywords) -> None:
+def check_inputs(pipe, control=None, extra=None, **keywords) -> dict:
     """A control image where the pipeline takes one and only there; the optional `keywords` that were given (e.g.
     strength, control_mode) and the `extra` ones taken by the pipeline's __call__, `extra` none that final_latents
-    sets itself. Refused by name, before any work (`pipe`: the pipeline or its class)."""
+    sets itself. Refused by name, before any work (`pipe`: the pipeline or its class); -> the keywords given."""
     spec, name = entry(pipe), class_of(pipe).__name__
     if ("control" in spec.inputs) != (control is not None):
         raise PipelineError(f"{name} takes a control image: give one (--control)" if control is None
@@ -123,7 +123,7 @@ def check_inputs(pipe, control=None, extra=None, **keywords) -> None:
     for key in extra or {}:
         if key in OWN:
             raise PipelineError(f"--extra {key}: set by inpainting itself (its own flag or argument)")
-    _keywords(pipe, **keywords, **(extra or {}))
+    return _keywords(pipe, **keywords, **(extra or {}))
 
 
 def to_z(pipe, latents: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -159,7 +159,7 @@ def final_latents(pipe, image, mask, prompt, steps=50, seed=0, size=None, guidan
     image, mask, control = as_tensors(image, mask, control)
     negative = [negative_prompt] * len(image) if isinstance(negative_prompt, str) else negative_prompt
     optional = dict(guidance_scale=guidance, strength=strength, negative_prompt=negative, control_mode=control_mode)
-    check_inputs(pipe, control, extra, **optional)
+    kwargs = check_inputs(pipe, control, extra, **optional)
     b, _, height, width = image.shape
     spec = entry(pipe)
     w, h = run_size(pipe, spec, width, height, size)
@@ -171,7 +171,6 @@ def final_latents(pipe, image, mask, prompt, steps=50, seed=0, size=None, guidan
     given = {spec.inputs[k]: (pil_images(v) if spec.pil else (v + 1) / 2 if k != "mask" else v)
              for k, v in given.items()}
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-    kwargs = _keywords(pipe, **optional, **(extra or {}))
     latents = pipe(prompt=prompts, **given, height=h, width=w,  # keywords: Kontext's and Qwen-Image-Edit's
                    num_inference_steps=steps, output_type="latent", **(spec.call(w, h) if spec.call else {}),
                    **kwargs, generator=torch.Generator("cpu").manual_seed(seed)).images  # CPU: the same noise

@@ -12,9 +12,10 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from ..modules.families import PRESETS
+
 PAPER = "https://arxiv.org/abs/2306.04632"
-PRESETS = {128: "x1", 192: "x1_5", 256: "x2"}  # decoder width ch -> configs/<preset>.yaml (the paper's widths)
-WIDTHS = {128: "x1", 192: "x1.5", 256: "x2"}
+WIDTHS = {kw["ch"]: name for name, kw in PRESETS.items()}  # decoder width ch -> the paper's preset (x1, x1.5, x2)
 # base -> (the model its VAE comes from, the inpainting pipeline class and repository a user runs it with)
 BASES = {
     "sd1": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionInpaintPipeline",
@@ -49,11 +50,12 @@ def paper_recipe(configs, ch: int, base: Optional[str]) -> tuple[str, dict]:
     """(its name, the leaves of) the paper's recipe at this width over this base: configs/base.yaml, the width
     preset (x1, x1.5, x2) and configs/bases/<base>.yaml merged; base.yaml's x1 where the width is none of them."""
     configs = Path(configs)
-    layers = [configs / "base.yaml", configs / f"{PRESETS.get(ch, 'x1')}.yaml"]
+    preset = f"{WIDTHS.get(ch, 'x1').replace('.', '_')}.yaml"  # configs/x1_5.yaml for x1.5
+    layers = [configs / "base.yaml", configs / preset]
     if base and (configs / "bases" / f"{base}.yaml").is_file():
         layers.append(configs / "bases" / f"{base}.yaml")
     merged = OmegaConf.to_container(OmegaConf.merge(*map(OmegaConf.load, layers)), resolve=True)
-    name = f"configs/{PRESETS[ch]}.yaml" if ch in PRESETS else f"configs/base.yaml, x1: no preset has ch {ch}"
+    name = f"configs/{preset}" if ch in WIDTHS else f"configs/base.yaml, x1: no preset has ch {ch}"
     return name, _leaves(merged)
 
 
